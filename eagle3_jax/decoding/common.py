@@ -1,0 +1,129 @@
+"""What plain and speculative decoding share: static settings, the result
+buffers with their stop rules, and the prompt prefill."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax.kv_cache import KVCache, causal_mask
+from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+
+RUNNING, FINISH_EOS, FINISH_LENGTH = 0, 1, 2
+_REASON_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length"}
+
+
+def finish_reasons(codes) -> list[str | None]:
+    """Finish codes -> 'eos' / 'length' (None for a row still running)."""
+    return [_REASON_NAMES.get(int(c)) for c in np.asarray(codes)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """Static knobs of a compiled decode: changing any of them recompiles.
+
+    Attributes:
+      max_new_tokens: generated tokens per row at most (the result buffer width).
+      capacity: KV cache slots per row; prompt + generated tokens never exceed it.
+      greedy: argmax decoding (else sampling with the traced temperature/top_p).
+      top_k: top-k filter for sampling (0 = off).
+      stop_token_ids: a generated token in this set ends its row (and is kept).
+      cache_dtype: KV cache storage dtype.
+    """
+
+    max_new_tokens: int
+    capacity: int
+    greedy: bool = True
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    cache_dtype: jnp.dtype = jnp.dtype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+    """Generated tokens and per-row counters, fixed-size.
+
+    Attributes:
+      tokens: [batch, max_new_tokens] int32, generated tokens; -1 past the end.
+      num_generated: [batch] int32.
+      finish_reason: [batch] int32, RUNNING / FINISH_EOS / FINISH_LENGTH.
+      num_forwards: [batch] int32, target forwards after prefill.
+      prompt_lengths: [batch] int32.
+    """
+
+    tokens: jax.Array
+    num_generated: jax.Array
+    finish_reason: jax.Array
+    num_forwards: jax.Array
+    prompt_lengths: jax.Array
+
+    @classmethod
+    def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array) -> "DecodeResult":
+        """The result after prefill: one generated token per row."""
+        batch = first_token.shape[0]
+        zeros = jnp.zeros((batch,), jnp.int32)
+        empty = cls(tokens=jnp.full((batch, settings.max_new_tokens), -1, jnp.int32), num_generated=zeros,
+                    finish_reason=zeros, num_forwards=zeros, prompt_lengths=prompt_lengths.astype(jnp.int32))
+        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings)
+
+    def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings,
+               forwards: jax.Array | None = None) -> "DecodeResult":
+        """Appends up to ``counts[b]`` of ``new_tokens[b]`` to each running row.
+
+        A row keeps tokens up to and including its first stop token, and no
+        more than ``max_new_tokens`` in all or than the cache can hold
+        (prompt + generated <= capacity); it then finishes with 'eos' or
+        'length'. Finished rows are unchanged.
+
+        Args:
+          new_tokens: [batch, k] int32 candidate tokens, in order.
+          counts: [batch] int32, how many of them are real (0..k).
+          forwards: [batch] int32 target forwards to add to the counters.
+        """
+        batch, k = new_tokens.shape
+        running = self.finish_reason == RUNNING
+        idx = jnp.arange(k, dtype=jnp.int32)[None, :]
+        counts = jnp.where(running, counts, 0)
+        valid = idx < counts[:, None]
+        stop_ids = jnp.asarray(settings.stop_token_ids or (-1,), jnp.int32)
+        is_stop = valid & jnp.any(new_tokens[:, :, None] == stop_ids[None, None, :], axis=-1)
+        has_stop = jnp.any(is_stop, axis=1)
+        through_stop = jnp.where(has_stop, jnp.argmax(is_stop, axis=1) + 1, counts)
+        room = jnp.minimum(settings.max_new_tokens - self.num_generated,
+                           settings.capacity - self.prompt_lengths - self.num_generated)
+        take = jnp.minimum(through_stop, room)
+        dest = jnp.where(idx < take[:, None], self.num_generated[:, None] + idx, settings.max_new_tokens)
+        tokens = self.tokens.at[jnp.arange(batch)[:, None], dest].set(new_tokens, mode="drop")
+        num_generated = self.num_generated + take
+        full = (num_generated >= settings.max_new_tokens) | (self.prompt_lengths + num_generated >= settings.capacity)
+        reason = jnp.where(has_stop & (through_stop <= room), FINISH_EOS, jnp.where(full, FINISH_LENGTH, RUNNING))
+        reason = jnp.where(running, reason, self.finish_reason)
+        num_forwards = self.num_forwards if forwards is None else self.num_forwards + jnp.where(running, forwards, 0)
+        return dataclasses.replace(self, tokens=tokens, num_generated=num_generated, finish_reason=reason,
+                                   num_forwards=num_forwards)
+
+
+def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, settings: DecodeSettings,
+            feature_layers: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache, jax.Array | None]:
+    """Runs right-padded prompts through the target into a fresh cache.
+
+    Args:
+      tokens: [batch, bucket] int32 prompts, right-padded (padding is never attended).
+      prompt_lengths: [batch] int32 true lengths, 1 <= length <= bucket.
+    Returns:
+      logits [batch, vocab] float32 at each row's last prompt token, the cache
+      (lengths = prompt_lengths), and the requested features [batch, bucket, n*hidden].
+    """
+    cfg = model.config
+    batch, bucket = tokens.shape
+    cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=settings.capacity,
+                           kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype)
+    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    out = model(tokens, positions, cache, positions, causal_mask(zeros, bucket, settings.capacity),
+                feature_layers=feature_layers, logits_indices=(prompt_lengths - 1)[:, None])
+    return out.logits[:, 0], out.cache.with_lengths(prompt_lengths), out.features

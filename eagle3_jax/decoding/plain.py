@@ -1,0 +1,92 @@
+"""Plain (one token per target forward) decoding as pure, jittable functions.
+
+``prefill`` runs the prompt through the target and picks the first token;
+``decode_loop`` is one ``lax.while_loop`` that feeds each new token back until
+every row is done. Both take the model as an NNX module (merge it from
+``graphdef, state`` inside your own ``jax.jit``), so they also run under an
+outer jit; :class:`eagle3_jax.generation.Generator` wraps them for host use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from eagle3_jax.decoding.common import (
+    DecodeResult,
+    DecodeSettings,
+    finish_reasons,
+    prefill,
+)
+from eagle3_jax.kv_cache import KVCache, causal_mask
+from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.sampling import select_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PlainLoopState:
+    """Carry of the plain decode loop.
+
+    Attributes:
+      cache: target KV cache; lengths = prompt + generated - 1 (the newest
+        token's K/V is written by the next step).
+      last_token: [batch] int32, the newest generated token.
+      result: tokens and counters so far.
+      rng: PRNG key for sampling.
+    """
+
+    cache: KVCache
+    last_token: jax.Array
+    result: DecodeResult
+    rng: jax.Array
+
+
+def start(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
+          temperature: jax.Array, top_p: jax.Array, settings: DecodeSettings) -> PlainLoopState:
+    """Prefills the prompts and selects the first token of every row.
+
+    Args:
+      tokens: [batch, prompt_bucket] int32, right-padded prompts.
+      prompt_lengths: [batch] int32, true prompt lengths (>= 1).
+    """
+    logits, cache, _ = prefill(model, tokens, prompt_lengths, settings)
+    rng, sub = jax.random.split(rng)
+    first = select_tokens(logits, sub, temperature, top_p, greedy=settings.greedy, top_k=settings.top_k)
+    result = DecodeResult.start(first, settings, prompt_lengths)
+    return PlainLoopState(cache=cache, last_token=first, result=result, rng=rng)
+
+
+def step(model: Qwen3ForCausalLM, state: PlainLoopState, temperature: jax.Array, top_p: jax.Array,
+         settings: DecodeSettings) -> PlainLoopState:
+    """One target forward for every unfinished row; finished rows are left untouched."""
+    cache, result = state.cache, state.result
+    active = result.finish_reason == 0
+    capacity = cache.capacity
+    slots = jnp.where(active, cache.lengths, capacity)[:, None]  # finished rows write nothing
+    out = model(state.last_token[:, None], cache.lengths[:, None], cache, slots,
+                causal_mask(cache.lengths, 1, capacity))
+    rng, sub = jax.random.split(state.rng)
+    token = select_tokens(out.logits[:, 0], sub, temperature, top_p, greedy=settings.greedy, top_k=settings.top_k)
+    cache = out.cache.with_lengths(cache.lengths + active)
+    result = result.append(token[:, None], active.astype(jnp.int32), settings, forwards=active.astype(jnp.int32))
+    return PlainLoopState(cache=cache, last_token=jnp.where(active, token, state.last_token), result=result, rng=rng)
+
+
+def decode_loop(model: Qwen3ForCausalLM, state: PlainLoopState, temperature: jax.Array, top_p: jax.Array,
+                settings: DecodeSettings) -> PlainLoopState:
+    """Runs :func:`step` in a ``lax.while_loop`` until every row has finished."""
+    return jax.lax.while_loop(lambda s: jnp.any(s.result.finish_reason == 0),
+                              lambda s: step(model, s, temperature, top_p, settings), state)
+
+
+def generate(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
+             temperature: jax.Array, top_p: jax.Array, settings: DecodeSettings) -> DecodeResult:
+    """Prefill plus the decode loop: the whole plain generation as one pure function."""
+    state = start(model, tokens, prompt_lengths, rng, temperature, top_p, settings)
+    return decode_loop(model, state, temperature, top_p, settings).result
+
+
+__all__ = ["PlainLoopState", "start", "step", "decode_loop", "generate", "finish_reasons"]

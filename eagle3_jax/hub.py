@@ -1,0 +1,39 @@
+"""Resolving a model argument to a local directory (fetching Hub ids on demand)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from eagle3_jax.errors import CheckpointError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# What a model directory needs; never the pickled *.bin / *.pt files.
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
+    """A local directory for ``name_or_path``.
+
+    A path to an existing directory is returned as is. Anything else that
+    looks like a Hub id (``org/name``) is downloaded with ``huggingface_hub``
+    (safetensors and JSON files only); offline, that fails with a clear error.
+    """
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: expected a model directory, found a file")
+    if not _REPO_ID.match(path) or path.startswith((".", "/", "~")):
+        raise CheckpointError(f"{path}: no such directory (and not a Hugging Face Hub id of the form org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=path, allow_patterns=list(HUB_PATTERNS))
+    except Exception as e:  # network errors, missing repos, offline mode: all reported the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a local directory, and downloading it from the Hugging Face Hub failed ({reason}). "
+            "Check the id and your network (HF_HUB_OFFLINE=1 forbids downloads), or pass a local directory."
+        ) from None

@@ -1,0 +1,131 @@
+"""Filling an abstract NNX module with checkpoint tensors, and the reverse.
+
+Loading runs in two passes. The first reads only the safetensors headers and
+checks every tensor against the module's expected parameters (names, shapes,
+dtypes), so a wrong or incomplete checkpoint fails in seconds with the full
+list of problems. The second copies tensors shard by shard, casting and
+transposing one tensor at a time, and places each on the device at once:
+host memory peaks near one tensor, device memory at the model size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from eagle3_jax.errors import CheckpointError
+from eagle3_jax.weights.rules import RuleTable
+from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
+
+_MAX_LISTED = 12
+
+
+def flat_params(module_or_state) -> dict[str, nnx.Variable]:
+    """Dotted parameter path -> Variable (abstract or concrete)."""
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state)
+    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def with_values(abstract: nnx.Module, values: Mapping[str, jax.Array]) -> nnx.Module:
+    """A concrete copy of ``abstract`` whose parameters take ``values`` (dotted path -> array)."""
+    graphdef, state = nnx.split(abstract)
+    items = [(path, var.replace(values[".".join(str(p) for p in path)])) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(items))
+
+
+def _listing(title: str, names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = f" (and {len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+    return f"{title} ({len(names)}): {shown}{more}"
+
+
+def _dtype_compatible(file_dtype: np.dtype, param_dtype) -> bool:
+    param_dtype = np.dtype(param_dtype)
+    if jnp.issubdtype(param_dtype, jnp.floating):
+        return jnp.issubdtype(file_dtype, jnp.floating)
+    return file_dtype == param_dtype
+
+
+def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: RuleTable, *,
+                          source: str, progress: bool = True,
+                          place: Callable[[str, np.ndarray], jax.Array] = lambda path, a: jax.device_put(a),
+                          ) -> nnx.Module:
+    """Loads safetensors ``files`` into a copy of ``abstract`` (from ``nnx.eval_shape``).
+
+    Floating tensors are cast to the dtype of the abstract parameter; integer
+    and bool tensors must match exactly. Raises CheckpointError listing every
+    missing, unexpected, duplicated or mis-shaped tensor before reading data.
+    """
+    expected = flat_params(abstract)
+    handles = [SafetensorsFile(f) for f in files]
+    plan: list[tuple[SafetensorsFile, str, str]] = []
+    owner: dict[str, str] = {}
+    unexpected, problems = [], []
+    for f in handles:
+        for name in f.keys():
+            mapped = table.param_path(name)
+            if mapped is None or mapped[0] not in expected:
+                if not table.ignored(name):
+                    unexpected.append(name)
+                continue
+            path, rule = mapped
+            if path in owner:
+                problems.append(f"tensor {name!r} appears twice ({os.path.basename(owner[path])} and {os.path.basename(f.path)})")
+                continue
+            owner[path] = f.path
+            var = expected[path]
+            shape = f.shape(name)
+            as_param = shape[::-1] if rule.transpose else shape
+            if tuple(as_param) != tuple(var.shape):
+                want = tuple(var.shape)[::-1] if rule.transpose else tuple(var.shape)
+                problems.append(f"tensor {name!r} has shape {list(shape)} but the config expects {list(want)}")
+            elif not _dtype_compatible(f.dtype(name), var.dtype):
+                problems.append(f"tensor {name!r} has dtype {f.dtype(name)} but {np.dtype(var.dtype)} is expected")
+            else:
+                plan.append((f, name, path))
+    missing = sorted(p for p in expected if p not in owner)
+    missing_names = []
+    for p in missing:
+        mapped = table.checkpoint_name(p)
+        missing_names.append(mapped[0] if mapped else p)
+    if unexpected or missing_names or problems:
+        parts = [f"{source}: the checkpoint does not match its config"]
+        if missing_names:
+            parts.append(_listing("missing tensors", missing_names))
+        if unexpected:
+            parts.append(_listing("unexpected tensors", sorted(unexpected)))
+        parts.extend(problems[:_MAX_LISTED])
+        raise CheckpointError("\n  ".join(parts))
+
+    values: dict[str, jax.Array] = {}
+    for f, name, path in tqdm(plan, desc=f"loading {os.path.basename(os.path.normpath(source))}",
+                              unit="tensor", disable=not progress, leave=False):
+        _, rule = table.param_path(name)
+        array = rule.to_param(f.read(name, dtype=np.dtype(expected[path].dtype)))
+        values[path] = place(path, array)
+    return with_values(abstract, values)
+
+
+def export_safetensors(module: nnx.Module, table: RuleTable, path: str, *, dtype=None,
+                       metadata: Mapping[str, str] | None = None) -> None:
+    """Writes the module's parameters under their checkpoint names (inverse of loading).
+
+    ``dtype`` casts floating parameters (e.g. to bfloat16 for published heads).
+    """
+    tensors = {}
+    for p, var in flat_params(module).items():
+        mapped = table.checkpoint_name(p)
+        if mapped is None:
+            raise CheckpointError(f"parameter {p!r} has no checkpoint name in the rule table")
+        name, rule = mapped
+        array = np.asarray(jax.device_get(var[...]))
+        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
+            array = array.astype(dtype)
+        tensors[name] = rule.to_checkpoint(array)
+    save_file(tensors, path, metadata=metadata or {"format": "pt"})

@@ -1,0 +1,89 @@
+"""Checkpoint-name <-> parameter-path rules, with explicit transforms.
+
+A rule pairs a checkpoint tensor name template with an NNX parameter path
+template; ``{i}`` stands for a layer index. Rules work both ways, so one table
+drives loading (checkpoint -> params) and export (params -> checkpoint).
+The only transform is ``transpose``: HF ``nn.Linear`` stores [out, in] and
+Flax ``nnx.Linear`` stores its kernel [in, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One tensor: ``checkpoint`` name template <-> ``param`` path template."""
+
+    checkpoint: str
+    param: str
+    transpose: bool = False
+
+    def to_param(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array.T) if self.transpose else array
+
+    def to_checkpoint(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array.T) if self.transpose else array
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleTable:
+    """An ordered set of rules plus checkpoint names that are known and skipped.
+
+    ``ignore`` holds regexes of checkpoint tensors that are legitimately
+    present but unused (e.g. a tied ``lm_head.weight``, RoPE buffers).
+    """
+
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = ()
+
+    def param_path(self, name: str) -> tuple[str, Rule] | None:
+        """The parameter path (dotted) a checkpoint tensor maps to, or None."""
+        for rule in self.rules:
+            m = _template_regex(rule.checkpoint).match(name)
+            if m:
+                return rule.param.replace("{i}", m.groupdict().get("i") or ""), rule
+        return None
+
+    def checkpoint_name(self, path: str) -> tuple[str, Rule] | None:
+        """The checkpoint tensor name a (dotted) parameter path maps to, or None."""
+        for rule in self.rules:
+            m = _template_regex(rule.param).match(path)
+            if m:
+                return rule.checkpoint.replace("{i}", m.groupdict().get("i") or ""), rule
+        return None
+
+    def ignored(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.ignore)
+
+
+def qwen3_rules(tie_word_embeddings: bool) -> RuleTable:
+    """HF ``Qwen3ForCausalLM`` / ``Qwen2ForCausalLM`` names -> ``eagle3_jax.models.qwen3`` params."""
+    layer = "model.layers.{i}."
+    rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding")]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        rules.append(Rule(f"{layer}self_attn.{proj}.weight", f"{layer}self_attn.{proj}.kernel", transpose=True))
+        rules.append(Rule(f"{layer}self_attn.{proj}.bias", f"{layer}self_attn.{proj}.bias"))
+    for norm in ("q_norm", "k_norm"):
+        rules.append(Rule(f"{layer}self_attn.{norm}.weight", f"{layer}self_attn.{norm}.weight"))
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        rules.append(Rule(f"{layer}{norm}.weight", f"{layer}{norm}.weight"))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(Rule(f"{layer}mlp.{proj}.weight", f"{layer}mlp.{proj}.kernel", transpose=True))
+    rules.append(Rule("model.norm.weight", "model.norm.weight"))
+    ignore = [r"model\.rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+    if tie_word_embeddings:
+        ignore.append(r"lm_head\.weight")  # some tied checkpoints store a copy; the embedding is used
+    else:
+        rules.append(Rule("lm_head.weight", "lm_head.kernel", transpose=True))
+    return RuleTable(tuple(rules), tuple(ignore))
