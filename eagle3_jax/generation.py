@@ -96,6 +96,39 @@ _PREFILL = CompiledFunction(_run_plain, num_static=2)
 _LOOP = CompiledFunction(_run_plain_loop, num_static=2, donate_argnums=(3,))
 
 
+def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
+               stop_token_ids: Sequence[int] | None, max_cache_len: int | None,
+               cache_dtype) -> tuple[list[list[int]], DecodeSettings, int]:
+    """Validates a batch against a model config and picks its static shapes.
+
+    Needs only the config, so callers (the CLI) can reject bad input before
+    loading any weights. Returns (prompts as lists, settings, prompt bucket).
+    """
+    prompts = _validate_prompts(prompts, config.vocab_size)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if max_cache_len is not None and max_cache_len < 2:
+        raise InputError(f"max_cache_len must be at least 2, got {max_cache_len}")
+    longest = max(len(p) for p in prompts)
+    if max_cache_len is not None:
+        capacity = max_cache_len
+    else:
+        if longest >= config.max_position_embeddings:
+            raise InputError(f"a prompt of {longest} tokens exceeds the model's context "
+                             f"(max_position_embeddings={config.max_position_embeddings})")
+        wanted = -(-(bucket_length(longest) + int(max_new_tokens)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        capacity = max(min(wanted, config.max_position_embeddings), longest + 1)
+    if longest + 1 > capacity:
+        raise InputError(
+            f"a prompt of {longest} tokens does not fit in a KV cache of {capacity} slots "
+            f"(need at least {longest + 1}); raise max_cache_len or shorten the prompt"
+        )
+    stops = config.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
+    settings = DecodeSettings(max_new_tokens=int(max_new_tokens), capacity=capacity, greedy=sampling.greedy,
+                              top_k=sampling.top_k, stop_token_ids=stops, cache_dtype=jnp.dtype(cache_dtype))
+    return prompts, settings, bucket_length(longest, capacity)
+
+
 class Generator:
     """Plain (non-speculative) generation with a target, compiled once per shape.
 
@@ -116,40 +149,11 @@ class Generator:
         self.graphdef, self.state = nnx.split(target)
         self.max_cache_len = max_cache_len
         self.cache_dtype = jnp.dtype(cache_dtype or target.dtype)
-        if max_cache_len is not None and max_cache_len < 2:
-            raise InputError(f"max_cache_len must be at least 2, got {max_cache_len}")
 
     @property
     def num_compiles(self) -> int:
         """Compilations so far by all plain generators (prefill and loop together)."""
         return _PREFILL.num_compiles + _LOOP.num_compiles
-
-    def _capacity(self, longest: int, bucket: int, max_new_tokens: int) -> int:
-        if self.max_cache_len is not None:
-            capacity = self.max_cache_len
-        else:
-            wanted = -(-(bucket + max_new_tokens) // CAPACITY_ALIGN) * CAPACITY_ALIGN
-            capacity = max(min(wanted, self.config.max_position_embeddings), longest + 1)
-        if longest + 1 > capacity:
-            raise InputError(
-                f"a prompt of {longest} tokens does not fit in a KV cache of {capacity} slots "
-                f"(need at least {longest + 1}); raise max_cache_len or shorten the prompt"
-            )
-        return capacity
-
-    def _settings(self, prompts, max_new_tokens, sampling, stop_token_ids):
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        longest = max(len(p) for p in prompts)
-        if self.max_cache_len is None and longest >= self.config.max_position_embeddings:
-            raise InputError(f"a prompt of {longest} tokens exceeds the model's context "
-                             f"(max_position_embeddings={self.config.max_position_embeddings})")
-        capacity = self._capacity(longest, bucket_length(longest), int(max_new_tokens))
-        bucket = bucket_length(longest, capacity)
-        stops = self.config.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
-        settings = DecodeSettings(max_new_tokens=int(max_new_tokens), capacity=capacity, greedy=sampling.greedy,
-                                  top_k=sampling.top_k, stop_token_ids=stops, cache_dtype=self.cache_dtype)
-        return settings, bucket
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  sampling: SamplingParams | None = None, seed: int = 0,
@@ -165,8 +169,9 @@ class Generator:
             () disables stopping.
         """
         sampling = sampling or SamplingParams()
-        prompts = _validate_prompts(prompts, self.config.vocab_size)
-        settings, bucket = self._settings(prompts, max_new_tokens, sampling, stop_token_ids)
+        prompts, settings, bucket = plan_batch(self.config, prompts, max_new_tokens=max_new_tokens,
+                                               sampling=sampling, stop_token_ids=stop_token_ids,
+                                               max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype)
         tokens = np.zeros((len(prompts), bucket), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p

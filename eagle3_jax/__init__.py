@@ -1,0 +1,27 @@
+"""eagle3-jax: EAGLE-3 speculative decoding for Qwen3 in JAX/Flax."""
+
+__version__ = "0.1.0"
+
+from eagle3_jax.config import Qwen3Config
+from eagle3_jax.errors import CheckpointError, ConfigError, Eagle3Error, InputError
+from eagle3_jax.generation import GenerationOutput, Generator, generate
+from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.loading import convert_target, load_target
+from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.sampling import SamplingParams
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Eagle3Error",
+    "GenerationOutput",
+    "Generator",
+    "InputError",
+    "KVCache",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    "SamplingParams",
+    "convert_target",
+    "generate",
+    "load_target",
+]

@@ -1,0 +1,120 @@
+"""Tiny random HF checkpoints made with ``transformers`` (never downloaded).
+
+Every model is float32 on CPU, with odd sizes and ``head_dim`` different from
+hidden/heads, so that layout bugs (a transpose, a head split) can not cancel.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses
+import pathlib
+import shutil
+
+import pytest
+import torch
+import transformers
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@dataclasses.dataclass
+class HFModel:
+    path: str
+    model: "transformers.PreTrainedModel"
+    config: "transformers.PretrainedConfig"
+
+
+TINY = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+            initializer_range=0.2, eos_token_id=5, bos_token_id=1, pad_token_id=0)
+
+
+def make_hf_model(path: pathlib.Path, *, kind: str = "qwen3", seed: int = 0, max_shard_size: str | None = None,
+                  **overrides) -> HFModel:
+    """Builds a random tiny model, saves it with ``save_pretrained`` and returns it (eval mode, eager attention)."""
+    torch.manual_seed(seed)
+    kwargs = dict(TINY)
+    if kind == "qwen3":
+        kwargs.update(head_dim=12, tie_word_embeddings=False)
+        kwargs.update(overrides)
+        config = transformers.Qwen3Config(**kwargs)
+        model = transformers.Qwen3ForCausalLM(config)
+    elif kind == "qwen2":
+        kwargs.update(tie_word_embeddings=False)
+        kwargs.update(overrides)
+        config = transformers.Qwen2Config(**kwargs)
+        model = transformers.Qwen2ForCausalLM(config)
+        with torch.no_grad():  # HF initialises biases to zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    else:
+        raise ValueError(kind)
+    model = model.eval()
+    model.config._attn_implementation = "eager"
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kwargs)
+    return HFModel(path=str(path), model=model, config=config)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3(tmp_path_factory) -> HFModel:
+    """Untied Qwen3, head_dim 12 != 40 / 4."""
+    return make_hf_model(tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_tied(tmp_path_factory) -> HFModel:
+    return make_hf_model(tmp_path_factory.mktemp("qwen3_tied"), seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_sharded(tmp_path_factory) -> HFModel:
+    """Saved in several safetensors shards with an index."""
+    return make_hf_model(tmp_path_factory.mktemp("qwen3_sharded"), seed=2, max_shard_size="40KB")
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2(tmp_path_factory) -> HFModel:
+    """Qwen2-style: q/k/v biases, no q/k norm."""
+    return make_hf_model(tmp_path_factory.mktemp("qwen2"), kind="qwen2", seed=3)
+
+
+@pytest.fixture(scope="session", params=["qwen3", "qwen3_tied", "qwen3_sharded", "qwen2"])
+def hf_any(request) -> HFModel:
+    return request.getfixturevalue(f"hf_{request.param}")
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int] | tuple = ()) -> list[int]:
+    """HF greedy continuation of one prompt; stops after any of ``stop_ids`` (which it includes)."""
+    saved = model.generation_config
+    model.generation_config = transformers.GenerationConfig(eos_token_id=list(stop_ids) or None, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    finally:
+        model.generation_config = saved
+    return out[0, len(prompt):].tolist()
+
+
+QWEN3_TOKENIZER = SHARED / "data" / "qwen3-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_real_vocab(tmp_path_factory) -> HFModel:
+    """A tiny Qwen3 with the full 151,936-token vocabulary and the real Qwen3 tokenizer beside it."""
+    assert QWEN3_TOKENIZER.is_dir(), f"the offline Qwen3 tokenizer is expected at {QWEN3_TOKENIZER}"
+    path = tmp_path_factory.mktemp("qwen3_real_vocab")
+    hf = make_hf_model(path, seed=4, vocab_size=151936, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
+                       eos_token_id=151645, bos_token_id=None, pad_token_id=151643)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(QWEN3_TOKENIZER / name, path / name)
+    return hf
