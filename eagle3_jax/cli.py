@@ -89,6 +89,36 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="offline end-to-end run on a built-in model (no download)",
+        description="Run the jit-compiled decode loop end to end on a small built-in model, offline, and print "
+                    "what it produced and how fast. (For now the built-in model has random weights.)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens per prompt")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from eagle3_jax.demo import run_demo
+
+    figures = run_demo(max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"model:    {figures['model']} on {figures['backend']}")
+        print(f"batch:    {figures['batch']} prompts, {figures['new_tokens_per_prompt']} new tokens")
+        print(f"tokens:   {figures['first_tokens']} ...")
+        print(f"compile:  {figures['compile_seconds']:.1f} s (once; the second call reused it: "
+              f"{not figures['recompiled_on_second_call']})")
+        print(f"speed:    {figures['tokens_per_second_per_prompt']:.0f} tok/s per prompt "
+              f"(prefill {figures['prefill_seconds'] * 1e3:.1f} ms, loop {figures['decode_seconds'] * 1e3:.1f} ms)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from eagle3_jax import __version__
 
@@ -100,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_demo(sub)
     return parser
 
 
