@@ -141,3 +141,17 @@ def test_writes_past_capacity_are_dropped():
     out = cache.write(0, k, 2 * k, jnp.array([[2, 3, 4], [5, 6, 7]], jnp.int32))
     np.testing.assert_array_equal(out.k[0, 0, :, 0, 0], [0, 0, 1, 1])
     np.testing.assert_array_equal(out.k[0, 1], np.zeros((4, 1, 2)))
+
+
+def test_bfloat16_model_and_cache_stay_close_to_float32(hf_qwen3):
+    """Not a parity claim (HF bf16 rounds differently), a sanity bound on the bf16 path."""
+    f32 = load_target(hf_qwen3.path, dtype="float32", progress=False)
+    bf16 = load_target(hf_qwen3.path, dtype="bfloat16", progress=False)
+    ids = np.random.default_rng(5).integers(0, 97, size=(2, 12))
+    ref = np.asarray(full_forward(f32, ids).logits)
+    b, t = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = KVCache.create(num_layers=4, batch=b, capacity=64, kv_heads=2, head_dim=12, dtype=jnp.bfloat16)
+    out = bf16(jnp.asarray(ids, jnp.int32), pos, cache, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 64))
+    assert out.logits.dtype == jnp.float32 and out.cache.k.dtype == jnp.bfloat16
+    assert rel_err(out.logits, ref) < 3e-2
