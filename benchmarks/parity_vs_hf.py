@@ -100,6 +100,51 @@ def measure(kind, kwargs, seq=24, new_tokens=32, seed=0):
     }
 
 
+def measure_draft(steps=4, seed=0):
+    """The Flax draft head against the PyTorch reference in tests/eagle3_reference.py."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from eagle3_reference import make_reference_head
+
+    from eagle3_jax import Qwen3Config, load_draft
+
+    target = Qwen3Config(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=1e4)
+    with tempfile.TemporaryDirectory() as d:
+        ref, _ = make_reference_head(d, seed=seed)
+        head = load_draft(d, target, dtype="float32", progress=False)
+    rng = np.random.default_rng(seed)
+    b, t = 2, 9
+    feats = rng.normal(size=(b, t, 120)).astype(np.float32)
+    embs = rng.normal(size=(b, t + steps, 40)).astype(np.float32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = KVCache.create(num_layers=1, batch=b, capacity=32, kv_heads=2, head_dim=12, dtype=jnp.float32)
+    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), pos, cache, pos,
+               causal_mask(jnp.zeros(b, jnp.int32), t, 32), hidden_is_features=True)
+    with torch.no_grad():
+        empty = torch.zeros(b, 4, 0, 12)
+        causal = torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, t, t)
+        r_logits, r_g, keys, values = ref(torch.from_numpy(embs[:, :t]), torch.from_numpy(feats),
+                                          torch.from_numpy(np.array(pos)), empty, empty, causal, True)
+    errs = {"extend": (np.asarray(out.logits, np.float64), r_logits.numpy().astype(np.float64))}
+    cache = out.cache.with_lengths(jnp.full((b,), t, jnp.int32))
+    g, r = out.hidden[:, -1:], r_g[:, -1:]
+    ours_steps, ref_steps = [], []
+    for s in range(steps):
+        lengths = cache.lengths
+        out = head(jnp.asarray(embs[:, t + s: t + s + 1]), g, lengths[:, None], cache, append_slots(lengths, 1),
+                   causal_mask(lengths, 1, 32), hidden_is_features=False)
+        with torch.no_grad():
+            r_logits, r, keys, values = ref(torch.from_numpy(embs[:, t + s: t + s + 1]), r,
+                                            torch.full((b, 1), t + s), keys, values,
+                                            torch.ones(b, 1, t + s + 1, dtype=torch.bool), False)
+        ours_steps.append(np.asarray(out.logits, np.float64))
+        ref_steps.append(r_logits.numpy().astype(np.float64))
+        cache, g = out.cache.with_lengths(lengths + 1), out.hidden
+    errs[f"{steps} drafting steps (g fed back)"] = (np.concatenate(ours_steps, 1), np.concatenate(ref_steps, 1))
+    return {k: {"max_abs_err": float(np.abs(a - r).max()), "max_rel_err": float(np.abs(a - r).max() / np.abs(r).max())}
+            for k, (a, r) in errs.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -111,10 +156,15 @@ def main(argv=None) -> int:
         rows[name] = r
         print(f"{name:50s} {r['logits_max_abs_err']:11.2e} {r['logits_max_rel_err']:11.2e} "
               f"{r['cached_decode_max_rel_err']:11.2e} {str(r['greedy_tokens_identical']):>12s}")
+    draft = measure_draft()
+    print(f"\n{'EAGLE-3 draft head vs PyTorch reference':50s} {'abs':>11s} {'rel':>11s}")
+    for name, r in draft.items():
+        print(f"{name:50s} {r['max_abs_err']:11.2e} {r['max_rel_err']:11.2e}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "transformers": transformers.__version__, "results": rows}, f,
+            json.dump({"torch": torch.__version__, "transformers": transformers.__version__, "results": rows,
+                       "draft_head": draft}, f,
                       indent=2)
     return 0 if all(r["greedy_tokens_identical"] for r in rows.values()) else 1
 

@@ -252,3 +252,189 @@ class Qwen3Config:
             eos_token_ids=(151645, 151643),
             bos_token_id=151643,
         )
+
+
+EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3Config:
+    """An EAGLE-3 draft head (SpecForge ``LlamaForCausalLMEagle3`` config.json).
+
+    One Llama decoder layer whose attention reads ``[input_layernorm(emb),
+    hidden_norm(h)]`` (2H wide), ``fc`` from the target's three concatenated
+    feature layers to H, and ``lm_head`` over a reduced draft vocabulary
+    mapped to target ids by ``d2t``.
+
+    Attributes:
+      aux_layer_ids: ``eagle_config.eagle_aux_hidden_state_layer_ids`` as
+        written in config.json (None: the target's default layers). The
+        features are taken at the *inputs* of layers ``id + 1``.
+      rope_theta: the draft's RoPE base. Some published heads were trained
+        with 10000 whatever their config says; override it when loading
+        (``rope_theta=`` / ``--draft-rope-theta``) if acceptance is poor.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    rope_theta: float
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    aux_layer_ids: tuple[int, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "vocab_size", "draft_vocab_size", "target_hidden_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.draft_vocab_size > self.vocab_size:
+            raise ConfigError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+
+    def feature_layers(self, target: Qwen3Config) -> tuple[int, ...]:
+        """The target layers whose inputs feed ``fc`` (HF hidden_states indices)."""
+        if self.aux_layer_ids is None:
+            return target.default_feature_layers
+        return tuple(i + 1 for i in self.aux_layer_ids)
+
+    def with_overrides(self, *, rope_theta: float | None = None,
+                       feature_layers: tuple[int, ...] | None = None) -> "Eagle3Config":
+        """A copy with the known pitfalls of published heads corrected.
+
+        ``feature_layers`` are HF hidden_states indices (inputs of layers), so
+        ``(2, 18, 33)`` is the default for a 36-layer target.
+        """
+        cfg = self
+        if rope_theta is not None:
+            cfg = dataclasses.replace(cfg, rope_theta=float(rope_theta))
+        if feature_layers is not None:
+            cfg = dataclasses.replace(cfg, aux_layer_ids=tuple(int(i) - 1 for i in feature_layers))
+        return cfg
+
+    def check_target(self, target: Qwen3Config, *, where: str = "draft") -> None:
+        """Raises ConfigError unless this head can run on ``target``."""
+        problems = []
+        if self.target_hidden_size != target.hidden_size:
+            problems.append(f"the head reads features of width {self.target_hidden_size} (target_hidden_size) "
+                            f"but the target's hidden_size is {target.hidden_size}")
+        if self.hidden_size != target.hidden_size:
+            problems.append(f"the head's hidden_size {self.hidden_size} differs from the target's "
+                            f"{target.hidden_size}, so it can not share the target's embedding")
+        if self.vocab_size != target.vocab_size:
+            problems.append(f"the head's vocab_size {self.vocab_size} differs from the target's {target.vocab_size}")
+        layers = self.feature_layers(target)
+        if len(layers) != 3:
+            problems.append(f"EAGLE-3 needs 3 feature layers, got {list(layers)}")
+        bad = [i for i in layers if not 0 <= i < target.num_hidden_layers]
+        if bad:
+            problems.append(f"feature layers {bad} are outside the target's {target.num_hidden_layers} layers "
+                            f"(valid: 0..{target.num_hidden_layers - 1})")
+        if problems:
+            raise ConfigError(f"{where} does not match the target: " + "; ".join(problems))
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json") -> "Eagle3Config":
+        archs = raw.get("architectures") or []
+        if not any(a in EAGLE3_ARCHITECTURES for a in archs):
+            raise ConfigError(f"{where}: not an EAGLE-3 draft head (architectures={archs}; "
+                              f"expected one of {', '.join(EAGLE3_ARCHITECTURES)})")
+        required = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if raw.get(k) is None]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
+        if raw.get("num_hidden_layers", 1) != 1:
+            raise ConfigError(f"{where}: only single-layer EAGLE-3 heads are supported "
+                              f"(num_hidden_layers={raw.get('num_hidden_layers')})")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{where}: hidden_act {raw.get('hidden_act')!r} is not supported (only 'silu')")
+        for flag in ("fc_norm", "attention_bias", "bias", "tie_word_embeddings"):
+            if raw.get(flag):
+                raise ConfigError(f"{where}: {flag}=true is not supported for EAGLE-3 heads")
+        eagle = raw.get("eagle_config") or {}
+        ids = eagle.get("eagle_aux_hidden_state_layer_ids")
+        if ids is not None:
+            ids = _as_id_tuple(ids, where, "eagle_config.eagle_aux_hidden_state_layer_ids")
+        heads = raw["num_attention_heads"]
+        eos = _as_id_tuple(raw.get("eos_token_id"), where, "eos_token_id")
+        try:
+            return cls(
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_attention_heads=heads,
+                num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+                vocab_size=raw["vocab_size"],
+                draft_vocab_size=raw.get("draft_vocab_size") or raw["vocab_size"],
+                target_hidden_size=raw.get("target_hidden_size") or raw["hidden_size"],
+                rope_theta=_rope_settings(raw, where),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=raw.get("max_position_embeddings", 32768),
+                aux_layer_ids=ids,
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=eos[0] if eos else None,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Eagle3Config":
+        path = os.path.join(os.fspath(model_dir), "config.json")
+        return cls.from_hf_dict(read_json(path), where=path)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json in the format SpecForge, SGLang and vLLM load."""
+        out: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "num_hidden_layers": 1,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.aux_layer_ids is not None:
+            out["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)}
+        return out
+
+    @classmethod
+    def for_target(cls, target: Qwen3Config, *, draft_vocab_size: int = 32000,
+                   feature_layers: tuple[int, ...] | None = None) -> "Eagle3Config":
+        """A new head shaped like SpecForge's default for ``target`` (for training)."""
+        layers = feature_layers or target.default_feature_layers
+        return cls(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                   num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
+                   head_dim=target.head_dim, vocab_size=target.vocab_size,
+                   draft_vocab_size=min(draft_vocab_size, target.vocab_size), target_hidden_size=target.hidden_size,
+                   rope_theta=target.rope_theta, rms_norm_eps=target.rms_norm_eps,
+                   max_position_embeddings=target.max_position_embeddings,
+                   aux_layer_ids=tuple(i - 1 for i in layers), bos_token_id=target.bos_token_id,
+                   eos_token_id=target.eos_token_ids[0] if target.eos_token_ids else None)

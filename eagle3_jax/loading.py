@@ -8,13 +8,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eagle3_jax.config import Qwen3Config
-from eagle3_jax.errors import ConfigError
+import json
+
+import numpy as np
+
+from eagle3_jax.atomic import atomic_directory
+from eagle3_jax.config import Eagle3Config, Qwen3Config
+from eagle3_jax.errors import CheckpointError, ConfigError
 from eagle3_jax.hub import resolve_model_dir
+from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.weights import converted
-from eagle3_jax.weights.params import load_safetensors_into
-from eagle3_jax.weights.rules import qwen3_rules
+from eagle3_jax.weights.params import export_safetensors, load_safetensors_into
+from eagle3_jax.weights.rules import eagle3_rules, qwen3_rules
 from eagle3_jax.weights.safetensors_io import checkpoint_files
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -74,4 +80,97 @@ def convert_target(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None
     dtype = parse_dtype(dtype or "bfloat16")
     model = load_target(model_dir, dtype=dtype, progress=progress)
     return converted.save_converted(model, model_dir, os.fspath(dst), kind="target", overwrite=overwrite,
+                                    extra={"source": os.fspath(src)})
+
+
+# ------------------------------------------------------------------- drafts
+
+def abstract_draft(cfg: Eagle3Config, dtype, own_embedding: bool = False) -> Eagle3DraftHead:
+    return nnx.eval_shape(lambda: Eagle3DraftHead(cfg, dtype=dtype, rngs=nnx.Rngs(0), own_embedding=own_embedding))
+
+
+def check_vocab_map(d2t: np.ndarray, t2d: np.ndarray, *, source: str) -> None:
+    """Raises CheckpointError unless d2t/t2d describe one consistent draft vocabulary."""
+    draft_vocab, vocab = d2t.shape[0], t2d.shape[0]
+    ids = np.arange(draft_vocab) + d2t.astype(np.int64)
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        raise CheckpointError(f"{source}: d2t maps draft id {int(bad[0])} to target id {int(ids[bad[0]])}, "
+                              f"outside the vocabulary [0, {vocab})")
+    if np.unique(ids).size != draft_vocab:
+        raise CheckpointError(f"{source}: d2t maps several draft ids to the same target id")
+    if not t2d[ids].all() or int(t2d.sum()) != draft_vocab:
+        raise CheckpointError(f"{source}: t2d ({int(t2d.sum())} target ids marked) does not match d2t "
+                              f"({draft_vocab} draft ids)")
+
+
+def load_draft(name_or_path: str | os.PathLike, target_config: Qwen3Config | None = None, *, dtype=None,
+               rope_theta: float | None = None, feature_layers: tuple[int, ...] | None = None,
+               keep_embedding: bool = False, progress: bool = True) -> Eagle3DraftHead:
+    """Loads an EAGLE-3 draft head (SpecForge / SGLang ``LlamaForCausalLMEagle3`` format).
+
+    Args:
+      name_or_path: a local directory (config.json + model.safetensors), a
+        directory written by :func:`convert_draft`, or a Hub id.
+      target_config: when given, the head is checked against the target
+        (hidden sizes, vocabulary, feature layers) and a mismatch is an error.
+      dtype: as for :func:`load_target`.
+      rope_theta: override the draft's RoPE base (some published heads were
+        trained with 10000 whatever their config says). Default: config.json.
+      feature_layers: override the target layers whose inputs feed ``fc``
+        (HF hidden_states indices). Default: ``eagle_aux_hidden_state_layer_ids``
+        + 1 from config.json, else the target's (2, L//2, L-3).
+      keep_embedding: load the head's own ``embed_tokens.weight`` if it has
+        one; by default it is skipped and the target's embedding is used, as
+        SGLang and vLLM do.
+    """
+    model_dir = resolve_model_dir(name_or_path)
+    dtype = parse_dtype(dtype)
+    cfg = Eagle3Config.from_pretrained(model_dir).with_overrides(rope_theta=rope_theta, feature_layers=feature_layers)
+    if target_config is not None:
+        cfg.check_target(target_config, where=f"draft head {model_dir}")
+    if converted.is_converted(model_dir):
+        marker = converted.read_marker(model_dir)
+        if marker.get("kind") != "draft":
+            raise CheckpointError(f"{model_dir}: a converted {marker.get('kind')}, not a draft head")
+        head = converted.restore_into(abstract_draft(cfg, dtype), model_dir)  # converted heads hold no embedding
+    else:
+        files = checkpoint_files(model_dir)
+        head = load_safetensors_into(abstract_draft(cfg, dtype, keep_embedding), files, eagle3_rules(keep_embedding),
+                                     source=model_dir, progress=progress)
+    check_vocab_map(np.asarray(head.d2t[...]), np.asarray(head.t2d[...]), source=model_dir)
+    return head
+
+
+def save_draft(head: Eagle3DraftHead, output_dir: str | os.PathLike, *, embedding=None, dtype="bfloat16",
+               overwrite: bool = False) -> str:
+    """Exports a head as SpecForge / SGLang / vLLM load it: config.json + model.safetensors.
+
+    Weights are written in ``dtype`` (bfloat16, as published heads are),
+    ``d2t`` as int64 and ``t2d`` as bool. ``embedding`` (the target's
+    [vocab, hidden] table) is written as ``embed_tokens.weight`` when the head
+    has none of its own, which makes the directory self-contained for
+    SpecForge. The directory appears atomically.
+    """
+    own = head.embed_tokens is not None
+    out = os.path.abspath(os.fspath(output_dir))
+    is_head = lambda p: os.path.exists(os.path.join(p, "config.json")) and os.path.exists(
+        os.path.join(p, "model.safetensors"))
+    with atomic_directory(out, overwrite=overwrite, replaceable=is_head) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(head.config.to_hf_dict(), f, indent=2)
+        extra = None
+        if not own and embedding is not None:
+            extra = {"embed_tokens.weight": np.asarray(jax.device_get(embedding)).astype(parse_dtype(dtype))}
+        export_safetensors(head, eagle3_rules(own), os.path.join(tmp, "model.safetensors"), dtype=parse_dtype(dtype),
+                           extra=extra)
+    return out
+
+
+def convert_draft(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
+                  progress: bool = True) -> str:
+    """Converts a draft head into the orbax format (what :func:`convert_target` does for targets)."""
+    model_dir = resolve_model_dir(src)
+    head = load_draft(model_dir, dtype=parse_dtype(dtype or "bfloat16"), progress=progress)
+    return converted.save_converted(head, model_dir, os.fspath(dst), kind="draft", overwrite=overwrite,
                                     extra={"source": os.fspath(src)})

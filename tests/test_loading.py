@@ -154,7 +154,7 @@ def test_convert_refuses_to_overwrite(hf_qwen3, tmp_path):
         convert_target(hf_qwen3.path, out, progress=False)
     convert_target(hf_qwen3.path, out, overwrite=True, progress=False)
     (tmp_path / "plain").mkdir()
-    with pytest.raises(CheckpointError, match="not a converted eagle3-jax checkpoint"):
+    with pytest.raises(CheckpointError, match="not an output of eagle3-jax"):
         convert_target(hf_qwen3.path, tmp_path / "plain", overwrite=True, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["conv", "plain"]
 

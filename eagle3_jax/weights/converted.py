@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from typing import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
+from eagle3_jax.atomic import atomic_directory
 from eagle3_jax.errors import CheckpointError
 from eagle3_jax.weights.params import flat_params, with_values
 
@@ -91,28 +90,17 @@ def restore_into(abstract: nnx.Module, model_dir: str) -> nnx.Module:
 
 
 def save_converted(module: nnx.Module, src_dir: str, dst_dir: str, *, kind: str, extra: dict | None = None,
-                   overwrite: bool = False, write_extra_files: Callable[[str], None] | None = None) -> str:
+                   overwrite: bool = False) -> str:
     """Writes ``module`` as a converted directory at ``dst_dir``, atomically.
 
-    Everything is written into a temporary sibling directory that is renamed
-    into place only when complete, so a failure leaves no partial output.
-    Small metadata files (config, tokenizer) are copied from ``src_dir``.
+    Small metadata files (config, tokenizer) are copied from ``src_dir``; an
+    existing ``dst_dir`` is replaced only if it is itself a converted directory.
     """
     dst_dir = os.path.abspath(dst_dir)
-    if os.path.exists(dst_dir):
-        if not overwrite:
-            raise CheckpointError(f"{dst_dir}: already exists (pass --overwrite to replace it)")
-        if not is_converted(dst_dir):
-            raise CheckpointError(f"{dst_dir}: exists and is not a converted eagle3-jax checkpoint; refusing to replace it")
-    parent = os.path.dirname(dst_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.partial-", dir=parent)
-    try:
+    with atomic_directory(dst_dir, overwrite=overwrite, replaceable=is_converted) as tmp:
         for name in sorted(os.listdir(src_dir)):
             if name.endswith(_COPIED_SUFFIXES) and name not in _NOT_COPIED and os.path.isfile(os.path.join(src_dir, name)):
                 shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
-        if write_extra_files is not None:
-            write_extra_files(tmp)
         ckpt = _checkpointer()
         flat = {k: v[...] for k, v in flat_params(module).items()}
         ckpt.save(os.path.join(tmp, PARAMS_DIR), flat)
@@ -121,10 +109,4 @@ def save_converted(module: nnx.Module, src_dir: str, dst_dir: str, *, kind: str,
         marker = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "dtypes": dtypes, **(extra or {})}
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
             json.dump(marker, f, indent=2)
-        if os.path.exists(dst_dir):
-            shutil.rmtree(dst_dir)
-        os.rename(tmp, dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst_dir

@@ -85,7 +85,9 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
             if tuple(as_param) != tuple(var.shape):
                 want = tuple(var.shape)[::-1] if rule.transpose else tuple(var.shape)
                 problems.append(f"tensor {name!r} has shape {list(shape)} but the config expects {list(want)}")
-            elif not _dtype_compatible(f.dtype(name), var.dtype):
+            elif rule.file_dtype is not None and f.dtype(name) != np.dtype(rule.file_dtype):
+                problems.append(f"tensor {name!r} has dtype {f.dtype(name)} but {rule.file_dtype} is expected")
+            elif rule.file_dtype is None and not _dtype_compatible(f.dtype(name), var.dtype):
                 problems.append(f"tensor {name!r} has dtype {f.dtype(name)} but {np.dtype(var.dtype)} is expected")
             else:
                 plan.append((f, name, path))
@@ -107,18 +109,27 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
     for f, name, path in tqdm(plan, desc=f"loading {os.path.basename(os.path.normpath(source))}",
                               unit="tensor", disable=not progress, leave=False):
         _, rule = table.param_path(name)
-        array = rule.to_param(f.read(name, dtype=np.dtype(expected[path].dtype)))
-        values[path] = place(path, array)
+        want = np.dtype(expected[path].dtype)
+        if jnp.issubdtype(want, jnp.integer):  # e.g. int64 d2t into int32: check the range first
+            array = f.read(name)
+            if array.size and (array.min() < np.iinfo(want).min or array.max() > np.iinfo(want).max):
+                raise CheckpointError(f"{source}: tensor {name!r} has values outside the range of {want}")
+            array = array.astype(want)
+        else:
+            array = f.read(name, dtype=want)
+        values[path] = place(path, rule.to_param(array))
     return with_values(abstract, values)
 
 
 def export_safetensors(module: nnx.Module, table: RuleTable, path: str, *, dtype=None,
-                       metadata: Mapping[str, str] | None = None) -> None:
+                       metadata: Mapping[str, str] | None = None,
+                       extra: Mapping[str, np.ndarray] | None = None) -> None:
     """Writes the module's parameters under their checkpoint names (inverse of loading).
 
-    ``dtype`` casts floating parameters (e.g. to bfloat16 for published heads).
+    ``dtype`` casts floating parameters (e.g. to bfloat16 for published heads);
+    ``extra`` adds tensors that are not parameters of the module.
     """
-    tensors = {}
+    tensors = dict(extra or {})
     for p, var in flat_params(module).items():
         mapped = table.checkpoint_name(p)
         if mapped is None:

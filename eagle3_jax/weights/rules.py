@@ -28,11 +28,14 @@ class Rule:
     checkpoint: str
     param: str
     transpose: bool = False
+    file_dtype: str | None = None  # exact dtype required in the file (e.g. 'int64' for d2t)
 
     def to_param(self, array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array.T) if self.transpose else array
 
     def to_checkpoint(self, array: np.ndarray) -> np.ndarray:
+        if self.file_dtype is not None:
+            array = array.astype(self.file_dtype)
         return np.ascontiguousarray(array.T) if self.transpose else array
 
 
@@ -86,4 +89,33 @@ def qwen3_rules(tie_word_embeddings: bool) -> RuleTable:
         ignore.append(r"lm_head\.weight")  # some tied checkpoints store a copy; the embedding is used
     else:
         rules.append(Rule("lm_head.weight", "lm_head.kernel", transpose=True))
+    return RuleTable(tuple(rules), tuple(ignore))
+
+
+def eagle3_rules(own_embedding: bool) -> RuleTable:
+    """SpecForge/SGLang ``LlamaForCausalLMEagle3`` names -> ``eagle3_jax.models.eagle3`` params.
+
+    ``embed_tokens.weight`` is loaded only into a head that keeps its own
+    embedding; otherwise it is skipped, and the target's embedding is used (as
+    SGLang and vLLM do).
+    """
+    mid = "midlayer."
+    rules = [Rule("fc.weight", "fc.kernel", transpose=True)]
+    for norm in ("hidden_norm", "input_layernorm", "post_attention_layernorm"):
+        rules.append(Rule(f"{mid}{norm}.weight", f"{mid}{norm}.weight"))
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        rules.append(Rule(f"{mid}self_attn.{proj}.weight", f"{mid}self_attn.{proj}.kernel", transpose=True))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(Rule(f"{mid}mlp.{proj}.weight", f"{mid}mlp.{proj}.kernel", transpose=True))
+    rules += [
+        Rule("norm.weight", "norm.weight"),
+        Rule("lm_head.weight", "lm_head.kernel", transpose=True),
+        Rule("d2t", "d2t", file_dtype="int64"),
+        Rule("t2d", "t2d", file_dtype="bool"),
+    ]
+    ignore = []
+    if own_embedding:
+        rules.append(Rule("embed_tokens.weight", "embed_tokens.embedding"))
+    else:
+        ignore.append(r"embed_tokens\.weight")
     return RuleTable(tuple(rules), tuple(ignore))
