@@ -68,7 +68,23 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-stop", action="store_true", help="do not stop at eos; generate max-new-tokens")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    spec = p.add_argument_group("speculative decoding (EAGLE-3)")
+    spec.add_argument("--draft", metavar="DIR", default=None,
+                      help="EAGLE-3 draft head (SpecForge/SGLang format or converted); enables speculative decoding")
+    spec.add_argument("--num-steps", type=_positive_int, default=None, metavar="D",
+                      help="tree depth: draft steps per cycle (default 3)")
+    spec.add_argument("--topk", type=_positive_int, default=None, metavar="K",
+                      help="children kept per tree node and beam width (default 1: a chain)")
+    spec.add_argument("--num-draft-tokens", type=_positive_int, default=None, metavar="N",
+                      help="tree tokens verified per cycle, root included (default D+1 for a chain; required for K>1)")
+    spec.add_argument("--draft-rope-theta", type=float, default=None, metavar="THETA",
+                      help="override the head's RoPE base (some published heads were trained with 10000)")
+    spec.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3",
+                      help="override the target layers feeding the head (HF hidden_states indices, e.g. 2,18,33)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they are committed (default: on for one prompt without --json)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt instead of text (with accept_lengths and acceptance_length)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -161,36 +177,95 @@ def _encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def _cmd_generate(args) -> int:
-    from eagle3_jax.config import Qwen3Config
+    from eagle3_jax.config import Eagle3Config, Qwen3Config
+    from eagle3_jax.decoding.tree import TreeSpec
     from eagle3_jax.generation import Generator, plan_batch
     from eagle3_jax.hub import resolve_model_dir
-    from eagle3_jax.loading import load_target, parse_dtype
+    from eagle3_jax.loading import load_draft, load_target, parse_dtype
     from eagle3_jax.sampling import SamplingParams
 
     if args.chat and not args.prompt:
         raise _usage("--chat needs --prompt")
+    if args.stream and args.json:
+        raise _usage("--stream prints text; it can not be combined with --json")
+    knobs = (args.num_steps, args.topk, args.num_draft_tokens, args.draft_rope_theta, args.feature_layers)
+    if args.draft is None and any(k is not None for k in knobs):
+        raise _usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     model_dir = resolve_model_dir(args.target)
     tokenizer = _load_tokenizer(model_dir, required=bool(args.prompt))
     prompts = [_encode(tokenizer, t, args.chat) for t in args.prompt] if args.prompt else args.prompt_ids
     stops = () if args.no_stop else args.stop_ids
-    # Reject bad input from the config alone, before any weights are read.
-    plan_batch(Qwen3Config.from_pretrained(model_dir), prompts, max_new_tokens=args.max_new_tokens,
-               sampling=sampling, stop_token_ids=stops, max_cache_len=args.max_cache_len,
-               cache_dtype=parse_dtype(args.dtype))
+    # Reject bad input from the configs alone, before any weights are read.
+    target_config = Qwen3Config.from_pretrained(model_dir)
+    plan_batch(target_config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
+               max_cache_len=args.max_cache_len, cache_dtype=parse_dtype(args.dtype))
+    draft_dir = None
+    if args.draft is not None:
+        steps, topk = args.num_steps or 3, args.topk or 1
+        if args.num_draft_tokens is None and topk > 1:
+            raise _usage("--num-draft-tokens is required with --topk > 1")
+        TreeSpec(steps, topk, args.num_draft_tokens or steps + 1)
+        draft_dir = resolve_model_dir(args.draft)
+        overrides = dict(rope_theta=args.draft_rope_theta,
+                         feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
+        Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides).check_target(
+            target_config, where=f"draft head {draft_dir}")
+
     target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
-    outputs = Generator(target, max_cache_len=args.max_cache_len).generate(
-        prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stop_token_ids=stops)
+    draft = None
+    if draft_dir is not None:
+        draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, **overrides)
+    gen = Generator(target, draft, num_steps=args.num_steps if draft else None, topk=args.topk if draft else None,
+                    num_draft_tokens=args.num_draft_tokens if draft else None, max_cache_len=args.max_cache_len)
+    stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)
+    printer = _StreamPrinter(tokenizer, len(prompts)) if stream else None
+    outputs = gen.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                           stop_token_ids=stops, stream=printer)
     for i, out in enumerate(outputs):
         text = tokenizer.decode(out.token_ids, skip_special_tokens=True) if tokenizer is not None else None
         if args.json:
             print(json.dumps({"prompt_index": i, "text": text, **out.to_json()}), flush=True)
+            continue
+        if printer is not None and i == 0:
+            printer.finish()  # row 0 was streamed; the others print when done
         else:
             print(text if text is not None else ",".join(map(str, out.token_ids)), flush=True)
-            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, "
-                  f"{out.tokens_per_second:.1f} tok/s, forwards={out.num_target_forwards}, "
-                  f"compile {out.compile_seconds:.1f}s]", file=sys.stderr)
+        spec_note = f", acceptance {out.acceptance_length:.2f}" if draft is not None else ""
+        print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, {out.tokens_per_second:.1f} tok/s, "
+              f"forwards={out.num_target_forwards}{spec_note}, compile {out.compile_seconds:.1f}s]", file=sys.stderr)
     return 0
+
+
+class _StreamPrinter:
+    """Prints each row's tokens as they are committed (decoded text when a tokenizer is known)."""
+
+    def __init__(self, tokenizer, rows: int):
+        self.tokenizer = tokenizer
+        self.tokens = [[] for _ in range(rows)]
+        self.printed = [""] * rows
+
+    def __call__(self, row: int, new_tokens: list[int]) -> None:
+        self.tokens[row].extend(new_tokens)
+        if self.tokenizer is None:
+            sep = "," if self.printed[row] else ""
+            chunk = sep + ",".join(map(str, new_tokens))
+            self.printed[row] += chunk
+        else:
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                return
+            chunk, self.printed[row] = text[len(self.printed[row]):], text
+        if row == 0:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(self.tokens[0], skip_special_tokens=True)
+            sys.stdout.write(text[len(self.printed[0]):])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _cmd_convert(args) -> int:

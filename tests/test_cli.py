@@ -122,3 +122,61 @@ def test_console_script_and_convert_script(hf_qwen3, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1 and "error:" in done.stderr and "Traceback" not in done.stderr
     assert not os.path.exists(tmp_path / "d")
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory):
+    from eagle3_reference import make_reference_head
+
+    path = tmp_path_factory.mktemp("cli_head")
+    make_reference_head(path, seed=7, draft_vocab=50)
+    return str(path)
+
+
+def test_speculative_generate_json(capsys, hf_qwen3, head_dir):
+    base = ["generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8,9", "--prompt-ids", "20,21,22,23,24",
+            "--max-new-tokens", "12", "--no-stop", "--json"]
+    code, out, _ = run_cli(capsys, *base)
+    plain_rows = [json.loads(line) for line in out.splitlines()]
+    code, out, _ = run_cli(capsys, *base, "--draft", head_dir, "--num-steps", "3", "--topk", "2",
+                           "--num-draft-tokens", "5")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    for p, r in zip(plain_rows, rows):
+        assert r["token_ids"] == p["token_ids"]
+        assert p["acceptance_length"] == 1.0 and p["accept_lengths"] == [1] * 11
+        assert sum(r["accept_lengths"]) == 11 and len(r["accept_lengths"]) == r["num_target_forwards"]
+        assert r["acceptance_length"] == pytest.approx(11 / r["num_target_forwards"])
+
+
+def test_streamed_text_equals_the_final_text(capsys, hf_qwen3_real_vocab):
+    argv = ["generate", "--target", hf_qwen3_real_vocab.path, "--prompt", "Streaming test", "--max-new-tokens", "9",
+            "--no-stop"]
+    code, streamed, _ = run_cli(capsys, *argv, "--stream")
+    assert code == 0
+    code, whole, _ = run_cli(capsys, *argv, "--no-stream")
+    assert streamed == whole and len(whole.strip()) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draft", "HEAD", "--num-steps", "3", "--topk", "1", "--num-draft-tokens", "7"],
+     "num_draft_tokens must be num_steps + 1 = 4"),
+    (["--draft", "HEAD", "--feature-layers", "2,3,9"], "feature layers [9] are outside the target's 4 layers"),
+    (["--draft", "NOPE"], "no such directory"),
+])
+def test_speculative_user_errors(capsys, hf_qwen3, head_dir, tmp_path, argv, message):
+    argv = [a.replace("HEAD", head_dir).replace("NOPE", str(tmp_path / "nope")) for a in argv]
+    code, out, err = run_cli(capsys, "generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8", *argv)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--num-steps", "3"],
+    ["--draft", "HEAD", "--topk", "2"],
+    ["--draft", "HEAD", "--json", "--stream"],
+])
+def test_speculative_usage_errors(capsys, hf_qwen3, head_dir, argv):
+    argv = [a.replace("HEAD", head_dir) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8", *argv])
+    assert e.value.code == 2

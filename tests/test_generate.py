@@ -9,7 +9,7 @@ from flax import nnx
 
 from eagle3_jax import Generator, InputError, SamplingParams, load_target
 from eagle3_jax.decoding import plain
-from eagle3_jax.decoding.common import DecodeSettings
+from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
 from eagle3_jax.generation import bucket_length
 from eagle3_jax.sampling import filter_logits
 
@@ -159,12 +159,12 @@ def test_filter_logits_matches_reference(temperature, top_p, top_k):
 def test_pure_generate_runs_under_outer_jit(qwen3):
     """The pure function composes with a user's own jax.jit (model state as an argument)."""
     graphdef, state = nnx.split(qwen3)
-    settings = DecodeSettings(max_new_tokens=6, capacity=32, stop_token_ids=(), cache_dtype=jnp.dtype(jnp.float32))
+    settings = DecodeSettings(max_new_tokens=6, capacity=32, cache_dtype=jnp.dtype(jnp.float32))
 
     @jax.jit
     def run(state, tokens, lengths):
         model = nnx.merge(graphdef, state)
-        return plain.generate(model, tokens, lengths, jax.random.key(0), jnp.float32(1), jnp.float32(1), settings)
+        return plain.generate(model, tokens, lengths, jax.random.key(0), RuntimeParams.make(), settings)
 
     prompts = _prompts(97, [4, 7])
     tokens = np.zeros((2, 16), np.int32)

@@ -30,7 +30,6 @@ class DecodeSettings:
       capacity: KV cache slots per row; prompt + generated tokens never exceed it.
       greedy: argmax decoding (else sampling with the traced temperature/top_p).
       top_k: top-k filter for sampling (0 = off).
-      stop_token_ids: a generated token in this set ends its row (and is kept).
       cache_dtype: KV cache storage dtype.
     """
 
@@ -38,8 +37,34 @@ class DecodeSettings:
     capacity: int
     greedy: bool = True
     top_k: int = 0
-    stop_token_ids: tuple[int, ...] = ()
     cache_dtype: jnp.dtype = jnp.dtype(jnp.float32)
+
+
+STOP_SLOTS = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RuntimeParams:
+    """Per-call knobs that are traced, not compiled in: changing them reuses the program.
+
+    Attributes:
+      temperature: [] float32 sampling temperature (ignored when greedy).
+      top_p: [] float32 nucleus mass.
+      stop_ids: [num_stops] int32 token ids that end a row; -1 fills unused entries.
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    stop_ids: jax.Array
+
+    @classmethod
+    def make(cls, temperature: float = 1.0, top_p: float = 1.0, stop_ids=()) -> "RuntimeParams":
+        """Stop ids are padded with -1 to a multiple of 8 entries, so their count rarely changes a shape."""
+        stop_ids = [int(t) for t in stop_ids]
+        width = max(STOP_SLOTS, -(-len(stop_ids) // STOP_SLOTS) * STOP_SLOTS)
+        return cls(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
+                   stop_ids=jnp.asarray(stop_ids + [-1] * (width - len(stop_ids)), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -62,15 +87,16 @@ class DecodeResult:
     prompt_lengths: jax.Array
 
     @classmethod
-    def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array) -> "DecodeResult":
+    def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array,
+              stop_ids: jax.Array) -> "DecodeResult":
         """The result after prefill: one generated token per row."""
         batch = first_token.shape[0]
         zeros = jnp.zeros((batch,), jnp.int32)
         empty = cls(tokens=jnp.full((batch, settings.max_new_tokens), -1, jnp.int32), num_generated=zeros,
                     finish_reason=zeros, num_forwards=zeros, prompt_lengths=prompt_lengths.astype(jnp.int32))
-        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings)
+        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings, stop_ids)
 
-    def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings,
+    def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings, stop_ids: jax.Array,
                forwards: jax.Array | None = None) -> "DecodeResult":
         """Appends up to ``counts[b]`` of ``new_tokens[b]`` to each running row.
 
@@ -82,6 +108,7 @@ class DecodeResult:
         Args:
           new_tokens: [batch, k] int32 candidate tokens, in order.
           counts: [batch] int32, how many of them are real (0..k).
+          stop_ids: [num_stops] int32 stop tokens (-1 entries never match).
           forwards: [batch] int32 target forwards to add to the counters.
         """
         batch, k = new_tokens.shape
@@ -89,8 +116,7 @@ class DecodeResult:
         idx = jnp.arange(k, dtype=jnp.int32)[None, :]
         counts = jnp.where(running, counts, 0)
         valid = idx < counts[:, None]
-        stop_ids = jnp.asarray(settings.stop_token_ids or (-1,), jnp.int32)
-        is_stop = valid & jnp.any(new_tokens[:, :, None] == stop_ids[None, None, :], axis=-1)
+        is_stop = valid & jnp.any((new_tokens[:, :, None] == stop_ids[None, None, :]) & (stop_ids >= 0), axis=-1)
         has_stop = jnp.any(is_stop, axis=1)
         through_stop = jnp.where(has_stop, jnp.argmax(is_stop, axis=1) + 1, counts)
         room = jnp.minimum(settings.max_new_tokens - self.num_generated,

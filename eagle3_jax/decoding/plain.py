@@ -14,12 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.decoding.common import (
-    DecodeResult,
-    DecodeSettings,
-    finish_reasons,
-    prefill,
-)
+from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimeParams, finish_reasons, prefill
 from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.sampling import select_tokens
@@ -36,16 +31,18 @@ class PlainLoopState:
       last_token: [batch] int32, the newest generated token.
       result: tokens and counters so far.
       rng: PRNG key for sampling.
+      iterations: int32 loop iterations run so far (for chunked streaming).
     """
 
     cache: KVCache
     last_token: jax.Array
     result: DecodeResult
     rng: jax.Array
+    iterations: jax.Array
 
 
 def start(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
-          temperature: jax.Array, top_p: jax.Array, settings: DecodeSettings) -> PlainLoopState:
+          params: RuntimeParams, settings: DecodeSettings) -> PlainLoopState:
     """Prefills the prompts and selects the first token of every row.
 
     Args:
@@ -54,12 +51,12 @@ def start(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array,
     """
     logits, cache, _ = prefill(model, tokens, prompt_lengths, settings)
     rng, sub = jax.random.split(rng)
-    first = select_tokens(logits, sub, temperature, top_p, greedy=settings.greedy, top_k=settings.top_k)
-    result = DecodeResult.start(first, settings, prompt_lengths)
-    return PlainLoopState(cache=cache, last_token=first, result=result, rng=rng)
+    first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k)
+    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids)
+    return PlainLoopState(cache=cache, last_token=first, result=result, rng=rng, iterations=jnp.zeros((), jnp.int32))
 
 
-def step(model: Qwen3ForCausalLM, state: PlainLoopState, temperature: jax.Array, top_p: jax.Array,
+def step(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams,
          settings: DecodeSettings) -> PlainLoopState:
     """One target forward for every unfinished row; finished rows are left untouched."""
     cache, result = state.cache, state.result
@@ -69,24 +66,32 @@ def step(model: Qwen3ForCausalLM, state: PlainLoopState, temperature: jax.Array,
     out = model(state.last_token[:, None], cache.lengths[:, None], cache, slots,
                 causal_mask(cache.lengths, 1, capacity))
     rng, sub = jax.random.split(state.rng)
-    token = select_tokens(out.logits[:, 0], sub, temperature, top_p, greedy=settings.greedy, top_k=settings.top_k)
+    token = select_tokens(out.logits[:, 0], sub, params.temperature, params.top_p, greedy=settings.greedy,
+                          top_k=settings.top_k)
     cache = out.cache.with_lengths(cache.lengths + active)
-    result = result.append(token[:, None], active.astype(jnp.int32), settings, forwards=active.astype(jnp.int32))
-    return PlainLoopState(cache=cache, last_token=jnp.where(active, token, state.last_token), result=result, rng=rng)
+    result = result.append(token[:, None], active.astype(jnp.int32), settings, params.stop_ids,
+                           forwards=active.astype(jnp.int32))
+    return PlainLoopState(cache=cache, last_token=jnp.where(active, token, state.last_token), result=result, rng=rng,
+                          iterations=state.iterations + 1)
 
 
-def decode_loop(model: Qwen3ForCausalLM, state: PlainLoopState, temperature: jax.Array, top_p: jax.Array,
-                settings: DecodeSettings) -> PlainLoopState:
-    """Runs :func:`step` in a ``lax.while_loop`` until every row has finished."""
-    return jax.lax.while_loop(lambda s: jnp.any(s.result.finish_reason == 0),
-                              lambda s: step(model, s, temperature, top_p, settings), state)
+def decode_loop(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams, settings: DecodeSettings,
+                max_iterations: jax.Array | None = None) -> PlainLoopState:
+    """Runs :func:`step` in a ``lax.while_loop`` until every row has finished
+    (or ``max_iterations`` more steps ran, for streaming)."""
+    stop_at = state.iterations + (jnp.iinfo(jnp.int32).max // 2 if max_iterations is None else max_iterations)
+
+    def cond(s):
+        return jnp.any(s.result.finish_reason == 0) & (s.iterations < stop_at)
+
+    return jax.lax.while_loop(cond, lambda s: step(model, s, params, settings), state)
 
 
 def generate(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
-             temperature: jax.Array, top_p: jax.Array, settings: DecodeSettings) -> DecodeResult:
+             params: RuntimeParams, settings: DecodeSettings) -> DecodeResult:
     """Prefill plus the decode loop: the whole plain generation as one pure function."""
-    state = start(model, tokens, prompt_lengths, rng, temperature, top_p, settings)
-    return decode_loop(model, state, temperature, top_p, settings).result
+    state = start(model, tokens, prompt_lengths, rng, params, settings)
+    return decode_loop(model, state, params, settings).result
 
 
 __all__ = ["PlainLoopState", "start", "step", "decode_loop", "generate", "finish_reasons"]

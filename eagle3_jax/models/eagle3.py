@@ -137,6 +137,7 @@ class Eagle3DraftHead(nnx.Module):
         mask: jax.Array,
         *,
         hidden_is_features: bool,
+        logits_indices: jax.Array | None = None,
     ) -> DraftOutput:
         """One draft forward over new positions.
 
@@ -151,14 +152,18 @@ class Eagle3DraftHead(nnx.Module):
           slots: [batch, seq] int32 where the new K/V go (outside: dropped).
           mask: [batch, seq, capacity] bool over the buffer after the write.
           hidden_is_features: static; apply ``fc`` to ``hidden`` first.
+          logits_indices: [batch, rows] int32 positions whose logits to
+            compute; None computes all seq rows (``hidden`` is always returned
+            for every position).
         """
         cfg = self.config
         h = self.project_features(hidden) if hidden_is_features else hidden.astype(self.dtype)
         emb = embeds.astype(self.dtype)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
         g, cache = self.midlayer(emb, h, cos, sin, cache, slots, mask)
-        logits = self.lm_head.kernel[...]
-        logits = jnp.einsum("...h,hv->...v", self.norm(g), logits, preferred_element_type=jnp.float32)
+        rows = g if logits_indices is None else jnp.take_along_axis(g, logits_indices[:, :, None], axis=1)
+        logits = jnp.einsum("...h,hv->...v", self.norm(rows), self.lm_head.kernel[...],
+                            preferred_element_type=jnp.float32)
         return DraftOutput(logits=logits, hidden=g, cache=cache)
 
 
