@@ -29,9 +29,13 @@ import jax.numpy as jnp
 class KVCache:
     """Per-layer keys and values in static buffers.
 
+    The head-major layout ([..., kv_heads, capacity, head_dim]) is what the
+    attention dots read directly; a slot-major layout costs a transpose of
+    the whole buffer per layer and step.
+
     Attributes:
-      k: [layers, batch, capacity, kv_heads, head_dim] keys (after RoPE).
-      v: [layers, batch, capacity, kv_heads, head_dim] values.
+      k: [layers, batch, kv_heads, capacity, head_dim] keys (after RoPE).
+      v: [layers, batch, kv_heads, capacity, head_dim] values.
       lengths: [batch] int32, committed entries per row; slots >= length are
         free (they may hold stale or provisional K/V).
     """
@@ -44,12 +48,12 @@ class KVCache:
     def create(cls, *, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                dtype=jnp.bfloat16) -> "KVCache":
         """An empty cache (all lengths 0) of static ``capacity`` slots per row."""
-        shape = (num_layers, batch, capacity, kv_heads, head_dim)
+        shape = (num_layers, batch, kv_heads, capacity, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch_size(self) -> int:
@@ -73,8 +77,9 @@ class KVCache:
             [0, capacity) are dropped.
         """
         b = jnp.arange(k_new.shape[0])[:, None]
-        k = self.k.at[layer, b, slots].set(k_new.astype(self.k.dtype), mode="drop")
-        v = self.v.at[layer, b, slots].set(v_new.astype(self.v.dtype), mode="drop")
+        # (batch, slot) index pairs around the head slice: the update is [batch, seq, kv_heads, head_dim]
+        k = self.k.at[layer, b, :, slots].set(k_new.astype(self.k.dtype), mode="drop")
+        v = self.v.at[layer, b, :, slots].set(v_new.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=k, v=v)
 
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
@@ -88,8 +93,8 @@ class KVCache:
         """
         b = jnp.arange(src.shape[0])[:, None]
         src = jnp.clip(src, 0, self.capacity - 1)
-        k = self.k.at[:, b, dst].set(self.k[:, b, src], mode="drop")
-        v = self.v.at[:, b, dst].set(self.v[:, b, src], mode="drop")
+        k = self.k.at[:, b, :, dst].set(self.k[:, b, :, src], mode="drop")
+        v = self.v.at[:, b, :, dst].set(self.v[:, b, :, src], mode="drop")
         return dataclasses.replace(self, k=k, v=v)
 
 

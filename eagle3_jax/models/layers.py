@@ -66,19 +66,19 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
 
     Args:
       q: [batch, seq, q_heads, head_dim] queries (already rotated).
-      k, v: [batch, kv_len, kv_heads, head_dim]; q_heads is a multiple of kv_heads.
+      k, v: [batch, kv_heads, kv_len, head_dim]; q_heads is a multiple of kv_heads.
       mask: [batch, seq, kv_len] bool, True where a query may attend.
     Returns:
       [batch, seq, q_heads, head_dim] in q's dtype.
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(q.dtype))
     return out.reshape(b, t, hq, d)
 
 

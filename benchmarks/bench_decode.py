@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Plain vs speculative decoding speed, measured in one run.
+
+Two parts, both printed as tables and written to JSON:
+
+1. Step costs at a fixed context length: one plain decode step (target
+   forward of 1 token), one verify forward of N tree tokens for each N in
+   --verify-sizes, and one draft tree step (K tokens). With the cost model
+   ``speedup = tau * t_decode / (t_verify(N) + D * t_draft)`` these say what
+   acceptance length a tree shape needs to pay off on this machine.
+2. End to end: ``Generator`` plain vs speculative on the same prompts, for
+   each tree shape in --knobs: tokens/s, acceptance length, speedup.
+
+Models: --target/--draft directories (real checkpoints; prompts from a JSONL
+file of ../shared/data/bench with the target's tokenizer and chat template)
+or --random-init PRESET (random weights of a known shape, random prompts;
+a random head accepts almost nothing, so part 2 then measures the overhead).
+
+    python benchmarks/bench_decode.py --random-init qwen3-4b --dtype bfloat16 --out bench_out/decode_4b.json
+    python benchmarks/bench_decode.py --target T --draft D --prompts ../shared/data/bench/humaneval.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
+from eagle3_jax.kv_cache import causal_mask
+from eagle3_jax.loading import load_draft, load_target, parse_dtype
+
+PRESETS = {
+    "qwen3-4b": Qwen3Config.qwen3_4b_thinking_2507(),
+    "qwen3-0.6b": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                              max_position_embeddings=40960, tie_word_embeddings=True, eos_token_ids=(151645,)),
+    "small": Qwen3Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, rope_theta=1e6,
+                         max_position_embeddings=8192, tie_word_embeddings=True, eos_token_ids=(2,)),
+}
+
+
+def random_models(preset: str, dtype, seed: int = 0):
+    cfg = PRESETS[preset]
+    target = Qwen3ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    draft = Eagle3DraftHead(Eagle3Config.for_target(cfg, draft_vocab_size=min(32000, cfg.vocab_size)), dtype=dtype,
+                            rngs=nnx.Rngs(seed + 1))
+    return target, draft
+
+
+def _median_seconds(fn, args, repeats):
+    out = fn(*args)
+    jax.block_until_ready(out)  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_costs(target, draft, *, context: int, batch: int, verify_sizes, topk: int, repeats: int):
+    """Seconds per target forward of N tokens (N=1 is a plain decode step) and per draft step of K tokens."""
+    cfg = target.config
+    capacity = context + max(verify_sizes) + 64
+    tg, tw = nnx.split(target)
+    dg, dw = nnx.split(draft)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    layers = draft.config.feature_layers(cfg)
+    kv = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=capacity,
+                        kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=target.dtype)
+    dkv = KVCache.create(num_layers=1, batch=batch, capacity=capacity, kv_heads=draft.config.num_key_value_heads,
+                         head_dim=draft.config.head_dim, dtype=target.dtype)
+
+    @jax.jit
+    def target_forward(weights, cache, tokens):
+        model = nnx.merge(tg, weights)
+        n = tokens.shape[1]
+        positions = cache.lengths[:, None] + jnp.arange(n)[None, :]
+        out = model(tokens, positions, cache, positions, causal_mask(cache.lengths, n, capacity),
+                    feature_layers=layers if n > 1 else ())
+        return out.logits, out.cache.k[0, 0, 0, 0, 0]
+
+    @jax.jit
+    def draft_step(weights, embed_weights, cache, tokens, hidden):
+        head, model = nnx.merge(dg, weights), nnx.merge(tg, embed_weights)
+        k = tokens.shape[1]
+        positions = jnp.broadcast_to(cache.lengths[:, None], tokens.shape)
+        slots = cache.lengths[:, None] + jnp.arange(k)[None, :]
+        out = head(model.embed(tokens), hidden, positions, cache, slots, causal_mask(cache.lengths, k, capacity),
+                   hidden_is_features=False)
+        return out.logits, out.hidden
+
+    kv = kv.with_lengths(lengths)
+    dkv = dkv.with_lengths(lengths)
+    costs = {}
+    for n in verify_sizes:
+        tokens = jnp.ones((batch, n), jnp.int32)
+        costs[n] = _median_seconds(target_forward, (tw, kv, tokens), repeats)
+    hidden = jnp.zeros((batch, topk, draft.config.hidden_size), target.dtype)
+    draft_s = _median_seconds(draft_step, (dw, tw, dkv, jnp.ones((batch, topk), jnp.int32), hidden), repeats)
+    return costs, draft_s
+
+
+def bench_prompts(args, target_dir, vocab_size):
+    rng = np.random.default_rng(0)
+    if args.prompts is None:
+        return [rng.integers(10, vocab_size, size=args.prompt_len).tolist() for _ in range(args.num_prompts)]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    rows = [json.loads(line) for line in open(args.prompts, encoding="utf-8") if line.strip()][: args.num_prompts]
+    out = []
+    for row in rows:
+        turns = row.get("turns") or [row.get("prompt") or row.get("question")]
+        text = turns[0]
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def end_to_end(target, draft, prompts, knob_list, *, max_new_tokens, batch, repeats):
+    """Plain and speculative generation on the same prompts; tokens/s over the whole set."""
+    def run(gen):
+        total_tokens, total_time, taus = 0, 0.0, []
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            gen.generate(chunk, max_new_tokens=max_new_tokens)  # compile and warm up this shape
+            best = None
+            for _ in range(repeats):
+                outs = gen.generate(chunk, max_new_tokens=max_new_tokens)
+                seconds = outs[0].prefill_seconds + outs[0].decode_seconds
+                best = (outs, seconds) if best is None or seconds < best[1] else best
+            outs, seconds = best
+            total_tokens += sum(len(o.token_ids) for o in outs)
+            total_time += seconds
+            taus += [o.acceptance_length for o in outs]
+        return total_tokens / total_time, float(np.mean(taus)), total_tokens
+
+    plain_tps, _, plain_tokens = run(Generator(target))
+    rows = [{"knobs": "plain", "tokens_per_second": plain_tps, "acceptance_length": 1.0, "speedup": 1.0,
+             "tokens": plain_tokens}]
+    for d, k, n in knob_list:
+        tps, tau, tokens = run(Generator(target, draft, num_steps=d, topk=k, num_draft_tokens=n))
+        rows.append({"knobs": f"({d},{k},{n})", "tokens_per_second": tps, "acceptance_length": tau,
+                     "speedup": tps / plain_tps, "tokens": tokens})
+    return rows
+
+
+def _knobs(text: str):
+    try:
+        d, k, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected D,K,N (e.g. 3,1,4), got {text!r}") from None
+    return d, k, n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--target", help="target directory (with --draft)")
+    src.add_argument("--random-init", choices=sorted(PRESETS), help="random weights of a known shape")
+    p.add_argument("--draft", help="draft head directory (with --target)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--context", type=int, default=1024, help="context length for the step costs")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--verify-sizes", default="1,4,8,16,32,64", help="N values for the verify-step costs")
+    p.add_argument("--knobs", type=_knobs, nargs="+", default=[(3, 1, 4)], metavar="D,K,N",
+                   help="tree shapes for the end-to-end runs (num_steps,topk,num_draft_tokens)")
+    p.add_argument("--prompts", default=None, help="JSONL prompts (../shared/data/bench schema); default random")
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64, help="length of random prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-end-to-end", action="store_true")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.target and not args.draft:
+        p.error("--target needs --draft")
+    dtype = parse_dtype(args.dtype)
+    if args.random_init:
+        target, draft = random_models(args.random_init, dtype)
+        label = f"random {args.random_init}"
+    else:
+        target = load_target(args.target, dtype=dtype)
+        draft = load_draft(args.draft, target.config, dtype=dtype)
+        label = args.target
+    sizes = [int(x) for x in args.verify_sizes.split(",")]
+    device = jax.devices()[0].device_kind
+    print(f"model: {label}, dtype {jnp.dtype(dtype).name}, device {device}, batch {args.batch}, "
+          f"context {args.context}")
+
+    costs, draft_s = step_costs(target, draft, context=args.context, batch=args.batch, verify_sizes=sizes,
+                                topk=max(k for _, k, _ in args.knobs), repeats=max(args.repeats, 5))
+    base = costs[sizes[0]] if sizes[0] == 1 else None
+    print(f"\n{'forward':>22s} {'ms':>9s} {'x decode':>9s}")
+    for n, s in costs.items():
+        ratio = f"{s / base:9.2f}" if base else ""
+        print(f"{('decode (N=1)' if n == 1 else f'verify N={n}'):>22s} {s * 1e3:9.2f} {ratio}")
+    print(f"{'draft step':>22s} {draft_s * 1e3:9.2f} {draft_s / base if base else float('nan'):9.2f}")
+    result = {"model": label, "dtype": jnp.dtype(dtype).name, "device": device, "backend": jax.default_backend(),
+              "batch": args.batch, "context": args.context,
+              "step_ms": {"decode": costs.get(1, float("nan")) * 1e3,
+                          **{f"verify_{n}": s * 1e3 for n, s in costs.items()}, "draft_step": draft_s * 1e3}}
+    if base:
+        print("\nacceptance length needed to break even, tau* = (t_verify(N) + D * t_draft) / t_decode:")
+        for d, k, n in args.knobs:
+            if n in costs:
+                print(f"  ({d},{k},{n}): {(costs[n] + d * draft_s) / base:.2f}")
+
+    if not args.skip_end_to_end:
+        prompts = bench_prompts(args, args.target, target.config.vocab_size)
+        rows = end_to_end(target, draft, prompts, args.knobs, max_new_tokens=args.max_new_tokens,
+                          batch=args.batch, repeats=args.repeats)
+        print(f"\n{'decoding':>12s} {'tok/s':>9s} {'accept len':>11s} {'speedup':>8s}")
+        for r in rows:
+            print(f"{r['knobs']:>12s} {r['tokens_per_second']:9.1f} {r['acceptance_length']:11.2f} "
+                  f"{r['speedup']:8.2f}")
+        result["end_to_end"] = rows
+        result["max_new_tokens"] = args.max_new_tokens
+        result["num_prompts"] = len(prompts)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
