@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from eagle3_jax._xla_flags import apply_default_flags
+
+apply_default_flags()
+
 from eagle3_jax.config import Eagle3Config, Qwen3Config
 from eagle3_jax.errors import CheckpointError, ConfigError, Eagle3Error, InputError
 from eagle3_jax.generation import GenerationOutput, Generator, generate
