@@ -306,3 +306,36 @@ def test_convert_cli_for_drafts(ref_head, tmp_path, capsys):
     assert load_draft(tmp_path / "d", TARGET, progress=False).config.draft_vocab_size == 31
     assert main(["convert", ref_head[0], str(tmp_path / "t")]) == 1  # a head is not a target
     assert "unknown model_type 'llama'" in capsys.readouterr().err
+
+
+def test_ttt_step_equals_the_masked_cache_form_and_specforge(ref_head):
+    """The efficient training path (``ttt_step``) computes what ``ttt_mask`` over a cache computes,
+    padding included, and what SpecForge's ``cache_hidden`` attention computes."""
+    from eagle3_jax.models.eagle3 import TTTHistory
+
+    path, ref, _ = ref_head
+    head = load_draft(path, TARGET, dtype="float32", progress=False)
+    rng = np.random.default_rng(3)
+    b, t, ttt = 2, 7, 4
+    feats = rng.normal(size=(b, t, 120)).astype(np.float32)
+    embs = [rng.normal(size=(b, t, 40)).astype(np.float32) for _ in range(ttt)]
+    valid = np.ones((b, t), bool)
+    valid[1, 5:] = False  # row 1 is padded after 5 tokens
+    base = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = draft_cache(head, b, capacity=ttt * t)
+    history, hidden, hidden_ref = TTTHistory(), jnp.asarray(feats), jnp.asarray(feats)
+    cache_hidden, r_hidden = [[], []], torch.from_numpy(feats)
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))[None] & torch.from_numpy(valid)[:, None, :]
+    for step in range(ttt):
+        logits, hidden, history = head.ttt_step(jnp.asarray(embs[step]), hidden, base + step, history,
+                                                jnp.asarray(valid), hidden_is_features=step == 0)
+        out = head(jnp.asarray(embs[step]), hidden_ref, base + step, cache, base + step * t,
+                   ttt_mask(t, step, ttt, jnp.asarray(valid)), hidden_is_features=step == 0)
+        cache, hidden_ref = out.cache, out.hidden
+        with torch.no_grad():
+            r_logits, r_hidden = ref.ttt_step(torch.from_numpy(embs[step]), r_hidden,
+                                              torch.from_numpy(np.array(base)) + step, cache_hidden, causal,
+                                              step == 0)
+        keep = valid[..., None]
+        assert rel_err(np.where(keep, logits, 0), np.where(keep, out.logits, 0)) < 1e-5, step
+        assert rel_err(np.where(keep, logits, 0), np.where(keep, r_logits.numpy(), 0)) < REL_TOL, step

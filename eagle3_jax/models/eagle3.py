@@ -18,6 +18,7 @@ training-time-test pattern of training (:func:`ttt_mask`).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,15 @@ from flax import nnx
 
 from eagle3_jax.config import Eagle3Config
 from eagle3_jax.kv_cache import KVCache
-from eagle3_jax.models.layers import GatedMLP, RMSNorm, apply_rope, grouped_attention, normal_init, rope_tables
+from eagle3_jax.models.layers import (
+    MASK_VALUE,
+    GatedMLP,
+    RMSNorm,
+    apply_rope,
+    grouped_attention,
+    normal_init,
+    rope_tables,
+)
 
 INIT_STD = 0.02
 
@@ -63,16 +72,17 @@ class Eagle3Attention(nnx.Module):
         self.o_proj = nnx.Linear(hq * d, cfg.hidden_size, **kw)
         self.cfg = cfg
 
-    def __call__(self, u, cos, sin, cache: KVCache, slots, mask):
+    def __call__(self, u, cos, sin, attend: "AttendFn"):
+        """u: [batch, seq, 2*hidden]. ``attend(q, k, v) -> (out, state)`` decides
+        which keys each query sees (a KV cache, or the training-time-test history)."""
         b, t, _ = u.shape
         cfg = self.cfg
         q = self.q_proj(u).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(u).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(u).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache = cache.write(0, k, v, slots)
-        out = grouped_attention(q, cache.k[0], cache.v[0], mask)
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        out, state = attend(q, k, v)
+        return self.o_proj(out.reshape(b, t, -1)), state
 
 
 class Eagle3MidLayer(nnx.Module):
@@ -83,11 +93,11 @@ class Eagle3MidLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, init_std=INIT_STD, rngs=rngs)
 
-    def __call__(self, emb, h, cos, sin, cache, slots, mask):
+    def __call__(self, emb, h, cos, sin, attend):
         u = jnp.concatenate([self.input_layernorm(emb), self.hidden_norm(h)], axis=-1)
-        a, cache = self.self_attn(u, cos, sin, cache, slots, mask)
+        a, state = self.self_attn(u, cos, sin, attend)
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), cache
+        return h + self.mlp(self.post_attention_layernorm(h)), state
 
 
 class Eagle3DraftHead(nnx.Module):
@@ -156,15 +166,95 @@ class Eagle3DraftHead(nnx.Module):
             compute; None computes all seq rows (``hidden`` is always returned
             for every position).
         """
+        def attend(q, k, v):
+            written = cache.write(0, k, v, slots)
+            return grouped_attention(q, written.k[0], written.v[0], mask), written
+
+        logits, g, cache = self._forward(embeds, hidden, positions, attend, hidden_is_features, logits_indices)
+        return DraftOutput(logits=logits, hidden=g, cache=cache)
+
+    def ttt_step(self, embeds: jax.Array, hidden: jax.Array, positions: jax.Array, history: "TTTHistory",
+                 valid: jax.Array, *, hidden_is_features: bool) -> tuple[jax.Array, jax.Array, "TTTHistory"]:
+        """One unrolled training-time-test step (SpecForge's attention pattern).
+
+        A query at step j, index t, sees the step-0 keys at valid indices
+        s <= t and the key at index t of every step 1..j. This costs one
+        [seq, seq] score matrix per step plus a diagonal per earlier step,
+        where the equivalent :func:`ttt_mask` over a cache would score all
+        ``ttt_length * seq`` keys.
+
+        Args:
+          embeds: [batch, seq, hidden] embeddings of the tokens paired with each index.
+          hidden: target features (step 0, ``hidden_is_features``) or the previous step's ``g``.
+          positions: [batch, seq] int32 (the base positions plus the step index).
+          history: the K/V of the earlier steps (``TTTHistory()`` at step 0).
+          valid: [batch, seq] bool, False at padding.
+        Returns:
+          (logits [batch, seq, draft_vocab] float32, g, history with this step's K/V).
+        """
+        def attend(q, k, v):
+            new = history.append(k, v)
+            return ttt_attention(q, new, valid), new
+
+        return self._forward(embeds, hidden, positions, attend, hidden_is_features, None)
+
+    def _forward(self, embeds, hidden, positions, attend, hidden_is_features, logits_indices):
         cfg = self.config
         h = self.project_features(hidden) if hidden_is_features else hidden.astype(self.dtype)
         emb = embeds.astype(self.dtype)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
-        g, cache = self.midlayer(emb, h, cos, sin, cache, slots, mask)
+        g, state = self.midlayer(emb, h, cos, sin, attend)
         rows = g if logits_indices is None else jnp.take_along_axis(g, logits_indices[:, :, None], axis=1)
         logits = jnp.einsum("...h,hv->...v", self.norm(rows), self.lm_head.kernel[...],
                             preferred_element_type=jnp.float32)
-        return DraftOutput(logits=logits, hidden=g, cache=cache)
+        return logits, g, state
+
+
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TTTHistory:
+    """Keys and values of the training-time-test steps run so far.
+
+    Attributes:
+      keys, values: one [batch, kv_heads, seq, head_dim] array per step, step 0 first.
+    """
+
+    keys: tuple = ()
+    values: tuple = ()
+
+    def append(self, k: jax.Array, v: jax.Array) -> "TTTHistory":
+        """Adds one step's K/V, given as [batch, seq, kv_heads, head_dim]."""
+        return TTTHistory(self.keys + (k.transpose(0, 2, 1, 3),), self.values + (v.transpose(0, 2, 1, 3),))
+
+
+def ttt_attention(q: jax.Array, history: TTTHistory, valid: jax.Array) -> jax.Array:
+    """Attention of step len(history)-1 under the training-time-test pattern.
+
+    Args:
+      q: [batch, seq, q_heads, head_dim] (rotated).
+      history: K/V of steps 0..j, each [batch, kv_heads, seq, head_dim].
+      valid: [batch, seq] bool; invalid step-0 keys are hidden.
+    Returns:
+      [batch, seq, q_heads, head_dim] in q's dtype.
+    """
+    b, t, hq, d = q.shape
+    k0, v0 = history.keys[0], history.values[0]
+    hkv = k0.shape[1]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scale = d ** -0.5
+    causal = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]  # [batch, query, key]
+    s0 = jnp.einsum("btkgd,bksd->bkgts", qg, k0.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    s0 = jnp.where(causal[:, None, None], s0, MASK_VALUE)
+    diag = [jnp.einsum("btkgd,bktd->bkgt", qg, ki.astype(q.dtype), preferred_element_type=jnp.float32)[..., None]
+            * scale for ki in history.keys[1:]]
+    probs = jax.nn.softmax(jnp.concatenate([s0, *diag], axis=-1), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :t], v0.astype(q.dtype))
+    for i, vi in enumerate(history.values[1:]):
+        out = out + jnp.einsum("bkgt,bktd->btkgd", probs[..., t + i], vi.astype(q.dtype))
+    return out.reshape(b, t, hq, d)
 
 
 def ttt_mask(seq: int, step: int, ttt_length: int, valid: jax.Array | None = None) -> jax.Array:
