@@ -137,6 +137,144 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an EAGLE-3 draft head for a target",
+        description="Train an EAGLE-3 draft head against a frozen target with the training-time test "
+                    "(SpecForge's objective), and export it in the SpecForge/SGLang/vLLM format to OUTPUT/head. "
+                    "OUTPUT also holds checkpoints/ (resume with --resume), metrics.jsonl (one JSON line per step: "
+                    "loss, per-TTT-step loss and accuracy, learning rate, tokens/s) and summary.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
+    p.add_argument("--data", required=True, action="append", metavar="SRC",
+                   help="training data, repeatable: JSONL conversations (OpenAI 'messages' or ShareGPT "
+                        "'conversations'; loss on assistant replies), plain text files (loss on every token), "
+                        "or hf:NAME[:SPLIT] (needs the datasets package)")
+    p.add_argument("--output", required=True, metavar="DIR", help="the run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+    p.add_argument("--init-head", metavar="DIR", default=None,
+                   help="start from this head (its vocabulary map is kept) instead of a new one")
+    p.add_argument("--draft-vocab-size", type=_positive_int, default=32000,
+                   help="draft vocabulary of a new head: the most frequent loss-masked target tokens")
+    p.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3",
+                   help="target layers feeding a new head (HF hidden_states indices; default 2,L//2,L-3)")
+    p.add_argument("--ttt-length", type=_positive_int, default=7, help="unrolled draft steps (training-time test)")
+    p.add_argument("--max-length", type=_positive_int, default=2048, help="longest sequence (longer are truncated)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step (a multiple of --devices)")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps (overrides epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warmup then cosine decay)")
+    p.add_argument("--warmup-ratio", type=float, default=0.015, help="fraction of steps for linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=0.5, help="global gradient-norm clipping")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the draft's forward dtype; master weights stay float32 (default: bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the target's dtype")
+    p.add_argument("--save-every", type=_positive_int, default=500, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=3, help="checkpoints kept")
+    p.add_argument("--seed", type=int, default=0, help="data order and head initialisation")
+    p.add_argument("--precompute", action="store_true",
+                   help="run the target once over the data, store its features and hidden states in "
+                        "OUTPUT/teacher, and train from disk")
+    p.add_argument("--devices", type=_positive_int, default=None,
+                   help="data-parallel devices (default: all local devices)")
+    p.add_argument("--no-export-embedding", action="store_true",
+                   help="do not copy the target's embedding into the exported head")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    import jax
+
+    from eagle3_jax.training.run import TrainJob, run_training
+    from eagle3_jax.training.trainer import TrainConfig
+
+    compute = args.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    cfg = TrainConfig(ttt_length=args.ttt_length, learning_rate=args.lr, warmup_ratio=args.warmup_ratio,
+                      max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                      max_length=args.max_length, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
+                      compute_dtype=compute, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
+    job = TrainJob(target=args.target, data=args.data, output=args.output, config=cfg,
+                   draft_vocab_size=args.draft_vocab_size, init_head=args.init_head,
+                   feature_layers=tuple(args.feature_layers) if args.feature_layers else None,
+                   precompute=args.precompute, resume=args.resume, devices=args.devices,
+                   dtype=None if args.dtype == "auto" else args.dtype,
+                   export_embedding=not args.no_export_embedding)
+    summary = run_training(job, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        last = summary["last"] or {}
+        accs = ", ".join(f"{a:.2f}" for a in last.get("acc_steps", []))
+        print(f"trained {summary['steps']}/{summary['total_steps']} steps; last loss {last.get('loss', float('nan')):.4f}, "
+              f"accuracy per TTT step [{accs}]")
+        if summary.get("head"):
+            print(f"head: {summary['head']}")
+    return 0
+
+
+def _add_regenerate(sub) -> None:
+    p = sub.add_parser(
+        "regenerate",
+        help="answer training conversations with the target itself",
+        description="Replace every assistant turn of JSONL conversations by the target's own reply (batched "
+                    "generation), so that a head learns the target's distribution. Writes JSONL with 'messages'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL conversations (OpenAI or ShareGPT)")
+    p.add_argument("--output", required=True, metavar="FILE", help="the JSONL file to write")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N conversations")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="tokens per reply at most")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="conversations generated together")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cache-len", type=_positive_int, default=None, metavar="S", help="KV slots per row")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--draft", metavar="DIR", default=None, help="speed generation up with an EAGLE-3 head")
+    p.add_argument("--num-steps", type=_positive_int, default=None, metavar="D")
+    p.add_argument("--topk", type=_positive_int, default=None, metavar="K")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=None, metavar="N")
+    p.set_defaults(func=_cmd_regenerate)
+
+
+def _cmd_regenerate(args) -> int:
+    from eagle3_jax.generation import Generator
+    from eagle3_jax.hub import resolve_model_dir
+    from eagle3_jax.loading import load_draft, load_target
+    from eagle3_jax.sampling import SamplingParams
+    from eagle3_jax.training.data import read_conversations
+    from eagle3_jax.training.regenerate import regenerate, write_jsonl
+
+    if args.draft is None and any(v is not None for v in (args.num_steps, args.topk, args.num_draft_tokens)):
+        raise _usage("--num-steps/--topk/--num-draft-tokens need --draft")
+    if os.path.exists(args.output):
+        from eagle3_jax.errors import InputError
+
+        raise InputError(f"{args.output}: already exists")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    conversations = read_conversations(args.data)[: args.limit]
+    model_dir = resolve_model_dir(args.target)
+    tokenizer = _load_tokenizer(model_dir, required=True)
+    target = load_target(model_dir, dtype=args.dtype)
+    draft = load_draft(args.draft, target.config, dtype=args.dtype) if args.draft else None
+    gen = Generator(target, draft, num_steps=args.num_steps, topk=args.topk, num_draft_tokens=args.num_draft_tokens,
+                    max_cache_len=args.max_cache_len)
+    result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        batch_size=args.batch_size, seed=args.seed)
+    tmp = args.output + ".partial"
+    write_jsonl(result, tmp)
+    os.replace(tmp, args.output)
+    print(f"wrote {len(result)} conversations to {args.output}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from eagle3_jax import __version__
 
@@ -148,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_train(sub)
+    _add_regenerate(sub)
     _add_demo(sub)
     return parser
 

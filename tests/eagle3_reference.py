@@ -189,3 +189,48 @@ def make_reference_head(path, *, seed=0, hidden=40, heads=4, kv_heads=2, head_di
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return ref, ids
+
+
+def specforge_padding(t, left=False):
+    """SpecForge's ``padding``: shift by one along dim 1, zero-filled."""
+    zero = torch.zeros_like(t[:, -1:])
+    return torch.cat((zero, t[:, :-1]), 1) if left else torch.cat((t[:, 1:], zero), 1)
+
+
+def specforge_ttt_loss(ref, input_ids, features, target_logits, loss_mask, valid, embed_table, length, decay=0.8):
+    """SpecForge's online EAGLE-3 objective (OnlineEagle3Model.forward with the sdpa backend), written plainly.
+
+    Args: torch tensors; ``target_logits`` are the target's unshifted logits [B, T, V].
+    Returns: (total loss, per-step losses, per-step accuracies).
+    """
+    target = specforge_padding(target_logits)  # target[t] = logits at t+1
+    input_ids = specforge_padding(input_ids)
+    loss_mask = loss_mask[..., None].float()
+    t2d = ref.t2d
+    target_ids = target.argmax(-1)
+    position_mask = t2d[target_ids][..., None].float() * loss_mask
+    target_p = torch.softmax(target[..., t2d], dim=2)
+    b, t, vd = target_p.shape
+    target_p = torch.nn.functional.pad(target_p, (0, 0, 0, length), value=1 / vd)
+    target_ids = torch.nn.functional.pad(target_ids, (0, length), value=0)
+    positions = torch.arange(t)[None].expand(b, t)
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))[None] & valid[:, None, :]
+    hidden = features
+    cache_hidden = [[], []]
+    losses, accs = [], []
+    for idx in range(length):
+        embeds = embed_table[input_ids]
+        logits, hidden = ref.ttt_step(embeds, hidden, positions + idx, cache_hidden, causal, idx == 0)
+        p = target_p[:, idx: idx + t]
+        logp = torch.log_softmax(logits.float(), dim=2)
+        losses.append(-torch.sum(position_mask * p * logp, 2).mean())
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            pred = pred + ref.d2t[pred]
+            correct = ((pred == target_ids[:, idx: idx + t]) * loss_mask.squeeze(-1)).sum()
+            accs.append(correct / loss_mask.sum().clamp_min(1e-6))
+        input_ids = specforge_padding(input_ids)
+        position_mask = specforge_padding(position_mask)
+        loss_mask = specforge_padding(loss_mask)
+    total = sum(decay ** i * l for i, l in enumerate(losses))
+    return total, losses, accs

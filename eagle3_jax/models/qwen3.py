@@ -36,11 +36,15 @@ class ForwardOutput:
       features: [batch, seq, len(feature_layers) * hidden] hidden states at the
         inputs of the requested layers, concatenated in the order asked; None
         when no layers were requested.
+      hidden: [batch, seq, hidden] the final-normed hidden states of every
+        position, whatever ``logits_indices`` selects (only with
+        ``return_hidden``; what offline training stores).
     """
 
     logits: jax.Array | None
     cache: KVCache
     features: jax.Array | None
+    hidden: jax.Array | None = None
 
 
 class Qwen3Attention(nnx.Module):
@@ -138,6 +142,7 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         feature_layers: tuple[int, ...] = (),
         logits_indices: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> ForwardOutput:
         """Runs the target over new tokens against the KV cache.
 
@@ -153,6 +158,7 @@ class Qwen3ForCausalLM(nnx.Module):
             these layers (HF ``output_hidden_states`` indices, 0 = embeddings).
           logits_indices: [batch, rows] int32 positions (into seq) whose logits
             to compute; None computes all seq rows.
+          return_hidden: static; also return the final-normed hidden states.
         """
         cfg = self.config
         for i in feature_layers:
@@ -167,7 +173,8 @@ class Qwen3ForCausalLM(nnx.Module):
             x, cache = layer(x, cos, sin, cache, layer_idx, slots, mask)
         features = jnp.concatenate([captured[i] for i in feature_layers], axis=-1) if feature_layers else None
 
-        if logits_indices is not None:
-            x = jnp.take_along_axis(x, logits_indices[:, :, None].astype(jnp.int32), axis=1)
-        logits = self.unembed(self.model.norm(x)) if x.shape[1] else None
-        return ForwardOutput(logits=logits, cache=cache, features=features)
+        rows = x if logits_indices is None else jnp.take_along_axis(x, logits_indices[:, :, None].astype(jnp.int32),
+                                                                     axis=1)
+        logits = self.unembed(self.model.norm(rows)) if rows.shape[1] else None
+        hidden = self.model.norm(x) if return_hidden else None
+        return ForwardOutput(logits=logits, cache=cache, features=features, hidden=hidden)

@@ -104,14 +104,15 @@ def ttt_loss(head: Eagle3DraftHead, teacher: Teacher, embed, ttt_length: int, de
       teacher: aligned target outputs (:func:`teacher_from_logits`).
       embed: token ids -> embeddings (the target's frozen table).
     Returns:
-      (loss, {"loss": [ttt] per-step losses, "acc": [ttt] per-step accuracies,
-      "correct": [ttt], "counted": [ttt]}).
+      (loss, {"loss": [ttt] per-step losses, "kl": [ttt] per-step losses minus
+      the teacher's entropy (the part training can remove; 0 at best), "acc":
+      [ttt] per-step accuracies, "correct": [ttt], "counted": [ttt]}).
     """
     batch, seq = teacher.input_ids.shape
     base = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     hidden = teacher.features
     history = TTTHistory()
-    losses, correct, counted = [], [], []
+    losses, kls, correct, counted = [], [], [], []
     for i in range(ttt_length):
         ids = shift_left(teacher.input_ids, i)
         logits, hidden, history = head.ttt_step(embed(ids), hidden, base + i, history, teacher.valid,
@@ -121,11 +122,14 @@ def ttt_loss(head: Eagle3DraftHead, teacher: Teacher, embed, ttt_length: int, de
         lm = shift_left(teacher.loss_mask, i)
         logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         losses.append(-jnp.sum(pm[..., None] * p * logq) / (batch * seq))
+        entropy = -jnp.sum(pm[..., None] * jax.scipy.special.xlogy(p, p)) / (batch * seq)
+        kls.append(jax.lax.stop_gradient(losses[-1] - entropy))
         pred = head.to_target_ids(jnp.argmax(logits, axis=-1))
         correct.append(jnp.sum((pred == shift_left(teacher.target_ids, i)) * lm))
         counted.append(jnp.sum(lm))
     losses = jnp.stack(losses)
     weights = decay ** jnp.arange(ttt_length, dtype=jnp.float32)
     correct, counted = jnp.stack(correct), jnp.stack(counted)
-    metrics = {"loss": losses, "acc": correct / jnp.maximum(counted, 1e-6), "correct": correct, "counted": counted}
+    metrics = {"loss": losses, "kl": jnp.stack(kls), "acc": correct / jnp.maximum(counted, 1e-6), "correct": correct,
+               "counted": counted}
     return jnp.sum(weights * losses), metrics
