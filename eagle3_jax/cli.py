@@ -110,30 +110,38 @@ def _add_convert(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="offline end-to-end run on a built-in model (no download)",
-        description="Run the jit-compiled decode loop end to end on a small built-in model, offline, and print "
-                    "what it produced and how fast. (For now the built-in model has random weights.)",
+        help="offline speculative decoding on the embedded demo pair",
+        description="Load the embedded demo pair (a small Qwen3-architecture code model trained on the CPython "
+                    "standard library, and its EAGLE-3 head trained with 'eagle3-jax train'), complete a code "
+                    "prompt with speculative decoding, and print the text, the acceptance length and the "
+                    "speedup over plain decoding measured in the same run. Needs no network.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens per prompt")
+    p.add_argument("--prompt", default=None, help="code to complete (default: a function header)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N")
+    p.add_argument("--knobs", type=_knob_triple, default=None, metavar="D,K,N",
+                   help="tree shape num_steps,topk,num_draft_tokens (default 4,1,5)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    from eagle3_jax.demo import run_demo
+    from eagle3_jax.decoding.tree import TreeSpec
+    from eagle3_jax.demo.run import DEFAULT_KNOBS, DEFAULT_PROMPT, run_demo
 
-    figures = run_demo(max_new_tokens=args.max_new_tokens)
+    knobs = args.knobs or DEFAULT_KNOBS
+    TreeSpec(*knobs)
+    figures = run_demo(args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens, knobs=knobs)
     if args.json:
         print(json.dumps(figures))
-    else:
-        print(f"model:    {figures['model']} on {figures['backend']}")
-        print(f"batch:    {figures['batch']} prompts, {figures['new_tokens_per_prompt']} new tokens")
-        print(f"tokens:   {figures['first_tokens']} ...")
-        print(f"compile:  {figures['compile_seconds']:.1f} s (once; the second call reused it: "
-              f"{not figures['recompiled_on_second_call']})")
-        print(f"speed:    {figures['tokens_per_second_per_prompt']:.0f} tok/s per prompt "
-              f"(prefill {figures['prefill_seconds'] * 1e3:.1f} ms, loop {figures['decode_seconds'] * 1e3:.1f} ms)")
+        return 0
+    print(figures["prompt"] + figures["completion"])
+    print("-" * 60)
+    print(f"speculative decoding, tree {tuple(figures['knobs'])}: acceptance length "
+          f"{figures['acceptance_length']:.2f} tokens per target forward")
+    print(f"plain {figures['plain_tokens_per_second']:.1f} tok/s, speculative "
+          f"{figures['speculative_tokens_per_second']:.1f} tok/s: speedup {figures['speedup']:.2f}x "
+          f"(same tokens as plain greedy decoding)")
     return 0
 
 
@@ -275,6 +283,94 @@ def _cmd_regenerate(args) -> int:
     return 0
 
 
+def _knob_triple(text: str) -> tuple[int, int, int]:
+    try:
+        d, k, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected num_steps,topk,num_draft_tokens (e.g. 3,1,4), got {text!r}") from None
+    return d, k, n
+
+
+def _bench_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
+    return name, path
+
+
+def _add_eval(sub) -> None:
+    from eagle3_jax.evaluation import BENCHMARKS
+
+    p = sub.add_parser(
+        "eval",
+        help="acceptance length per benchmark for a target, a head and tree shapes",
+        description="Generate the prompts of each benchmark with speculative decoding for each tree shape and "
+                    "report the acceptance length (generated tokens / verify forwards) as the model cards do. "
+                    "Writes OUTPUT/results.md (a table, one column per tree shape), OUTPUT/results.json and "
+                    "OUTPUT/accept_lengths.png (histograms of accept lengths).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", required=True, metavar="DIR")
+    p.add_argument("--draft", required=True, metavar="DIR")
+    p.add_argument("--knobs", type=_knob_triple, nargs="+", default=[(3, 1, 4), (7, 10, 60)], metavar="D,K,N",
+                   help="tree shapes: num_steps,topk,num_draft_tokens")
+    p.add_argument("--bench", nargs="+", default=list(BENCHMARKS), metavar="NAME",
+                   help=f"benchmarks ({', '.join(BENCHMARKS)})")
+    p.add_argument("--bench-dir", metavar="DIR", default=None,
+                   help="directory of NAME.jsonl prompt files (e.g. ../shared/data/bench); benchmarks without a "
+                        "file are read from the Hugging Face Hub (needs network and the datasets package)")
+    p.add_argument("--bench-file", type=_bench_file, action="append", default=[], metavar="NAME=FILE",
+                   help="a prompt file for one benchmark (repeatable)")
+    p.add_argument("--num-prompts", type=_positive_int, default=None, metavar="N", help="first N prompts each")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (as the model cards)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--speed", action="store_true", help="also run plain decoding and report tokens/s and speedups")
+    p.add_argument("--max-cache-len", type=_positive_int, default=None, metavar="S")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--draft-rope-theta", type=float, default=None, metavar="THETA")
+    p.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3")
+    p.add_argument("--output", required=True, metavar="DIR", help="where the table, JSON and PNG go")
+    p.add_argument("--json", action="store_true", help="print the results JSON (without per-step lists)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from eagle3_jax.decoding.tree import TreeSpec
+    from eagle3_jax.evaluation import evaluate, load_benchmarks, markdown_table, write_report
+    from eagle3_jax.hub import resolve_model_dir
+    from eagle3_jax.loading import load_draft, load_target
+    from eagle3_jax.sampling import SamplingParams
+
+    for knobs in args.knobs:
+        TreeSpec(*knobs)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    benchmarks = load_benchmarks(args.bench, files=dict(args.bench_file), bench_dir=args.bench_dir,
+                                 limit=args.num_prompts)
+    model_dir = resolve_model_dir(args.target)
+    tokenizer = _load_tokenizer(model_dir, required=True)
+    target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
+    draft = load_draft(args.draft, target.config, dtype=args.dtype, rope_theta=args.draft_rope_theta,
+                       feature_layers=tuple(args.feature_layers) if args.feature_layers else None,
+                       progress=not args.json)
+    results = evaluate(target, draft, tokenizer, benchmarks, args.knobs, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, sampling=sampling, measure_plain=args.speed, use_chat=args.chat,
+                       max_cache_len=args.max_cache_len, progress=not args.json)
+    paths = write_report(results, args.output)
+    if args.json:
+        slim = {**results, "benchmarks": {b: {k: {kk: vv for kk, vv in v.items() if kk != "accept_lengths"}
+                                              for k, v in row.items()} for b, row in results["benchmarks"].items()}}
+        print(json.dumps({**slim, "files": paths}))
+    else:
+        print(markdown_table(results), end="")
+        print(f"wrote {paths['markdown']}, {paths['json']}, {paths['png']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from eagle3_jax import __version__
 
@@ -288,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_train(sub)
     _add_regenerate(sub)
+    _add_eval(sub)
     _add_demo(sub)
     return parser
 

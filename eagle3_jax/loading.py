@@ -83,6 +83,36 @@ def convert_target(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None
                                     extra={"source": os.fspath(src)})
 
 
+def save_target(model: Qwen3ForCausalLM, output_dir: str | os.PathLike, *, dtype="bfloat16",
+                tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
+    """Writes a target as an HF checkpoint (config.json, generation_config.json,
+    model.safetensors, and the tokenizer files of ``tokenizer_dir``) that
+    ``transformers`` and :func:`load_target` both load. The directory appears atomically."""
+    import shutil
+
+    cfg = model.config
+    out = os.path.abspath(os.fspath(output_dir))
+    is_model = lambda p: os.path.exists(os.path.join(p, "config.json")) and os.path.exists(
+        os.path.join(p, "model.safetensors"))
+    with atomic_directory(out, overwrite=overwrite, replaceable=is_model) as tmp:
+        config = cfg.to_hf_dict()
+        config["torch_dtype"] = parse_dtype(dtype).name
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        generation = {"eos_token_id": list(cfg.eos_token_ids)}
+        if cfg.bos_token_id is not None:
+            generation["bos_token_id"] = cfg.bos_token_id
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(generation, f, indent=2)
+        export_safetensors(model, qwen3_rules(cfg.tie_word_embeddings), os.path.join(tmp, "model.safetensors"),
+                           dtype=parse_dtype(dtype))
+        if tokenizer_dir:
+            for name in os.listdir(tokenizer_dir):
+                if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or name.endswith(".jinja"):
+                    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    return out
+
+
 # ------------------------------------------------------------------- drafts
 
 def abstract_draft(cfg: Eagle3Config, dtype, own_embedding: bool = False) -> Eagle3DraftHead:

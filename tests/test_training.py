@@ -138,7 +138,8 @@ def test_openai_and_sharegpt_files_agree(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
-    ('{"text": "x"}', "expected a 'messages' (OpenAI) or 'conversations' (ShareGPT) list"),
+    ('{"prompt": "x"}', "expected a 'messages' (OpenAI) or 'conversations' (ShareGPT) list"),
+    ('{"text": "x"}', "expected conversations, found plain 'text' records"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
     ('{"messages": [{"role": "user"}]}', "turn 0 needs 'role' and 'content'"),
 ])

@@ -6,6 +6,8 @@ Sources:
   or ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}``.
   They are rendered with the target tokenizer's chat template; the loss mask
   covers the assistant replies (their text and the end-of-turn token).
+  A line ``{"text": "..."}`` is a plain-text example instead (loss on every
+  token, no template).
 * Plain text files (``.txt`` or any non-JSONL file): the loss covers every
   token; long files are cut into ``max_length`` windows.
 * A Hugging Face dataset name (``hf:NAME[:SPLIT]``), read with the
@@ -70,6 +72,14 @@ def _normalise_messages(record: dict, where: str) -> list[dict]:
 
 def read_conversations(path: str) -> list[list[dict]]:
     """Conversations from a JSONL file (OpenAI or ShareGPT format), as lists of {role, content}."""
+    records = read_records(path)
+    if any(isinstance(r, str) for r in records):
+        raise InputError(f"{path}: expected conversations, found plain 'text' records")
+    return records
+
+
+def read_records(path: str) -> list:
+    """A JSONL file's records: conversations (lists of {role, content}) and plain texts (str)."""
     out = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -82,11 +92,16 @@ def read_conversations(path: str) -> list[list[dict]]:
                     raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict):
                     raise InputError(f"{path}:{n}: expected a JSON object")
+                if "text" in record and "messages" not in record and "conversations" not in record:
+                    if not isinstance(record["text"], str):
+                        raise InputError(f"{path}:{n}: 'text' must be a string")
+                    out.append(record["text"])
+                    continue
                 out.append(_normalise_messages(record, f"{path}:{n}"))
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     if not out:
-        raise InputError(f"{path}: no conversations found")
+        raise InputError(f"{path}: no records found")
     return out
 
 
@@ -181,9 +196,13 @@ def load_examples(sources: Iterable[str], tokenizer, max_length: int) -> list[Ex
     chat = None
     for src in sources:
         if src.startswith("hf:") or is_conversation_file(src):
-            chat = chat or ChatEncoder(tokenizer)
-            convs = read_hf_dataset(src) if src.startswith("hf:") else read_conversations(src)
-            examples += [chat.encode(c, max_length) for c in convs]
+            records = read_hf_dataset(src) if src.startswith("hf:") else read_records(src)
+            for record in records:
+                if isinstance(record, str):
+                    examples += encode_text(tokenizer, record, max_length)[:1]
+                else:
+                    chat = chat or ChatEncoder(tokenizer)
+                    examples.append(chat.encode(record, max_length))
         else:
             try:
                 with open(src, encoding="utf-8", errors="replace") as f:
