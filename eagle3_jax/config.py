@@ -59,6 +59,21 @@ def _as_id_tuple(value: Any, where: str, key: str) -> tuple[int, ...]:
     raise ConfigError(f"{where}: {key} must be an int or a list of ints, got {value!r}")
 
 
+def _check_shapes(cfg, positive_fields: tuple[str, ...]) -> None:
+    """The checks every attention config shares: positive sizes, grouped heads, an even head_dim, a RoPE base."""
+    for name in positive_fields:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ConfigError(f"num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+                          f"num_key_value_heads ({cfg.num_key_value_heads})")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"head_dim must be even for RoPE, got {cfg.head_dim}")
+    if not cfg.rope_theta > 0:
+        raise ConfigError(f"rope_theta must be positive, got {cfg.rope_theta}")
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a JSON object from ``path`` with a clear error for a missing or broken file."""
     path = os.fspath(path)
@@ -102,20 +117,8 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        _check_shapes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
@@ -291,20 +294,11 @@ class Eagle3Config:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "vocab_size", "draft_vocab_size", "target_hidden_size", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        _check_shapes(self, ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                             "head_dim", "vocab_size", "draft_vocab_size", "target_hidden_size",
+                             "max_position_embeddings"))
         if self.draft_vocab_size > self.vocab_size:
             raise ConfigError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
 
     def feature_layers(self, target: Qwen3Config) -> tuple[int, ...]:
         """The target layers whose inputs feed ``fc`` (HF hidden_states indices)."""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import GenerationOutput, Generator
+from eagle3_jax.jsonl import iter_jsonl
 from eagle3_jax.sampling import SamplingParams
 
 BENCHMARKS = ("gsm8k", "humaneval", "math500", "ceval", "cmmlu", "mtbench")
@@ -52,23 +53,13 @@ class Prompt:
 
 def read_benchmark_file(path: str, limit: int | None = None) -> list[Prompt]:
     prompts = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    turns = row["turns"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise InputError(f"{path}:{n}: expected a JSON object with a 'turns' list") from None
-                if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-                    raise InputError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
-                prompts.append(Prompt(id=str(row.get("id", n)), turns=turns))
-                if limit is not None and len(prompts) >= limit:
-                    break
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    for n, row in iter_jsonl(path):
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise InputError(f"{path}:{n}: expected a JSON object with a 'turns' list of strings")
+        prompts.append(Prompt(id=str(row.get("id", n)), turns=turns))
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise InputError(f"{path}: no prompts")
     return prompts

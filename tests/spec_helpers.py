@@ -47,15 +47,9 @@ def random_head(target, seed=1, draft_vocab=None) -> Eagle3DraftHead:
 
 def target_features(target, seqs):
     """Features [B, T, 3H] of full sequences [B, T]."""
-    b, t = seqs.shape
-    c = target.config
-    cache = KVCache.create(num_layers=c.num_hidden_layers, batch=b, capacity=t, kv_heads=c.num_key_value_heads,
-                           head_dim=c.head_dim, dtype=jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    layers = Eagle3Config.for_target(c).feature_layers(c)
-    out = target(jnp.asarray(seqs), pos, cache, pos, causal_mask(jnp.zeros(b, jnp.int32), t, t),
-                 feature_layers=layers, logits_indices=jnp.zeros((b, 0), jnp.int32))
-    return out.features
+    layers = Eagle3Config.for_target(target.config).feature_layers(target.config)
+    return target.forward_sequence(jnp.asarray(seqs), feature_layers=layers,
+                                   logits_indices=jnp.zeros((seqs.shape[0], 0), jnp.int32)).features
 
 
 def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4, steps=400, lr=3e-3):

@@ -26,7 +26,6 @@ from flax import nnx
 
 from eagle3_jax.config import Qwen3Config
 from eagle3_jax.demo.corpus import read, split
-from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.loading import save_target
 from eagle3_jax.models import qwen3
 
@@ -45,12 +44,7 @@ def token_stream(tokenizer, files) -> np.ndarray:
 
 def lm_loss(model, tokens):
     """Mean next-token cross-entropy of [batch, seq] tokens."""
-    b, t = tokens.shape
-    cfg = model.config
-    cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=b, capacity=t, kv_heads=cfg.num_key_value_heads,
-                           head_dim=cfg.head_dim, dtype=jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits = model(tokens, pos, cache, pos, causal_mask(jnp.zeros((b,), jnp.int32), t, t)).logits
+    logits = model.forward_sequence(tokens).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eagle3_jax.config import Qwen3Config
-from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.layers import GatedMLP, RMSNorm, apply_rope, grouped_attention, normal_init, rope_tables
 
 INIT_STD = 0.02
@@ -131,6 +131,20 @@ class Qwen3ForCausalLM(nnx.Module):
             return jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=jnp.float32)
         w = self.lm_head.kernel[...]
         return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def forward_sequence(self, tokens: jax.Array, valid: jax.Array | None = None, **kwargs) -> ForwardOutput:
+        """A forward over whole sequences from position 0 with a fresh cache of their length
+        (training, scoring, precomputing features). ``valid`` [batch, seq] hides padding keys;
+        ``kwargs`` are those of :meth:`__call__` (feature_layers, logits_indices, return_hidden)."""
+        batch, seq = tokens.shape
+        cfg = self.config
+        cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=seq,
+                               kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=self.dtype)
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        mask = causal_mask(jnp.zeros((batch,), jnp.int32), seq, seq)
+        if valid is not None:
+            mask = mask & valid[:, None, :]
+        return self(tokens, positions, cache, positions, mask, **kwargs)
 
     def __call__(
         self,

@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from eagle3_jax.errors import InputError
+from eagle3_jax.jsonl import iter_jsonl
 
 MIN_BUCKET = 64
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -81,25 +82,13 @@ def read_conversations(path: str) -> list[list[dict]]:
 def read_records(path: str) -> list:
     """A JSONL file's records: conversations (lists of {role, content}) and plain texts (str)."""
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{path}:{n}: expected a JSON object")
-                if "text" in record and "messages" not in record and "conversations" not in record:
-                    if not isinstance(record["text"], str):
-                        raise InputError(f"{path}:{n}: 'text' must be a string")
-                    out.append(record["text"])
-                    continue
-                out.append(_normalise_messages(record, f"{path}:{n}"))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    for n, record in iter_jsonl(path):
+        if "text" in record and "messages" not in record and "conversations" not in record:
+            if not isinstance(record["text"], str):
+                raise InputError(f"{path}:{n}: 'text' must be a string")
+            out.append(record["text"])
+        else:
+            out.append(_normalise_messages(record, f"{path}:{n}"))
     if not out:
         raise InputError(f"{path}: no records found")
     return out

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from eagle3_jax.atomic import atomic_directory
 from eagle3_jax.errors import CheckpointError
-from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.training.data import Example, buckets_for
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
@@ -53,18 +52,12 @@ class TeacherStore:
               overwrite: bool = False) -> "TeacherStore":
         """Runs the target over every example and writes the store atomically."""
         graph, weights = nnx.split(target)
-        cfg = target.config
 
         @jax.jit
         def forward(weights, tokens):
-            model = nnx.merge(graph, weights)
-            n = tokens.shape[1]
-            cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=1, capacity=n,
-                                   kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=model.dtype)
-            pos = jnp.arange(n, dtype=jnp.int32)[None]
-            out = model(tokens, pos, cache, pos, causal_mask(jnp.zeros((1,), jnp.int32), n, n),
-                        feature_layers=feature_layers, logits_indices=jnp.zeros((1, 0), jnp.int32),
-                        return_hidden=True)
+            out = nnx.merge(graph, weights).forward_sequence(tokens, feature_layers=feature_layers,
+                                                             logits_indices=jnp.zeros((1, 0), jnp.int32),
+                                                             return_hidden=True)
             return out.features[0], out.hidden[0]
 
         buckets = buckets_for(max_length)

@@ -24,7 +24,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.eagle3 import Eagle3DraftHead, TTTHistory
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 
@@ -85,13 +84,7 @@ def teacher_from_logits(tokens, features, logits, loss_mask, valid, draft_ids, t
 def run_target(target: Qwen3ForCausalLM, tokens, loss_mask, valid, draft_ids, t2d,
                feature_layers: tuple[int, ...]) -> Teacher:
     """The frozen target's forward over a batch (no gradient flows into it)."""
-    batch, seq = tokens.shape
-    cfg = target.config
-    cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=seq,
-                           kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=target.dtype)
-    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    out = target(tokens, pos, cache, pos, causal_mask(jnp.zeros((batch,), jnp.int32), seq, seq) & valid[:, None, :],
-                 feature_layers=feature_layers)
+    out = target.forward_sequence(tokens, valid, feature_layers=feature_layers)
     teacher = teacher_from_logits(tokens, out.features, out.logits, loss_mask, valid, draft_ids, t2d)
     return jax.tree.map(jax.lax.stop_gradient, teacher)
 
