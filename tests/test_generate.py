@@ -174,3 +174,25 @@ def test_pure_generate_runs_under_outer_jit(qwen3):
     expected = Generator(qwen3).generate(prompts, max_new_tokens=6, stop_token_ids=())
     for i in range(2):
         assert np.asarray(result.tokens[i]).tolist() == expected[i].token_ids
+
+
+def test_chunked_prefill_equals_one_shot(qwen3):
+    """Long prompts are prefilled in chunks; logits, cache and features are those of a single pass."""
+    from eagle3_jax.decoding.common import prefill
+
+    rng = np.random.default_rng(3)
+    lengths = np.array([50, 17, 64], np.int32)
+    tokens = np.zeros((3, 64), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(6, 97, size=n)
+    settings = DecodeSettings(max_new_tokens=4, capacity=96, cache_dtype=jnp.dtype(jnp.float32))
+    args = (qwen3, jnp.asarray(tokens), jnp.asarray(lengths), settings, (0, 2, 3))
+    one_logits, one_cache, one_feats = prefill(*args)
+    for chunk in (16, 24):  # 24 does not divide the bucket: the last chunk is padded
+        logits, cache, feats = prefill(*args, chunk=chunk)
+        np.testing.assert_allclose(logits, one_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(feats, one_feats, rtol=1e-5, atol=1e-5)
+        for i, n in enumerate(lengths):
+            np.testing.assert_allclose(cache.k[:, i, :, :n], one_cache.k[:, i, :, :n], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(cache.v[:, i, :, :n], one_cache.v[:, i, :, :n], rtol=1e-5, atol=1e-5)
+        assert cache.lengths.tolist() == lengths.tolist()

@@ -133,9 +133,17 @@ class DecodeResult:
                                    num_forwards=num_forwards)
 
 
+PREFILL_CHUNK = 512
+
+
 def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, settings: DecodeSettings,
-            feature_layers: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache, jax.Array | None]:
+            feature_layers: tuple[int, ...] = (), chunk: int = PREFILL_CHUNK
+            ) -> tuple[jax.Array, KVCache, jax.Array | None]:
     """Runs right-padded prompts through the target into a fresh cache.
+
+    Prompts longer than ``chunk`` go through in chunks (a ``lax.scan``), each
+    attending to the cache written so far, so the attention scores of a
+    prefill are [chunk, capacity] per head rather than [bucket, capacity].
 
     Args:
       tokens: [batch, bucket] int32 prompts, right-padded (padding is never attended).
@@ -148,8 +156,32 @@ def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Arra
     batch, bucket = tokens.shape
     cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=settings.capacity,
                            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype)
-    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
-    zeros = jnp.zeros((batch,), jnp.int32)
-    out = model(tokens, positions, cache, positions, causal_mask(zeros, bucket, settings.capacity),
-                feature_layers=feature_layers, logits_indices=(prompt_lengths - 1)[:, None])
-    return out.logits[:, 0], out.cache.with_lengths(prompt_lengths), out.features
+    last = prompt_lengths - 1
+    if bucket <= chunk:
+        positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
+        zeros = jnp.zeros((batch,), jnp.int32)
+        out = model(tokens, positions, cache, positions, causal_mask(zeros, bucket, settings.capacity),
+                    feature_layers=feature_layers, logits_indices=last[:, None])
+        return out.logits[:, 0], out.cache.with_lengths(prompt_lengths), out.features
+
+    num_chunks = -(-bucket // chunk)
+    padded = jnp.pad(tokens, ((0, 0), (0, num_chunks * chunk - bucket)))
+    chunks = padded.reshape(batch, num_chunks, chunk).transpose(1, 0, 2)  # [chunks, batch, chunk]
+
+    def body(carry, xs):
+        cache, logits = carry
+        toks, index = xs
+        start = index * chunk
+        positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+        out = model(toks, positions, cache, positions,
+                    causal_mask(jnp.full((batch,), start, jnp.int32), chunk, settings.capacity),
+                    feature_layers=feature_layers, logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None])
+        here = (last >= start) & (last < start + chunk)
+        logits = jnp.where(here[:, None], out.logits[:, 0], logits)
+        return (out.cache, logits), out.features
+
+    init = (cache, jnp.zeros((batch, cfg.vocab_size), jnp.float32))
+    (cache, logits), features = jax.lax.scan(body, init, (chunks, jnp.arange(num_chunks, dtype=jnp.int32)))
+    if features is not None:
+        features = features.transpose(1, 0, 2, 3).reshape(batch, num_chunks * chunk, -1)[:, :bucket]
+    return logits, cache.with_lengths(prompt_lengths), features
