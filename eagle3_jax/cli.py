@@ -158,8 +158,9 @@ def _add_train(sub) -> None:
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
     p.add_argument("--data", required=True, action="append", metavar="SRC",
                    help="training data, repeatable: JSONL conversations (OpenAI 'messages' or ShareGPT "
-                        "'conversations'; loss on assistant replies), plain text files (loss on every token), "
-                        "or hf:NAME[:SPLIT] (needs the datasets package)")
+                        "'conversations'; loss on assistant replies; or {'text': ...} lines), plain text files "
+                        "(loss on every token), directories of such files, or hf:NAME[:SPLIT] (needs the "
+                        "datasets package)")
     p.add_argument("--output", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
     p.add_argument("--init-head", metavar="DIR", default=None,

@@ -343,3 +343,15 @@ def test_regenerate_answers_with_the_target(hf_qwen3_real_vocab, tokenizer, tmp_
     rows = [json.loads(line)["messages"] for line in dst.read_text().splitlines()]
     assert rows == out
     assert main(["regenerate", "--target", hf_qwen3_real_vocab.path, "--data", str(src), "--output", str(dst)]) == 1
+
+
+def test_directories_expand_to_their_files(tmp_path, tokenizer):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.py").write_text("import os\n" * 30)
+    (tmp_path / "d" / "sub" / "b.jsonl").write_text(json.dumps({"text": "x = 1\n" * 10}) + "\n")
+    (tmp_path / "d" / ".hidden").write_text("ignored")
+    examples = load_examples([str(tmp_path / "d")], tokenizer, 256)
+    assert len(examples) == 2 and all(e.loss_mask.all() for e in examples)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no files"):
+        load_examples([str(tmp_path / "empty")], tokenizer, 64)

@@ -48,3 +48,27 @@ def split(root: str | None = None) -> tuple[list[str], list[str]]:
 def read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+def export(out: str, which: str = "train") -> str:
+    """Copies the training (or held-out) files into ``out``, for ``eagle3-jax train --data OUT``."""
+    import shutil
+
+    train, held = split()
+    files = train if which == "train" else held
+    root = stdlib_dir()
+    for path in files:
+        dst = os.path.join(out, os.path.relpath(path, root))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(path, dst)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Copy the demo corpus's training or held-out files into a directory.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--which", choices=["train", "heldout"], default="train")
+    args = p.parse_args()
+    print(export(args.out, args.which))

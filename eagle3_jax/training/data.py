@@ -179,11 +179,26 @@ def encode_text(tokenizer, text: str, max_length: int) -> list[Example]:
             for i in range(0, len(ids), max_length) if len(ids[i:i + max_length]) >= 2]
 
 
+def expand_sources(sources: Iterable[str]) -> list[str]:
+    """Sources with every directory replaced by the files under it (sorted, hidden files skipped)."""
+    out = []
+    for src in sources:
+        if not src.startswith("hf:") and os.path.isdir(src):
+            found = sorted(os.path.join(root, f) for root, _, files in os.walk(src) for f in files
+                           if not f.startswith("."))
+            if not found:
+                raise InputError(f"{src}: the directory holds no files")
+            out += found
+        else:
+            out.append(src)
+    return out
+
+
 def load_examples(sources: Iterable[str], tokenizer, max_length: int) -> list[Example]:
-    """Tokenizes every source (JSONL conversations, ``hf:`` datasets, or text files)."""
+    """Tokenizes every source (JSONL records, ``hf:`` datasets, text files, or directories of them)."""
     examples: list[Example] = []
     chat = None
-    for src in sources:
+    for src in expand_sources(sources):
         if src.startswith("hf:") or is_conversation_file(src):
             records = read_hf_dataset(src) if src.startswith("hf:") else read_records(src)
             for record in records:
