@@ -101,7 +101,12 @@ def load_benchmarks(names: Sequence[str], *, files: dict[str, str] | None = None
 
 
 class PromptFormatter:
-    """Token ids for a conversation: the tokenizer's chat template if it has one, else raw text."""
+    """Token ids for a conversation: the tokenizer's chat template if it has one, else raw text.
+
+    Raw text is stripped of trailing white space: byte-level BPE merges a
+    newline with the next line's indentation, so a prompt ending in a bare
+    newline (as HumanEval's do) is one the model never saw in training.
+    """
 
     def __init__(self, tokenizer, use_chat: bool | None = None):
         self.tokenizer = tokenizer
@@ -114,7 +119,7 @@ class PromptFormatter:
         if self.chat:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
-            text = "\n\n".join(m["content"] for m in messages)
+            text = "\n\n".join(m["content"] for m in messages).rstrip()
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

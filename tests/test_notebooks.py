@@ -48,3 +48,16 @@ def test_notebook_runs_on_the_demo_pair(path, tmp_path, monkeypatch):
     timings = json.load(open(TIMINGS)) if os.path.exists(TIMINGS) else {}
     timings[os.path.basename(path)] = round(seconds, 1)
     json.dump(timings, open(TIMINGS, "w"), indent=1)
+
+
+def test_notebook_helpers(monkeypatch):
+    from eagle3_jax.demo import demo_paths
+    from eagle3_jax.notebook import accelerator, pick_models, split_thinking
+
+    assert split_thinking("<think>\nsteps\n</think>\n\n42") == ("steps", "42")
+    assert split_thinking("just an answer ") == ("", "just an answer")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pick_models("org/t", "org/d", "auto") == (*demo_paths(), True)
+    assert pick_models("org/t", "org/d", "0") == ("org/t", "org/d", False)
+    assert pick_models("org/t", "org/d", True)[2] is True
+    assert accelerator().startswith("cpu: ")

@@ -16,12 +16,13 @@ from eagle3_jax.demo import demo_paths
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.generation import Generator
 
+# A byte-level BPE merges a newline with the next line's indentation, so a code prompt
+# ends before the newline (a bare trailing newline is out of distribution).
 DEFAULT_PROMPT = '''import os
 
 
 def list_python_files(root):
-    """Return the paths of all .py files under root, sorted."""
-'''
+    """Return the paths of all .py files under root, sorted."""'''
 DEFAULT_KNOBS = (4, 1, 5)
 
 

@@ -1,0 +1,83 @@
+"""The embedded demo pair: it loads, transformers agrees with it, its head accepts, and the demo runs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED
+
+from eagle3_jax import Generator, load_draft, load_target
+from eagle3_jax.cli import main
+from eagle3_jax.demo import demo_paths
+from eagle3_jax.demo.corpus import read, split
+from eagle3_jax.evaluation import PromptFormatter, Prompt, run_benchmark
+from eagle3_jax.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target_dir, head_dir = demo_paths()
+    target = load_target(target_dir, dtype="float32", progress=False)
+    head = load_draft(head_dir, target.config, dtype="float32", progress=False)
+    from transformers import AutoTokenizer
+
+    return target, head, AutoTokenizer.from_pretrained(target_dir)
+
+
+def test_sizes_and_formats():
+    import os
+
+    target_dir, head_dir = demo_paths()
+    total = sum(os.path.getsize(os.path.join(d, f)) for d in (target_dir, head_dir) for f in os.listdir(d))
+    assert total < 25 * 2 ** 20
+    assert json.load(open(os.path.join(head_dir, "config.json")))["architectures"] == ["LlamaForCausalLMEagle3"]
+
+
+def test_transformers_reproduces_the_demo_target(pair):
+    import transformers
+
+    target, _, tok = pair
+    hf = transformers.AutoModelForCausalLM.from_pretrained(demo_paths()[0], dtype=torch.float32).eval()
+    prompt = tok('def read_config(path):\n    """Read a config file."""', add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    ours = Generator(target).generate([prompt], max_new_tokens=40, stop_token_ids=())[0].token_ids
+    assert ours == ref
+
+
+def test_demo_head_accepts_on_held_out_stdlib_code(pair):
+    """A regression guard on the shipped weights (not a timing test)."""
+    target, head, tok = pair
+    _, held = split()
+    prompts = []
+    for path in held[:12]:
+        ids = tok(read(path), add_special_tokens=False)["input_ids"]
+        start = min(200, max(len(ids) - 64, 0))
+        prompts.append(Prompt(id=path, turns=[tok.decode(ids[start:start + 48])]))
+    gen = Generator(target, head, num_steps=4, topk=1, num_draft_tokens=5)
+    result = run_benchmark(gen, PromptFormatter(tok), prompts, max_new_tokens=64, batch_size=12,
+                           sampling=SamplingParams())
+    assert result["acceptance_length"] > 2.0, result["acceptance_length"]
+
+
+def test_demo_command(capsys):
+    assert main(["demo", "--json", "--max-new-tokens", "48"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["identical_to_plain"] and figures["new_tokens"] == 48
+    assert figures["acceptance_length"] > 1.5 and figures["speedup"] > 0
+    assert main(["demo", "--max-new-tokens", "16", "--knobs", "3,2,5"]) == 0
+    text = capsys.readouterr().out
+    assert "acceptance length" in text and "speedup" in text
+
+
+def test_eval_on_the_demo_pair(tmp_path, capsys):
+    target_dir, head_dir = demo_paths()
+    code = main(["eval", "--target", target_dir, "--draft", head_dir, "--bench", "humaneval",
+                 "--bench-dir", str(SHARED / "data" / "bench"), "--num-prompts", "3", "--knobs", "3,1,4",
+                 "--max-new-tokens", "32", "--output", str(tmp_path)])
+    assert code == 0
+    table = (tmp_path / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| humaneval"))
+    assert float(row.split("|")[2]) > 1.0
