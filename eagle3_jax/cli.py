@@ -17,6 +17,18 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: not when it is None or False, nor when the help already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS \
+                or "default" in text or not text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -37,13 +49,48 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_sampling_options(p) -> None:
+    """--temperature, --top-p, --top-k and --seed: the sampling knobs of every generating command."""
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 means greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling")
+
+
+def _add_runtime_options(p) -> None:
+    """--max-cache-len and --dtype."""
+    p.add_argument("--max-cache-len", type=_positive_int, default=None, metavar="S",
+                   help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to 128)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+
+
+def _add_tree_options(p) -> None:
+    """--num-steps, --topk, --num-draft-tokens: the static tree shape (SGLang's knobs)."""
+    p.add_argument("--num-steps", type=_positive_int, default=None, metavar="D",
+                   help="tree depth: draft steps per cycle (default 3)")
+    p.add_argument("--topk", type=_positive_int, default=None, metavar="K",
+                   help="children kept per tree node and beam width (default 1: a chain)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=None, metavar="N",
+                   help="tree tokens verified per cycle, root included (default D+1 for a chain; required for K>1)")
+
+
+def _add_head_overrides(p) -> None:
+    """--draft-rope-theta and --feature-layers: the pitfalls of published heads."""
+    p.add_argument("--draft-rope-theta", type=float, default=None, metavar="THETA",
+                   help="override the head's RoPE base (some published heads were trained with 10000)")
+    p.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3",
+                   help="override the target layers feeding the head (HF hidden_states indices, e.g. 2,18,33)")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text with a target model",
         description="Generate continuations of one or more prompts with a Qwen3/Qwen2 target. "
                     "Several --prompt (or --prompt-ids) options form one batch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--target", required=True, metavar="DIR",
                    help="target model: an HF directory, a converted directory, or a Hub id")
@@ -56,31 +103,16 @@ def _add_generate(sub) -> None:
                    help="wrap each --prompt as a user turn with the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                    help="generated tokens per prompt at most")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 means greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (0 = off)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling")
-    p.add_argument("--max-cache-len", type=_positive_int, default=None, metavar="S",
-                   help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to 128)")
+    _add_sampling_options(p)
     p.add_argument("--stop-ids", type=_int_list, default=None, metavar="IDS",
                    help="comma-separated token ids that end generation (default: the model's eos ids)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at eos; generate max-new-tokens")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    _add_runtime_options(p)
     spec = p.add_argument_group("speculative decoding (EAGLE-3)")
     spec.add_argument("--draft", metavar="DIR", default=None,
                       help="EAGLE-3 draft head (SpecForge/SGLang format or converted); enables speculative decoding")
-    spec.add_argument("--num-steps", type=_positive_int, default=None, metavar="D",
-                      help="tree depth: draft steps per cycle (default 3)")
-    spec.add_argument("--topk", type=_positive_int, default=None, metavar="K",
-                      help="children kept per tree node and beam width (default 1: a chain)")
-    spec.add_argument("--num-draft-tokens", type=_positive_int, default=None, metavar="N",
-                      help="tree tokens verified per cycle, root included (default D+1 for a chain; required for K>1)")
-    spec.add_argument("--draft-rope-theta", type=float, default=None, metavar="THETA",
-                      help="override the head's RoPE base (some published heads were trained with 10000)")
-    spec.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3",
-                      help="override the target layers feeding the head (HF hidden_states indices, e.g. 2,18,33)")
+    _add_tree_options(spec)
+    _add_head_overrides(spec)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are committed (default: on for one prompt without --json)")
     p.add_argument("--json", action="store_true",
@@ -95,7 +127,7 @@ def _add_convert(sub) -> None:
         description="Convert a Hugging Face Qwen3/Qwen2 checkpoint or an EAGLE-3 draft head (safetensors) into "
                     "a directory of Flax parameters saved with orbax-checkpoint, plus its config and tokenizer files. "
                     "The output is written atomically: on any error nothing is left behind.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("source", metavar="SRC", help="HF model directory or Hub id")
     p.add_argument("--draft", action="store_true",
@@ -115,10 +147,10 @@ def _add_demo(sub) -> None:
                     "standard library, and its EAGLE-3 head trained with 'eagle3-jax train'), complete a code "
                     "prompt with speculative decoding, and print the text, the acceptance length and the "
                     "speedup over plain decoding measured in the same run. Needs no network.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--prompt", default=None, help="code to complete (default: a function header)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N", help="tokens to generate")
     p.add_argument("--knobs", type=_knob_triple, default=None, metavar="D,K,N",
                    help="tree shape num_steps,topk,num_draft_tokens (default 4,1,5)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -153,7 +185,7 @@ def _add_train(sub) -> None:
                     "(SpecForge's objective), and export it in the SpecForge/SGLang/vLLM format to OUTPUT/head. "
                     "OUTPUT also holds checkpoints/ (resume with --resume), metrics.jsonl (one JSON line per step: "
                     "loss, per-TTT-step loss and accuracy, learning rate, tokens/s) and summary.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
     p.add_argument("--data", required=True, action="append", metavar="SRC",
@@ -232,7 +264,7 @@ def _add_regenerate(sub) -> None:
         help="answer training conversations with the target itself",
         description="Replace every assistant turn of JSONL conversations by the target's own reply (batched "
                     "generation), so that a head learns the target's distribution. Writes JSONL with 'messages'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL conversations (OpenAI or ShareGPT)")
@@ -240,16 +272,11 @@ def _add_regenerate(sub) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N conversations")
     p.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="tokens per reply at most")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="conversations generated together")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-cache-len", type=_positive_int, default=None, metavar="S", help="KV slots per row")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--draft", metavar="DIR", default=None, help="speed generation up with an EAGLE-3 head")
-    p.add_argument("--num-steps", type=_positive_int, default=None, metavar="D")
-    p.add_argument("--topk", type=_positive_int, default=None, metavar="K")
-    p.add_argument("--num-draft-tokens", type=_positive_int, default=None, metavar="N")
+    _add_sampling_options(p)
+    _add_runtime_options(p)
+    spec = p.add_argument_group("speculative decoding (EAGLE-3)")
+    spec.add_argument("--draft", metavar="DIR", default=None, help="speed generation up with an EAGLE-3 head")
+    _add_tree_options(spec)
     p.set_defaults(func=_cmd_regenerate)
 
 
@@ -309,12 +336,12 @@ def _add_eval(sub) -> None:
                     "report the acceptance length (generated tokens / verify forwards) as the model cards do. "
                     "Writes OUTPUT/results.md (a table, one column per tree shape), OUTPUT/results.json and "
                     "OUTPUT/accept_lengths.png (histograms of accept lengths).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--target", required=True, metavar="DIR")
-    p.add_argument("--draft", required=True, metavar="DIR")
+    p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
+    p.add_argument("--draft", required=True, metavar="DIR", help="the EAGLE-3 head (directory or Hub id)")
     p.add_argument("--knobs", type=_knob_triple, nargs="+", default=[(3, 1, 4), (7, 10, 60)], metavar="D,K,N",
-                   help="tree shapes: num_steps,topk,num_draft_tokens")
+                   help="tree shapes: num_steps,topk,num_draft_tokens (default: 3,1,4 7,10,60)")
     p.add_argument("--bench", nargs="+", default=list(BENCHMARKS), metavar="NAME",
                    help=f"benchmarks ({', '.join(BENCHMARKS)})")
     p.add_argument("--bench-dir", metavar="DIR", default=None,
@@ -323,18 +350,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--bench-file", type=_bench_file, action="append", default=[], metavar="NAME=FILE",
                    help="a prompt file for one benchmark (repeatable)")
     p.add_argument("--num-prompts", type=_positive_int, default=None, metavar="N", help="first N prompts each")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (as the model cards)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens generated per prompt at most")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together")
+    _add_sampling_options(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the tokenizer's chat template (default: when it has one)")
     p.add_argument("--speed", action="store_true", help="also run plain decoding and report tokens/s and speedups")
-    p.add_argument("--max-cache-len", type=_positive_int, default=None, metavar="S")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--draft-rope-theta", type=float, default=None, metavar="THETA")
-    p.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3")
+    _add_runtime_options(p)
+    _add_head_overrides(p)
     p.add_argument("--output", required=True, metavar="DIR", help="where the table, JSON and PNG go")
     p.add_argument("--json", action="store_true", help="print the results JSON (without per-step lists)")
     p.set_defaults(func=_cmd_eval)
@@ -359,8 +382,8 @@ def _cmd_eval(args) -> int:
                        feature_layers=tuple(args.feature_layers) if args.feature_layers else None,
                        progress=not args.json)
     results = evaluate(target, draft, tokenizer, benchmarks, args.knobs, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, sampling=sampling, measure_plain=args.speed, use_chat=args.chat,
-                       max_cache_len=args.max_cache_len, progress=not args.json)
+                       batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
+                       use_chat=args.chat, max_cache_len=args.max_cache_len, progress=not args.json)
     paths = write_report(results, args.output)
     if args.json:
         slim = {**results, "benchmarks": {b: {k: {kk: vv for kk, vv in v.items() if kk != "accept_lengths"}

@@ -172,26 +172,26 @@ def run_benchmark(generator: Generator, formatter: PromptFormatter, prompts: Seq
 
 def evaluate(target, draft, tokenizer, benchmarks: dict[str, list[Prompt]], knob_list: Sequence[tuple[int, int, int]],
              *, max_new_tokens: int = 256, batch_size: int = 8, sampling: SamplingParams | None = None,
-             measure_plain: bool = False, use_chat: bool | None = None, max_cache_len: int | None = None,
+             seed: int = 0, measure_plain: bool = False, use_chat: bool | None = None, max_cache_len: int | None = None,
              progress: bool = True) -> dict:
     """Acceptance length (and optionally the speedup over plain decoding) per benchmark and tree shape."""
     sampling = sampling or SamplingParams()
     formatter = PromptFormatter(tokenizer, use_chat)
     results = {"knobs": [knob_label(k) for k in knob_list], "benchmarks": {}, "chat_template": formatter.chat,
                "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-               "sampling": dataclasses.asdict(sampling)}
+               "sampling": dataclasses.asdict(sampling), "seed": seed}
     for name, prompts in benchmarks.items():
         row = {}
         if measure_plain:
             plain = run_benchmark(Generator(target, max_cache_len=max_cache_len), formatter, prompts,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, sampling=sampling,
-                                  progress=progress, desc=f"{name} plain")
+                                  seed=seed, progress=progress, desc=f"{name} plain")
             row["plain"] = {k: v for k, v in plain.items() if k != "accept_lengths"}
         for knobs in knob_list:
             gen = Generator(target, draft, num_steps=knobs[0], topk=knobs[1], num_draft_tokens=knobs[2],
                             max_cache_len=max_cache_len)
             res = run_benchmark(gen, formatter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                sampling=sampling, progress=progress, desc=f"{name} {knob_label(knobs)}")
+                                sampling=sampling, seed=seed, progress=progress, desc=f"{name} {knob_label(knobs)}")
             if measure_plain and row["plain"]["tokens_per_second"]:
                 res["speedup"] = res["tokens_per_second"] / row["plain"]["tokens_per_second"]
             row[knob_label(knobs)] = res

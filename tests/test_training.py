@@ -225,12 +225,15 @@ def test_kill_and_resume_is_exact(small_run, tmp_path):
     straight = make_trainer(target, examples, tmp_path / "a")
     straight.run(progress=False)
     killed = make_trainer(target, examples, tmp_path / "b")
-    killed.run(progress=False, stop_after=3)  # checkpoint at step 2; step 3 is lost with the process
+    log = str(tmp_path / "b.jsonl")
+    killed.run(progress=False, stop_after=3, log_path=log)  # checkpoint at step 2; step 3 is lost with the process
     del killed
     resumed = make_trainer(target, examples, tmp_path / "b")
     assert resumed.restore_latest() and int(resumed.state.step) == 2 and resumed.position == (0, 2)
-    resumed.run(progress=False)
+    resumed.run(progress=False, log_path=log)
     assert int(resumed.state.step) == 6
+    # the log holds each step once: step 3 of the killed run is replaced by the resumed run's
+    assert [json.loads(line)["step"] for line in open(log)] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(_flat(straight.state), _flat(resumed.state)):
         np.testing.assert_array_equal(a, b)
     # a resume with other data is refused

@@ -161,6 +161,30 @@ def data_fingerprint(batcher: Batcher) -> str:
     return h.hexdigest()
 
 
+def truncate_log(path: str, step: int) -> None:
+    """Drops the lines of a metrics log past ``step``: what a killed run logged after its last checkpoint.
+
+    A resumed run repeats those steps, so without this the log would hold them twice.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -313,6 +337,8 @@ class Trainer:
         history = []
         start = int(self.state.step)
         end = self.total_steps if stop_after is None else min(self.total_steps, start + stop_after)
+        if log_path:
+            truncate_log(log_path, start)
         log = open(log_path, "a", encoding="utf-8") if log_path else None
         bar = tqdm(total=self.total_steps, initial=start, desc="training", unit="step", disable=not progress)
         try:
