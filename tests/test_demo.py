@@ -56,7 +56,9 @@ def test_demo_head_accepts_on_held_out_stdlib_code(pair):
         ids = tok(read(path), add_special_tokens=False)["input_ids"]
         start = min(200, max(len(ids) - 64, 0))
         prompts.append(Prompt(id=path, turns=[tok.decode(ids[start:start + 48])]))
-    gen = Generator(target, head, num_steps=4, topk=1, num_draft_tokens=5)
+    # The shipped head measured 2.23 here with the tree (4,2,8) (2.03 with the chain (4,1,5), too close to
+    # the line for a guard that must survive other jax versions' rounding).
+    gen = Generator(target, head, num_steps=4, topk=2, num_draft_tokens=8)
     result = run_benchmark(gen, PromptFormatter(tok), prompts, max_new_tokens=64, batch_size=12,
                            sampling=SamplingParams())
     assert result["acceptance_length"] > 2.0, result["acceptance_length"]
