@@ -17,7 +17,6 @@ import optax
 from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
-from eagle3_jax.kv_cache import causal_mask
 from eagle3_jax.models import qwen3
 from eagle3_jax.models.eagle3 import ttt_mask
 

@@ -157,13 +157,7 @@ def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Arra
     cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=settings.capacity,
                            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype)
     last = prompt_lengths - 1
-    if bucket <= chunk:
-        positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
-        zeros = jnp.zeros((batch,), jnp.int32)
-        out = model(tokens, positions, cache, positions, causal_mask(zeros, bucket, settings.capacity),
-                    feature_layers=feature_layers, logits_indices=last[:, None])
-        return out.logits[:, 0], out.cache.with_lengths(prompt_lengths), out.features
-
+    chunk = min(chunk, bucket)  # a prompt that fits is one chunk
     num_chunks = -(-bucket // chunk)
     padded = jnp.pad(tokens, ((0, 0), (0, num_chunks * chunk - bucket)))
     chunks = padded.reshape(batch, num_chunks, chunk).transpose(1, 0, 2)  # [chunks, batch, chunk]

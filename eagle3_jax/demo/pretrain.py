@@ -27,7 +27,7 @@ from flax import nnx
 from eagle3_jax.config import Qwen3Config
 from eagle3_jax.demo.corpus import read, split
 from eagle3_jax.loading import save_target
-from eagle3_jax.models import qwen3
+from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 
 DEMO_TARGET = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
@@ -56,11 +56,7 @@ def pretrain(tokenizer_dir: str, out: str, *, steps: int = 3000, batch: int = 16
     train_files, held_files = split()
     train_ids = token_stream(tokenizer, train_files)
     held_ids = token_stream(tokenizer, held_files)
-    saved, qwen3.INIT_STD = qwen3.INIT_STD, 0.02
-    try:
-        model = qwen3.Qwen3ForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    finally:
-        qwen3.INIT_STD = saved
+    model = Qwen3ForCausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=min(200, steps // 10), decay_steps=steps,
                                                   end_value=lr * 0.05)

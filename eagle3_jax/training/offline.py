@@ -78,10 +78,10 @@ class TeacherStore:
     def batch(self, indices: Sequence[int], length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(features [batch, length, 3H], hidden [batch, length, H]), zero-padded."""
         rows = [SafetensorsFile(_file(self.directory, i)) for i in indices]
-        f0, h0 = rows[0].read("features"), rows[0].read("hidden")
+        rows = [(f.read("features"), f.read("hidden")) for f in rows]
+        f0, h0 = rows[0]
         features = np.zeros((batch_size, length, f0.shape[-1]), f0.dtype)
         hidden = np.zeros((batch_size, length, h0.shape[-1]), h0.dtype)
-        for r, f in enumerate(rows):
-            feat, hid = f.read("features"), f.read("hidden")
+        for r, (feat, hid) in enumerate(rows):
             features[r, : len(feat)], hidden[r, : len(hid)] = feat, hid
         return features, hidden
