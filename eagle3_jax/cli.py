@@ -2,7 +2,9 @@
 
 Every user error (bad option, missing file, broken checkpoint, prompt too
 long) ends with a one-line ``error: ...`` on stderr and a non-zero exit, never a
-traceback. ``--json`` prints one JSON object per prompt on stdout, for scripts.
+traceback: 1 for bad input or a failing environment (disk, memory), 2 for a
+bad command line, 3 for an exception the project did not anticipate (a bug;
+``EAGLE3_JAX_DEBUG=1`` shows its traceback). ``--json`` prints one JSON object per prompt on stdout, for scripts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # a bug: an exception the project did not anticipate
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,13 +52,48 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from eagle3_jax.checks import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _add_sampling_options(p) -> None:
     """--temperature, --top-p, --top-k and --seed: the sampling knobs of every generating command."""
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    p.add_argument("--temperature", type=_finite_float, default=0.0, metavar="T",
                    help="sampling temperature; 0 means greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens (0 = off)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling")
+    p.add_argument("--top-p", type=_finite_float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K",
+                   help="sample among the K most likely tokens (0 = off)")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="PRNG seed for sampling (0 to 2**32-1)")
 
 
 def _add_runtime_options(p) -> None:
@@ -78,7 +116,7 @@ def _add_tree_options(p) -> None:
 
 def _add_head_overrides(p) -> None:
     """--draft-rope-theta and --feature-layers: the pitfalls of published heads."""
-    p.add_argument("--draft-rope-theta", type=float, default=None, metavar="THETA",
+    p.add_argument("--draft-rope-theta", type=_finite_float, default=None, metavar="THETA",
                    help="override the head's RoPE base (some published heads were trained with 10000)")
     p.add_argument("--feature-layers", type=_int_list, default=None, metavar="L1,L2,L3",
                    help="override the target layers feeding the head (HF hidden_states indices, e.g. 2,18,33)")
@@ -163,6 +201,8 @@ def _cmd_demo(args) -> int:
 
     knobs = args.knobs or DEFAULT_KNOBS
     TreeSpec(*knobs)
+    if args.prompt is not None:
+        _check_text(args.prompt, "--prompt")
     figures = run_demo(args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens, knobs=knobs)
     if args.json:
         print(json.dumps(figures))
@@ -206,17 +246,17 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per step (a multiple of --devices)")
     p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps (overrides epochs)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warmup then cosine decay)")
-    p.add_argument("--warmup-ratio", type=float, default=0.015, help="fraction of steps for linear warmup")
-    p.add_argument("--max-grad-norm", type=float, default=0.5, help="global gradient-norm clipping")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--lr", type=_finite_float, default=1e-4, help="peak learning rate (AdamW, warmup then cosine decay)")
+    p.add_argument("--warmup-ratio", type=_finite_float, default=0.015, help="fraction of steps for linear warmup")
+    p.add_argument("--max-grad-norm", type=_finite_float, default=0.5, help="global gradient-norm clipping")
+    p.add_argument("--weight-decay", type=_finite_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default=None,
                    help="the draft's forward dtype; master weights stay float32 (default: bfloat16 on GPU/TPU, "
                         "float32 on CPU)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the target's dtype")
     p.add_argument("--save-every", type=_positive_int, default=500, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=_positive_int, default=3, help="checkpoints kept")
-    p.add_argument("--seed", type=int, default=0, help="data order and head initialisation")
+    p.add_argument("--seed", type=_seed, default=0, help="data order and head initialisation (0 to 2**32-1)")
     p.add_argument("--precompute", action="store_true",
                    help="run the target once over the data, store its features and hidden states in "
                         "OUTPUT/teacher, and train from disk")
@@ -268,7 +308,8 @@ def _add_regenerate(sub) -> None:
     )
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL conversations (OpenAI or ShareGPT)")
-    p.add_argument("--output", required=True, metavar="FILE", help="the JSONL file to write")
+    p.add_argument("--output", required=True, metavar="FILE", help="the JSONL file to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N conversations")
     p.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="tokens per reply at most")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="conversations generated together")
@@ -280,9 +321,27 @@ def _add_regenerate(sub) -> None:
     p.set_defaults(func=_cmd_regenerate)
 
 
-def _cmd_regenerate(args) -> int:
-    from eagle3_jax.generation import Generator
+def _check_configs(target: str, draft: str | None = None, **overrides):
+    """Resolves and checks the target's (and the head's) config.json before any tokenizer or weights are read.
+
+    Returns (target dir, target config, draft dir, draft config).
+    """
+    from eagle3_jax.config import Eagle3Config, Qwen3Config
     from eagle3_jax.hub import resolve_model_dir
+
+    target_dir = resolve_model_dir(target)
+    target_config = Qwen3Config.from_pretrained(target_dir)
+    draft_dir = draft_config = None
+    if draft is not None:
+        draft_dir = resolve_model_dir(draft)
+        draft_config = Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides)
+        draft_config.check_target(target_config, where=f"draft head {draft_dir}")
+    return target_dir, target_config, draft_dir, draft_config
+
+
+def _cmd_regenerate(args) -> int:
+    from eagle3_jax.atomic import atomic_file
+    from eagle3_jax.generation import Generator
     from eagle3_jax.loading import load_draft, load_target
     from eagle3_jax.sampling import SamplingParams
     from eagle3_jax.training.data import read_conversations
@@ -290,23 +349,20 @@ def _cmd_regenerate(args) -> int:
 
     if args.draft is None and any(v is not None for v in (args.num_steps, args.topk, args.num_draft_tokens)):
         raise _usage("--num-steps/--topk/--num-draft-tokens need --draft")
-    if os.path.exists(args.output):
-        from eagle3_jax.errors import InputError
-
-        raise InputError(f"{args.output}: already exists")
+    spec = _check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    conversations = read_conversations(args.data)[: args.limit]
-    model_dir = resolve_model_dir(args.target)
-    tokenizer = _load_tokenizer(model_dir, required=True)
-    target = load_target(model_dir, dtype=args.dtype)
-    draft = load_draft(args.draft, target.config, dtype=args.dtype) if args.draft else None
-    gen = Generator(target, draft, num_steps=args.num_steps, topk=args.topk, num_draft_tokens=args.num_draft_tokens,
-                    max_cache_len=args.max_cache_len)
-    result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        batch_size=args.batch_size, seed=args.seed)
-    tmp = args.output + ".partial"
-    write_jsonl(result, tmp)
-    os.replace(tmp, args.output)
+    model_dir, _, draft_dir, _ = _check_configs(args.target, args.draft)
+    # The output is checked (and its temporary file created) before hours of generation.
+    with atomic_file(args.output, overwrite=args.overwrite) as tmp:
+        conversations = read_conversations(args.data)[: args.limit]
+        tokenizer = _load_tokenizer(model_dir, required=True)
+        target = load_target(model_dir, dtype=args.dtype)
+        draft = load_draft(draft_dir, target.config, dtype=args.dtype) if draft_dir else None
+        gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
+                        num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len)
+        result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                            batch_size=args.batch_size, seed=args.seed)
+        write_jsonl(result, tmp)
     print(f"wrote {len(result)} conversations to {args.output}", file=sys.stderr)
     return 0
 
@@ -358,33 +414,37 @@ def _add_eval(sub) -> None:
     p.add_argument("--speed", action="store_true", help="also run plain decoding and report tokens/s and speedups")
     _add_runtime_options(p)
     _add_head_overrides(p)
-    p.add_argument("--output", required=True, metavar="DIR", help="where the table, JSON and PNG go")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="where the table, JSON and PNG go: a new or empty directory (or an earlier report with "
+                        "--overwrite); checked before any work")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier report in --output")
     p.add_argument("--json", action="store_true", help="print the results JSON (without per-step lists)")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
     from eagle3_jax.decoding.tree import TreeSpec
-    from eagle3_jax.evaluation import evaluate, load_benchmarks, markdown_table, write_report
-    from eagle3_jax.hub import resolve_model_dir
+    from eagle3_jax.evaluation import (check_report_destination, evaluate, load_benchmarks, markdown_table,
+                                       write_report)
     from eagle3_jax.loading import load_draft, load_target
     from eagle3_jax.sampling import SamplingParams
 
     for knobs in args.knobs:
         TreeSpec(*knobs)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    check_report_destination(args.output, overwrite=args.overwrite)  # before hours of work, not after
+    overrides = dict(rope_theta=args.draft_rope_theta,
+                     feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
+    model_dir, _, draft_dir, _ = _check_configs(args.target, args.draft, **overrides)
     benchmarks = load_benchmarks(args.bench, files=dict(args.bench_file), bench_dir=args.bench_dir,
                                  limit=args.num_prompts)
-    model_dir = resolve_model_dir(args.target)
     tokenizer = _load_tokenizer(model_dir, required=True)
     target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
-    draft = load_draft(args.draft, target.config, dtype=args.dtype, rope_theta=args.draft_rope_theta,
-                       feature_layers=tuple(args.feature_layers) if args.feature_layers else None,
-                       progress=not args.json)
+    draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, **overrides)
     results = evaluate(target, draft, tokenizer, benchmarks, args.knobs, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
                        use_chat=args.chat, max_cache_len=args.max_cache_len, progress=not args.json)
-    paths = write_report(results, args.output)
+    paths = write_report(results, args.output, overwrite=args.overwrite)
     if args.json:
         slim = {**results, "benchmarks": {b: {k: {kk: vv for kk, vv in v.items() if kk != "accept_lengths"}
                                               for k, v in row.items()} for b, row in results["benchmarks"].items()}}
@@ -414,33 +474,96 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_tokenizer(model_dir: str, required: bool):
+    """The model directory's tokenizer; None when it has none and ``required`` is off.
+
+    A tokenizer that fails to load is an error when it is required (text
+    prompts), else a warning: token ids are printed instead of text.
+    """
+    from eagle3_jax.errors import InputError
+
     has_files = any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
     if not has_files:
         if required:
-            from eagle3_jax.errors import InputError
-
             raise InputError(f"{model_dir} has no tokenizer files; pass --prompt-ids instead of --prompt")
         return None
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers and tokenizers raise anything from JSON, Rust and I/O errors
+        reason = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
+        message = f"{model_dir}: the tokenizer files could not be loaded ({type(e).__name__}: {reason})"
+        if required:
+            raise InputError(message + "; fix them, or pass --prompt-ids instead of --prompt") from None
+        print(f"warning: {message}; printing token ids instead of text", file=sys.stderr)
+        return None
+
+
+def _check_text(text: str, what: str) -> str:
+    """Text from the command line must be valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
+    from eagle3_jax.errors import InputError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 text (undecodable byte at position {e.start})") from None
+    return text
 
 
 def _encode(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        from eagle3_jax.errors import InputError
+    from eagle3_jax.errors import InputError
 
+    _check_text(text, "--prompt")
+    if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("--chat: the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:  # a Jinja template can raise anything
+            raise InputError(f"--chat: the tokenizer's chat template failed ({type(e).__name__}: "
+                             f"{str(e).strip()[:200]})") from None
+        if not isinstance(text, str):
+            raise InputError(f"--chat: the tokenizer's chat template returned {type(text).__name__}, not text")
+    try:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as e:
+        raise InputError(f"--prompt: the tokenizer failed on it ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
+def _decode(tokenizer, token_ids: list[int]) -> str | None:
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
+    except Exception:  # a broken vocabulary: the ids are still printed
+        return None
+
+
+def _check_tree(steps, topk, num_draft_tokens):
+    """The tree shape from --num-steps/--topk/--num-draft-tokens, with the CLI's defaults."""
+    from eagle3_jax.decoding.tree import TreeSpec
+
+    steps, topk = steps or 3, topk or 1
+    if num_draft_tokens is None and topk > 1:
+        raise _usage("--num-draft-tokens is required with --topk > 1")
+    return TreeSpec(steps, topk, num_draft_tokens or steps + 1)
+
+
+def _weights_bytes(config, dtype) -> int:
+    """The bytes of a target's weights in ``dtype`` (for the memory check before loading)."""
+    import numpy as np
+
+    c = config
+    attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    per_layer = attn + 3 * c.hidden_size * c.intermediate_size
+    embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return (c.num_hidden_layers * per_layer + embed) * np.dtype(dtype).itemsize
 
 
 def _cmd_generate(args) -> int:
     from eagle3_jax.config import Eagle3Config, Qwen3Config
-    from eagle3_jax.decoding.tree import TreeSpec
-    from eagle3_jax.generation import Generator, plan_batch
+    from eagle3_jax.generation import Generator, check_memory, plan_batch
     from eagle3_jax.hub import resolve_model_dir
     from eagle3_jax.loading import load_draft, load_target, parse_dtype
     from eagle3_jax.sampling import SamplingParams
@@ -452,39 +575,42 @@ def _cmd_generate(args) -> int:
     knobs = (args.num_steps, args.topk, args.num_draft_tokens, args.draft_rope_theta, args.feature_layers)
     if args.draft is None and any(k is not None for k in knobs):
         raise _usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
+    spec = _check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
+    prompts = [_check_text(t, "--prompt") for t in args.prompt] if args.prompt else args.prompt_ids
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    # The project's own checks of the configs first, before any tokenizer or weights are read.
     model_dir = resolve_model_dir(args.target)
-    tokenizer = _load_tokenizer(model_dir, required=bool(args.prompt))
-    prompts = [_encode(tokenizer, t, args.chat) for t in args.prompt] if args.prompt else args.prompt_ids
-    stops = () if args.no_stop else args.stop_ids
-    # Reject bad input from the configs alone, before any weights are read.
     target_config = Qwen3Config.from_pretrained(model_dir)
-    plan_batch(target_config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
-               max_cache_len=args.max_cache_len, cache_dtype=parse_dtype(args.dtype))
-    draft_dir = None
+    draft_dir = draft_config = None
     if args.draft is not None:
-        steps, topk = args.num_steps or 3, args.topk or 1
-        if args.num_draft_tokens is None and topk > 1:
-            raise _usage("--num-draft-tokens is required with --topk > 1")
-        TreeSpec(steps, topk, args.num_draft_tokens or steps + 1)
         draft_dir = resolve_model_dir(args.draft)
         overrides = dict(rope_theta=args.draft_rope_theta,
                          feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
-        Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides).check_target(
-            target_config, where=f"draft head {draft_dir}")
+        draft_config = Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides)
+        draft_config.check_target(target_config, where=f"draft head {draft_dir}")
+    tokenizer = _load_tokenizer(model_dir, required=bool(args.prompt))
+    if args.prompt:
+        prompts = [_encode(tokenizer, t, args.chat) for t in prompts]
+    stops = () if args.no_stop else args.stop_ids
+    dtype = parse_dtype(args.dtype)
+    prompts, settings, _, bucket = plan_batch(
+        target_config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
+        max_cache_len=args.max_cache_len, cache_dtype=dtype)
+    check_memory(target_config, settings, len(prompts), bucket, draft_config=draft_config, spec=spec,
+                 weights_bytes=_weights_bytes(target_config, dtype))
 
     target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
     draft = None
     if draft_dir is not None:
         draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, **overrides)
-    gen = Generator(target, draft, num_steps=args.num_steps if draft else None, topk=args.topk if draft else None,
-                    num_draft_tokens=args.num_draft_tokens if draft else None, max_cache_len=args.max_cache_len)
+    gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
+                    num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len)
     stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)
     printer = _StreamPrinter(tokenizer, len(prompts)) if stream else None
     outputs = gen.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                            stop_token_ids=stops, stream=printer)
     for i, out in enumerate(outputs):
-        text = tokenizer.decode(out.token_ids, skip_special_tokens=True) if tokenizer is not None else None
+        text = _decode(tokenizer, out.token_ids)
         if args.json:
             print(json.dumps({"prompt_index": i, "text": text, **out.to_json()}), flush=True)
             continue
@@ -495,7 +621,18 @@ def _cmd_generate(args) -> int:
         spec_note = f", acceptance {out.acceptance_length:.2f}" if draft is not None else ""
         print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, {out.tokens_per_second:.1f} tok/s, "
               f"forwards={out.num_target_forwards}{spec_note}, compile {out.compile_seconds:.1f}s]", file=sys.stderr)
-    return 0
+    return _check_finite_outputs(outputs)
+
+
+def _check_finite_outputs(outputs) -> int:
+    """Exit status 1 with an error line when a row stopped on non-finite logits (broken weights or numerics)."""
+    bad = [i for i, out in enumerate(outputs) if out.finish_reason == "nonfinite"]
+    if not bad:
+        return 0
+    print(f"error: the model produced non-finite logits (NaN or Inf) for prompt(s) {', '.join(map(str, bad))}; "
+          "generation stopped there (finish_reason 'nonfinite'). The weights are broken, or the dtype overflows: "
+          "check the checkpoint, or try --dtype float32", file=sys.stderr)
+    return EXIT_ERROR
 
 
 class _StreamPrinter:
@@ -564,6 +701,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of host memory; lower --max-cache-len, --max-new-tokens or the batch size", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # the environment, not the input: a full disk, a permission, a vanished file
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        if os.environ.get("EAGLE3_JAX_DEBUG"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in eagle3-jax, "
+              "please report it with the traceback that EAGLE3_JAX_DEBUG=1 shows", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

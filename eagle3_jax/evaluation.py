@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from eagle3_jax.atomic import atomic_directory, check_destination
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import GenerationOutput, Generator
 from eagle3_jax.jsonl import iter_jsonl
@@ -116,11 +117,16 @@ class PromptFormatter:
             raise InputError("the tokenizer has no chat template")
 
     def __call__(self, messages: list[dict]) -> list[int]:
-        if self.chat:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n\n".join(m["content"] for m in messages).rstrip()
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:
+            if self.chat:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            else:
+                text = "\n\n".join(m["content"] for m in messages).rstrip()
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as e:  # a Jinja template or a tokenizer can raise anything
+            what = "chat template" if self.chat else "tokenizer"
+            raise InputError(f"the tokenizer's {what} failed on a prompt ({type(e).__name__}: "
+                             f"{str(e).strip()[:200]})") from None
 
 
 def knob_label(knobs: tuple[int, int, int]) -> str:
@@ -239,14 +245,38 @@ def accept_histogram(results: dict, path: str) -> str:
     return path
 
 
-def write_report(results: dict, out_dir: str) -> dict[str, str]:
-    """results.md, results.json and accept_lengths.png in ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"markdown": os.path.join(out_dir, "results.md"), "json": os.path.join(out_dir, "results.json"),
-             "png": os.path.join(out_dir, "accept_lengths.png")}
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
-        f.write(markdown_table(results))
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    accept_histogram(results, paths["png"])
-    return paths
+REPORT_FORMAT = "eagle3-jax/eval-report"
+REPORT_FILES = {"markdown": "results.md", "json": "results.json", "png": "accept_lengths.png"}
+
+
+def is_report(path: str) -> bool:
+    """True if ``path`` is a directory that :func:`write_report` wrote (its results.json names the format)."""
+    try:
+        with open(os.path.join(path, REPORT_FILES["json"]), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
+
+
+def check_report_destination(out_dir: str, overwrite: bool = False) -> str:
+    """Fails early (CheckpointError) unless ``out_dir`` can take a report; returns its absolute path.
+
+    ``out_dir`` must not exist, or be an empty directory, or (with
+    ``overwrite``) hold an earlier report.
+    """
+    return check_destination(out_dir, overwrite=overwrite, replaceable=is_report, what="evaluation report",
+                             empty_ok=True)
+
+
+def write_report(results: dict, out_dir: str, overwrite: bool = False) -> dict[str, str]:
+    """results.md, results.json and accept_lengths.png in ``out_dir``, all at once (see :func:`check_report_destination`)."""
+    out_dir = os.path.abspath(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite, replaceable=is_report, what="evaluation report",
+                          empty_ok=True) as tmp:
+        with open(os.path.join(tmp, REPORT_FILES["markdown"]), "w", encoding="utf-8") as f:
+            f.write(markdown_table(results))
+        with open(os.path.join(tmp, REPORT_FILES["json"]), "w", encoding="utf-8") as f:
+            json.dump({"format": REPORT_FORMAT, **results}, f, indent=1)
+        accept_histogram(results, os.path.join(tmp, REPORT_FILES["png"]))
+    return {k: os.path.join(out_dir, name) for k, name in REPORT_FILES.items()}

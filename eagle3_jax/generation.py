@@ -9,6 +9,7 @@ an EAGLE-3 draft head), and unpacks the fixed-size results into one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -18,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eagle3_jax.checks import check_int, check_seed, check_token_ids, is_int
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding import plain, speculative
 from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams, finish_reasons
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError
+from eagle3_jax.memory import check_generation_memory
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.sampling import SamplingParams
@@ -76,22 +79,40 @@ class GenerationOutput:
 
 
 def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """Prompts as lists of ints: a batch of token-id sequences, or one sequence."""
     if isinstance(prompts, np.ndarray):
+        if prompts.ndim not in (1, 2):
+            raise InputError(f"prompts must be a list of token-id lists, got an array of shape {list(prompts.shape)}")
         prompts = prompts.tolist()
-    if len(prompts) and all(isinstance(t, (int, np.integer)) for t in prompts):
-        prompts = [prompts]  # a single prompt
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InputError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     if not len(prompts):
         raise InputError("no prompts given")
-    out = []
-    for i, p in enumerate(prompts):
-        ids = [int(t) for t in p]
-        if not ids:
-            raise InputError(f"prompt {i} is empty")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        out.append(ids)
-    return out
+    if all(is_int(t) for t in prompts):
+        prompts = [prompts]  # a single prompt
+    return [check_token_ids(f"prompt {i}", p, vocab_size) for i, p in enumerate(prompts)]
+
+
+def _check_stop_ids(stop_token_ids: Any, vocab_size: int) -> tuple[int, ...] | None:
+    if stop_token_ids is None:
+        return None
+    if is_int(stop_token_ids):
+        stop_token_ids = [stop_token_ids]
+    return tuple(check_token_ids("stop_token_ids", stop_token_ids, vocab_size, allow_empty=True))
+
+
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_cache_dtype(dtype: Any) -> jnp.dtype:
+    """A floating KV storage dtype: float32, bfloat16 or float16 (integer caches would change the tokens)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in CACHE_DTYPES:
+        raise InputError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+    return dt
 
 
 def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
@@ -100,36 +121,65 @@ def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     """Validates a batch against a model config and picks its static shapes.
 
     Needs only the config, so callers (the CLI) can reject bad input before
-    loading any weights. Returns (prompts as lists, static settings, traced
-    runtime parameters, prompt bucket).
+    loading any weights. ``max_cache_len`` is at most the model's context
+    (``max_position_embeddings``). The result buffers are sized by what the
+    cache can hold, so a huge ``max_new_tokens`` costs nothing: a row stops
+    with 'length' when its cache is full. Returns (prompts as lists, static
+    settings, traced runtime parameters, prompt bucket).
     """
+    if not isinstance(sampling, SamplingParams):
+        raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     prompts = _validate_prompts(prompts, config.vocab_size)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if max_cache_len is not None and max_cache_len < 2:
-        raise InputError(f"max_cache_len must be at least 2, got {max_cache_len}")
-    longest = max(len(p) for p in prompts)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+    context = config.max_position_embeddings
+    if max_cache_len is not None:
+        max_cache_len = check_int("max_cache_len", max_cache_len, minimum=2, maximum=context)
+    longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
     if max_cache_len is not None:
         capacity = max_cache_len
     else:
-        if longest >= config.max_position_embeddings:
+        if longest >= context:
             raise InputError(f"a prompt of {longest} tokens exceeds the model's context "
-                             f"(max_position_embeddings={config.max_position_embeddings})")
-        wanted = -(-(bucket_length(longest) + int(max_new_tokens)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
-        capacity = max(min(wanted, config.max_position_embeddings), longest + 1)
+                             f"(max_position_embeddings={context})")
+        wanted = -(-(bucket_length(longest) + min(max_new_tokens, context)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        capacity = max(min(wanted, context), longest + 1)
     if longest + 1 > capacity:
         raise InputError(
             f"a prompt of {longest} tokens does not fit in a KV cache of {capacity} slots "
             f"(need at least {longest + 1}); raise max_cache_len or shorten the prompt"
         )
-    stops = config.eos_token_ids if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
-    bad = [t for t in stops if not 0 <= t < config.vocab_size]
-    if bad:
-        raise InputError(f"stop token ids outside the vocabulary [0, {config.vocab_size}): {bad[:5]}")
-    settings = DecodeSettings(max_new_tokens=int(max_new_tokens), capacity=capacity, greedy=sampling.greedy,
-                              top_k=sampling.top_k, cache_dtype=jnp.dtype(cache_dtype))
+    stops = _check_stop_ids(stop_token_ids, config.vocab_size)
+    stops = config.eos_token_ids if stops is None else stops
+    settings = DecodeSettings(max_new_tokens=min(max_new_tokens, capacity - shortest), capacity=capacity,
+                              greedy=sampling.greedy, top_k=sampling.top_k, cache_dtype=check_cache_dtype(cache_dtype))
     params = RuntimeParams.make(temperature=sampling.temperature or 1.0, top_p=sampling.top_p, stop_ids=stops)
     return prompts, settings, params, bucket_length(longest, capacity)
+
+
+def check_memory(config, settings: DecodeSettings, batch: int, bucket: int, *, draft_config=None,
+                 spec: TreeSpec | None = None, weights_bytes: int = 0) -> int:
+    """Refuses (InputError) a generation whose buffers can not fit in free memory; returns the bytes needed.
+
+    ``weights_bytes``: weights not loaded yet (when checking before loading).
+    """
+    return check_generation_memory(
+        config, extra_bytes=weights_bytes, batch=batch, bucket=bucket, capacity=settings.capacity,
+        max_new_tokens=settings.max_new_tokens, cache_dtype=settings.cache_dtype, draft_config=draft_config,
+        num_draft_tokens=spec.num_draft_tokens if spec else 0,
+        headroom=speculative.cache_headroom(spec) if spec else 0)
+
+
+@contextlib.contextmanager
+def device_errors():
+    """Turns the accelerator running out of memory into an InputError with advice."""
+    try:
+        yield
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        raise InputError(f"out of device memory ({first}); lower max_cache_len (--max-cache-len), "
+                         "max_new_tokens or the batch size") from None
 
 
 def _plain_start(graphdef, settings, weights, tokens, lengths, rng, params):
@@ -182,9 +232,16 @@ class Generator:
     def __init__(self, target: Qwen3ForCausalLM, draft: Eagle3DraftHead | None = None, *,
                  num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
                  max_cache_len: int | None = None, cache_dtype=None):
+        if not isinstance(target, Qwen3ForCausalLM):
+            raise InputError(f"target must be a loaded Qwen3ForCausalLM (see load_target), got {type(target).__name__}")
+        if draft is not None and not isinstance(draft, Eagle3DraftHead):
+            raise InputError(f"draft must be a loaded Eagle3DraftHead (see load_draft), got {type(draft).__name__}")
         self.config = target.config
+        if max_cache_len is not None:
+            max_cache_len = check_int("max_cache_len", max_cache_len, minimum=2,
+                                      maximum=self.config.max_position_embeddings)
         self.max_cache_len = max_cache_len
-        self.cache_dtype = jnp.dtype(cache_dtype or target.dtype)
+        self.cache_dtype = check_cache_dtype(target.dtype if cache_dtype is None else cache_dtype)
         target_graph, target_params = nnx.split(target)
         if draft is None:
             if any(v is not None for v in (num_steps, topk, num_draft_tokens)):
@@ -193,13 +250,14 @@ class Generator:
             self._graphdefs, self._weights = target_graph, target_params
         else:
             draft.config.check_target(target.config)
-            num_steps = 3 if num_steps is None else num_steps
-            topk = 1 if topk is None else topk
+            num_steps = 3 if num_steps is None else check_int("num_steps", num_steps, minimum=1)
+            topk = 1 if topk is None else check_int("topk", topk, minimum=1)
             if num_draft_tokens is None and topk == 1:
                 num_draft_tokens = num_steps + 1
             if num_draft_tokens is None:
                 raise InputError("num_draft_tokens is required when topk > 1")
             self.spec = TreeSpec(num_steps=num_steps, topk=topk, num_draft_tokens=num_draft_tokens)
+            self.draft_config = draft.config
             draft_graph, draft_params = nnx.split(draft)
             self._graphdefs, self._weights = (target_graph, draft_graph), (target_params, draft_params)
 
@@ -231,10 +289,20 @@ class Generator:
             committed; the loop then runs in chunks of ``stream_every``
             iterations (the tokens are the same as without streaming).
         """
-        sampling = sampling or SamplingParams()
+        sampling = SamplingParams() if sampling is None else sampling
+        seed = check_seed(seed)
+        stream_every = check_int("stream_every", stream_every, minimum=1)
+        if stream is not None and not callable(stream):
+            raise InputError(f"stream must be a callable stream(row, new_token_ids), got {type(stream).__name__}")
         prompts, settings, params, bucket = plan_batch(self.config, prompts, max_new_tokens=max_new_tokens,
                                                        sampling=sampling, stop_token_ids=stop_token_ids,
                                                        max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype)
+        check_memory(self.config, settings, len(prompts), bucket, spec=self.spec,
+                     draft_config=self.draft_config if self.speculative else None)
+        with device_errors():
+            return self._run(prompts, settings, params, bucket, seed, stream, stream_every)
+
+    def _run(self, prompts, settings, params, bucket, seed, stream, stream_every) -> list[GenerationOutput]:
         tokens = np.zeros((len(prompts), bucket), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
@@ -253,7 +321,7 @@ class Generator:
         sent = self._emit(stream, state.result, [0] * len(prompts)) if stream is not None else None
         t1 = time.perf_counter()
         loop_compile = 0.0
-        chunk = jnp.int32(max(1, int(stream_every)) if stream is not None else _NO_LIMIT)
+        chunk = jnp.int32(stream_every if stream is not None else _NO_LIMIT)
         while True:
             state, seconds = loop_fn(self._graphdefs, statics, self._weights, state, params, chunk)
             loop_compile += seconds

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-import json
-
-import numpy as np
-
-from eagle3_jax.atomic import atomic_directory
+from eagle3_jax.atomic import atomic_directory, check_destination
 from eagle3_jax.config import Eagle3Config, Qwen3Config
 from eagle3_jax.errors import CheckpointError, ConfigError
 from eagle3_jax.hub import resolve_model_dir
@@ -21,9 +19,24 @@ from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.weights import converted
 from eagle3_jax.weights.params import export_safetensors, load_safetensors_into
 from eagle3_jax.weights.rules import eagle3_rules, qwen3_rules
-from eagle3_jax.weights.safetensors_io import checkpoint_files
+from eagle3_jax.weights.safetensors_io import SafetensorsFile, checkpoint_files
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# The marker of an HF-format export of eagle3-jax (save_target, save_draft): a key of the
+# safetensors metadata, so the directory stays exactly what SpecForge, SGLang and vLLM load.
+EXPORT_MARKER_KEY = "eagle3_jax_export"
+
+
+def is_export(path: str, kind: str) -> bool:
+    """True if ``path`` is a directory that :func:`save_target` (kind 'target') or :func:`save_draft` ('draft') wrote."""
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        return False
+    try:
+        return SafetensorsFile(weights).metadata.get(EXPORT_MARKER_KEY) == kind
+    except CheckpointError:
+        return False
 
 
 def default_dtype():
@@ -76,6 +89,7 @@ def convert_target(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None
     ``dtype`` defaults to bfloat16 (the dtype of published checkpoints);
     loading casts to whatever dtype is asked for then.
     """
+    check_destination(dst, overwrite=overwrite, replaceable=converted.is_converted, what="converted checkpoint")
     model_dir = resolve_model_dir(src)
     dtype = parse_dtype(dtype or "bfloat16")
     model = load_target(model_dir, dtype=dtype, progress=progress)
@@ -92,9 +106,8 @@ def save_target(model: Qwen3ForCausalLM, output_dir: str | os.PathLike, *, dtype
 
     cfg = model.config
     out = os.path.abspath(os.fspath(output_dir))
-    is_model = lambda p: os.path.exists(os.path.join(p, "config.json")) and os.path.exists(
-        os.path.join(p, "model.safetensors"))
-    with atomic_directory(out, overwrite=overwrite, replaceable=is_model) as tmp:
+    with atomic_directory(out, overwrite=overwrite, replaceable=lambda p: is_export(p, "target"),
+                          what="exported target") as tmp:
         config = cfg.to_hf_dict()
         config["torch_dtype"] = parse_dtype(dtype).name
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -105,7 +118,7 @@ def save_target(model: Qwen3ForCausalLM, output_dir: str | os.PathLike, *, dtype
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump(generation, f, indent=2)
         export_safetensors(model, qwen3_rules(cfg.tie_word_embeddings), os.path.join(tmp, "model.safetensors"),
-                           dtype=parse_dtype(dtype))
+                           dtype=parse_dtype(dtype), metadata={"format": "pt", EXPORT_MARKER_KEY: "target"})
         if tokenizer_dir:
             for name in os.listdir(tokenizer_dir):
                 if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or name.endswith(".jinja"):
@@ -184,22 +197,22 @@ def save_draft(head: Eagle3DraftHead, output_dir: str | os.PathLike, *, embeddin
     """
     own = head.embed_tokens is not None
     out = os.path.abspath(os.fspath(output_dir))
-    is_head = lambda p: os.path.exists(os.path.join(p, "config.json")) and os.path.exists(
-        os.path.join(p, "model.safetensors"))
-    with atomic_directory(out, overwrite=overwrite, replaceable=is_head) as tmp:
+    with atomic_directory(out, overwrite=overwrite, replaceable=lambda p: is_export(p, "draft"),
+                          what="exported draft head") as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(head.config.to_hf_dict(), f, indent=2)
         extra = None
         if not own and embedding is not None:
             extra = {"embed_tokens.weight": np.asarray(jax.device_get(embedding)).astype(parse_dtype(dtype))}
         export_safetensors(head, eagle3_rules(own), os.path.join(tmp, "model.safetensors"), dtype=parse_dtype(dtype),
-                           extra=extra)
+                           extra=extra, metadata={"format": "pt", EXPORT_MARKER_KEY: "draft"})
     return out
 
 
 def convert_draft(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
                   progress: bool = True) -> str:
     """Converts a draft head into the orbax format (what :func:`convert_target` does for targets)."""
+    check_destination(dst, overwrite=overwrite, replaceable=converted.is_converted, what="converted checkpoint")
     model_dir = resolve_model_dir(src)
     head = load_draft(model_dir, dtype=parse_dtype(dtype or "bfloat16"), progress=progress)
     return converted.save_converted(head, model_dir, os.fspath(dst), kind="draft", overwrite=overwrite,

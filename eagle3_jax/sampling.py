@@ -13,7 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.errors import InputError
+from eagle3_jax.checks import check_int, check_real
+
+# top-k beyond this is pointless and costs a sort of that width (2**24 exceeds every real vocabulary).
+MAX_TOP_K = 2**24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +35,11 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        # Normalised to Python numbers: the dataclass is hashed into compile-cache keys.
+        object.__setattr__(self, "temperature", check_real("temperature", self.temperature, minimum=0.0))
+        object.__setattr__(self, "top_p", check_real("top_p", self.top_p, minimum=0.0, maximum=1.0,
+                                                     open_minimum=True))
+        object.__setattr__(self, "top_k", check_int("top_k", self.top_k, minimum=0, maximum=MAX_TOP_K))
 
     @property
     def greedy(self) -> bool:
