@@ -12,13 +12,23 @@ import numpy as np
 from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 
-RUNNING, FINISH_EOS, FINISH_LENGTH = 0, 1, 2
-_REASON_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length"}
+RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
+_REASON_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length", FINISH_NONFINITE: "nonfinite"}
 
 
 def finish_reasons(codes) -> list[str | None]:
-    """Finish codes -> 'eos' / 'length' (None for a row still running)."""
+    """Finish codes -> 'eos' / 'length' / 'nonfinite' (None for a row still running)."""
     return [_REASON_NAMES.get(int(c)) for c in np.asarray(codes)]
+
+
+def nonfinite_rows(logits: jax.Array) -> jax.Array:
+    """[batch] bool: rows of ``logits`` [batch, ...] with any NaN or infinity.
+
+    A model with sound weights never produces them (nothing masks logits to
+    -inf before selection), so one means broken weights or a numeric blow-up.
+    A reduction over logits already computed: no extra forward.
+    """
+    return ~jnp.all(jnp.isfinite(logits), axis=tuple(range(1, logits.ndim)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +85,10 @@ class DecodeResult:
     Attributes:
       tokens: [batch, max_new_tokens] int32, generated tokens; -1 past the end.
       num_generated: [batch] int32.
-      finish_reason: [batch] int32, RUNNING / FINISH_EOS / FINISH_LENGTH.
-      num_forwards: [batch] int32, target forwards after prefill.
+      finish_reason: [batch] int32, RUNNING / FINISH_EOS / FINISH_LENGTH /
+        FINISH_NONFINITE (the model's logits were not finite; see ``append``).
+      num_forwards: [batch] int32, target forwards after prefill (a forward
+        whose logits were not finite is not counted).
       prompt_lengths: [batch] int32.
     """
 
@@ -88,33 +100,40 @@ class DecodeResult:
 
     @classmethod
     def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array,
-              stop_ids: jax.Array) -> "DecodeResult":
-        """The result after prefill: one generated token per row."""
+              stop_ids: jax.Array, nonfinite: jax.Array | None = None) -> "DecodeResult":
+        """The result after prefill: one generated token per row (none, and
+        'nonfinite', for a row flagged in ``nonfinite`` [batch] bool)."""
         batch = first_token.shape[0]
         zeros = jnp.zeros((batch,), jnp.int32)
         empty = cls(tokens=jnp.full((batch, settings.max_new_tokens), -1, jnp.int32), num_generated=zeros,
                     finish_reason=zeros, num_forwards=zeros, prompt_lengths=prompt_lengths.astype(jnp.int32))
-        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings, stop_ids)
+        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings, stop_ids,
+                            nonfinite=nonfinite)
 
     def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings, stop_ids: jax.Array,
-               forwards: jax.Array | None = None) -> "DecodeResult":
+               forwards: jax.Array | None = None, nonfinite: jax.Array | None = None) -> "DecodeResult":
         """Appends up to ``counts[b]`` of ``new_tokens[b]`` to each running row.
 
         A row keeps tokens up to and including its first stop token, and no
         more than ``max_new_tokens`` in all or than the cache can hold
         (prompt + generated <= capacity); it then finishes with 'eos' or
-        'length'. Finished rows are unchanged.
+        'length'. A running row flagged in ``nonfinite`` appends nothing
+        (its candidate tokens were chosen from non-finite logits), does not
+        count the forward, and finishes with 'nonfinite'; the tokens it
+        appended before stay. Finished rows are unchanged.
 
         Args:
           new_tokens: [batch, k] int32 candidate tokens, in order.
           counts: [batch] int32, how many of them are real (0..k).
           stop_ids: [num_stops] int32 stop tokens (-1 entries never match).
           forwards: [batch] int32 target forwards to add to the counters.
+          nonfinite: [batch] bool, rows whose logits this step were not finite.
         """
         batch, k = new_tokens.shape
         running = self.finish_reason == RUNNING
+        bad = jnp.zeros((batch,), bool) if nonfinite is None else running & nonfinite
         idx = jnp.arange(k, dtype=jnp.int32)[None, :]
-        counts = jnp.where(running, counts, 0)
+        counts = jnp.where(running & ~bad, counts, 0)
         valid = idx < counts[:, None]
         is_stop = valid & jnp.any((new_tokens[:, :, None] == stop_ids[None, None, :]) & (stop_ids >= 0), axis=-1)
         has_stop = jnp.any(is_stop, axis=1)
@@ -127,8 +146,10 @@ class DecodeResult:
         num_generated = self.num_generated + take
         full = (num_generated >= settings.max_new_tokens) | (self.prompt_lengths + num_generated >= settings.capacity)
         reason = jnp.where(has_stop & (through_stop <= room), FINISH_EOS, jnp.where(full, FINISH_LENGTH, RUNNING))
+        reason = jnp.where(bad, FINISH_NONFINITE, reason)
         reason = jnp.where(running, reason, self.finish_reason)
-        num_forwards = self.num_forwards if forwards is None else self.num_forwards + jnp.where(running, forwards, 0)
+        num_forwards = (self.num_forwards if forwards is None
+                        else self.num_forwards + jnp.where(running & ~bad, forwards, 0))
         return dataclasses.replace(self, tokens=tokens, num_generated=num_generated, finish_reason=reason,
                                    num_forwards=num_forwards)
 

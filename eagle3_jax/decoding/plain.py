@@ -2,7 +2,9 @@
 
 ``prefill`` runs the prompt through the target and picks the first token;
 ``decode_loop`` is one ``lax.while_loop`` that feeds each new token back until
-every row is done. Both take the model as an NNX module (merge it from
+every row is done. A row whose logits are not finite (NaN / inf: broken
+weights or a numeric blow-up) finishes with 'nonfinite' without the token
+chosen from them. Both take the model as an NNX module (merge it from
 ``graphdef, state`` inside your own ``jax.jit``), so they also run under an
 outer jit; :class:`eagle3_jax.generation.Generator` wraps them for host use.
 """
@@ -14,7 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimeParams, finish_reasons, prefill
+from eagle3_jax.decoding.common import (DecodeResult, DecodeSettings, RuntimeParams, finish_reasons, nonfinite_rows,
+                                        prefill)
 from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.sampling import select_tokens
@@ -52,13 +55,16 @@ def start(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array,
     logits, cache, _ = prefill(model, tokens, prompt_lengths, settings)
     rng, sub = jax.random.split(rng)
     first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k)
-    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids)
+    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids, nonfinite=nonfinite_rows(logits))
     return PlainLoopState(cache=cache, last_token=first, result=result, rng=rng, iterations=jnp.zeros((), jnp.int32))
 
 
 def step(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams,
          settings: DecodeSettings) -> PlainLoopState:
-    """One target forward for every unfinished row; finished rows are left untouched."""
+    """One target forward for every unfinished row; finished rows are left untouched.
+
+    A row whose logits are not finite appends nothing and finishes with 'nonfinite'.
+    """
     cache, result = state.cache, state.result
     active = result.finish_reason == 0
     capacity = cache.capacity
@@ -70,7 +76,7 @@ def step(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams,
                           top_k=settings.top_k)
     cache = out.cache.with_lengths(cache.lengths + active)
     result = result.append(token[:, None], active.astype(jnp.int32), settings, params.stop_ids,
-                           forwards=active.astype(jnp.int32))
+                           forwards=active.astype(jnp.int32), nonfinite=nonfinite_rows(out.logits))
     return PlainLoopState(cache=cache, last_token=jnp.where(active, token, state.last_token), result=result, rng=rng,
                           iterations=state.iterations + 1)
 

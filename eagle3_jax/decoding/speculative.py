@@ -13,6 +13,16 @@ Rejected branches leave no trace: their target K/V sit past the committed
 length and are overwritten by the next cycle, and the draft's tree K/V are
 overwritten by the extend. Both caches are allocated with headroom past the
 user's capacity so that provisional writes always fit.
+
+Non-finite logits (NaN / inf: broken weights or a numeric blow-up) finish a
+row with 'nonfinite', keeping the tokens committed before. The rule, per row
+and cycle: if ANY of the target's logits over the verified tree, or any draft
+logit the tree was built from (``Tree.draft_finite``), is not finite, the
+cycle commits nothing and the row finishes. Every tree node is a real token
+in a real context, so a sound model never gives a non-finite logit anywhere
+in the tree; and non-finite draft logits can corrupt the tree's structure
+(even greedy output), so the draft is held to the same rule. The prefill's
+logits are checked as in plain decoding.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimeParams, prefill
+from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimeParams, nonfinite_rows, prefill
 from eagle3_jax.decoding.tree import TreeSpec, draft_tree, root_candidates, tree_attention_mask
 from eagle3_jax.decoding.verify import accept_greedy, accept_sampling
 from eagle3_jax.kv_cache import KVCache, causal_mask
@@ -101,7 +111,7 @@ def start(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, tokens: jax.Array, p
                 causal_mask(jnp.zeros((batch,), jnp.int32), bucket, alloc.capacity), hidden_is_features=True,
                 logits_indices=last)
     children, logp = root_candidates(out.logits[:, 0], draft, spec.topk)
-    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids)
+    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids, nonfinite=nonfinite_rows(logits))
     return SpecLoopState(
         target_cache=target_cache, draft_cache=out.cache.with_lengths(prompt_lengths), root=first,
         root_children=children, root_logp=logp,
@@ -112,7 +122,11 @@ def start(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, tokens: jax.Array, p
 
 def step(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, state: SpecLoopState, params: RuntimeParams,
          settings: DecodeSettings, spec: TreeSpec) -> SpecLoopState:
-    """One draft-verify-accept-commit cycle for every unfinished row."""
+    """One draft-verify-accept-commit cycle for every unfinished row.
+
+    A row whose tree logits (target) or drafting logits are not finite
+    commits nothing and finishes with 'nonfinite' (see the module docstring).
+    """
     depth_max = spec.num_steps
     active = state.result.finish_reason == 0
     tcache, dcache = state.target_cache, state.draft_cache
@@ -132,7 +146,8 @@ def step(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, state: SpecLoopState,
     else:
         acc = accept_sampling(tree, out.logits, sub, params.temperature, params.top_p, top_k=settings.top_k,
                               depth_max=depth_max)
-    length = jnp.where(active, acc.length, 0)
+    nonfinite = active & (~tree.draft_finite | nonfinite_rows(out.logits))
+    length = jnp.where(active & ~nonfinite, acc.length, 0)
 
     # Commit the target: gather the path's K/V into contiguous slots n .. n+L-1.
     j = jnp.arange(depth_max + 1, dtype=jnp.int32)[None, :]
@@ -152,7 +167,8 @@ def step(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, state: SpecLoopState,
     new_root = jnp.take_along_axis(emitted, last, axis=1)[:, 0]
 
     before = state.result.num_generated
-    result = state.result.append(emitted, length, settings, params.stop_ids, forwards=active.astype(jnp.int32))
+    result = state.result.append(emitted, length, settings, params.stop_ids, forwards=active.astype(jnp.int32),
+                                 nonfinite=nonfinite)
     step_index = jnp.where(active, state.result.num_forwards, settings.max_new_tokens)
     accept_lengths = state.accept_lengths.at[jnp.arange(n.shape[0]), step_index].set(
         result.num_generated - before, mode="drop")

@@ -14,6 +14,11 @@ ancestor-closed even with ties: a parent's score is never below its child's
 and its slot is always lower. Draft K/V written while drafting go to
 provisional slots after the committed length and are never committed; the
 extend over accepted tokens overwrites them.
+
+Non-finite draft logits (a NaN / inf in the head) would corrupt the ranking,
+and with it the tree's structure, so a tree records whether every draft logit
+it was built from was finite (``Tree.draft_finite``); the speculative loop
+finishes a row drafted from non-finite logits as 'nonfinite'.
 """
 
 from __future__ import annotations
@@ -76,12 +81,16 @@ class Tree:
       parents: [batch, N] int32 tree index of each node's parent (root: 0).
       depths: [batch, N] int32 (root: 0).
       ancestors: [batch, N, N] bool, ancestors[i, j]: j is i or an ancestor of i.
+      draft_finite: [batch] bool, every draft logit behind the tree was
+        finite: the root's (``root_candidates`` turns non-finite ones into
+        NaN ``root_logp``) and each drafting step's.
     """
 
     tokens: jax.Array
     parents: jax.Array
     depths: jax.Array
     ancestors: jax.Array
+    draft_finite: jax.Array
 
 
 def ancestor_closure(parents: jax.Array, depth_bound: int) -> jax.Array:
@@ -94,9 +103,15 @@ def ancestor_closure(parents: jax.Array, depth_bound: int) -> jax.Array:
 
 
 def root_candidates(logits: jax.Array, head: Eagle3DraftHead, topk: int) -> tuple[jax.Array, jax.Array]:
-    """Top-K children of the root from its draft logits [batch, draft_vocab]: (target ids, log-probs), [batch, K]."""
-    logp, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), topk)
-    return head.to_target_ids(ids), logp
+    """Top-K children of the root from its draft logits [batch, draft_vocab]: (target ids, log-probs), [batch, K].
+
+    A row whose logits are not all finite gets NaN log-probs, so that the tree
+    drafted from them has ``draft_finite`` False.
+    """
+    logits = logits.astype(jnp.float32)
+    logp, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1, keepdims=True)
+    return head.to_target_ids(ids), jnp.where(finite, logp, jnp.nan)
 
 
 def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Array, root_children: jax.Array,
@@ -116,6 +131,8 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
       active: [batch] bool; finished rows write nothing.
     Returns:
       The tree and the draft cache (with provisional writes past ``lengths``).
+      ``tree.draft_finite`` is False for a row whose ``root_logp`` or
+      drafting logits had a NaN / inf (its tree may then be malformed).
     """
     k, depth_max, n_tree = spec.topk, spec.num_steps, spec.num_draft_tokens
     batch = root_token.shape[0]
@@ -131,6 +148,7 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
     beam_hidden = jnp.broadcast_to(root_hidden[:, None, :], (batch, k, root_hidden.shape[-1]))
     beam_anc = jnp.zeros((batch, k, max(prov, 1)), bool)  # provisional slots of each beam node's ancestors
     offset = k
+    draft_finite = jnp.all(jnp.isfinite(root_logp), axis=-1)
     for step in range(2, depth_max + 1):
         own = (step - 2) * k + jnp.arange(k, dtype=jnp.int32)  # this step's provisional offsets
         anc = beam_anc | (jnp.arange(beam_anc.shape[-1])[None, None, :] == own[None, :, None])
@@ -139,6 +157,7 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
         positions = jnp.broadcast_to((n + step - 2)[:, None], (batch, k))
         out = head(embed(beam_token), beam_hidden, positions, cache, slots, visible, hidden_is_features=False)
         cache = out.cache
+        draft_finite = draft_finite & jnp.all(jnp.isfinite(out.logits), axis=(1, 2))
         logp, ids = jax.lax.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)  # [batch, K, K]
         child_score = (beam_score[:, :, None] + logp).reshape(batch, k * k)
         child_token = head.to_target_ids(ids).reshape(batch, k * k)
@@ -173,6 +192,7 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
         depths=jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.take_along_axis(cand_depth, chosen, axis=1)],
                                axis=1),
         ancestors=None,
+        draft_finite=draft_finite,
     )
     return dataclasses.replace(tree, ancestors=ancestor_closure(tree.parents, depth_max)), cache
 

@@ -12,6 +12,11 @@ path's draft tokens plus the bonus (1 .. D+1 of them).
   renormalise before the next sibling. If all are rejected (or there are
   none), draw the bonus from what remains. The output is distributed exactly
   as plain sampling from the target.
+
+Both assume finite logits: with a NaN the argmax or the draw is arbitrary.
+The speculative loop checks every tree logit (``nonfinite_rows``) and commits
+nothing from a row with a non-finite one, so what these return for it is
+never used.
 """
 
 from __future__ import annotations
