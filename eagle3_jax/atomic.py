@@ -166,13 +166,19 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False, replac
     if empty_ok and _is_empty_dir(dst):
         pass
     elif os.path.lexists(dst):
-        if not overwrite:
-            raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-        if os.path.islink(dst) or not os.path.isdir(dst) or not replaceable(dst):
-            raise CheckpointError(f"{dst}: exists and is not an output of eagle3-jax (it is {_describe(dst)}, "
+        ours = not os.path.islink(dst) and os.path.isdir(dst) and replaceable(dst)
+        if not ours:
+            raise CheckpointError(f"{dst}: already exists and is not an output of eagle3-jax (it is {_describe(dst)}, "
                                   f"not an eagle3-jax {what}); refusing to replace it (choose another path, "
                                   "or move it away yourself)")
+        if not overwrite:
+            raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(dst)
+    ancestor = parent
+    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(f"{dst}: can not write there: {ancestor} is {_describe(ancestor)}, not a directory")
     try:
         os.makedirs(parent, exist_ok=True)
         probe = tempfile.mkdtemp(prefix=_PARTIAL.format(name=os.path.basename(dst)) + "probe-", dir=parent)

@@ -626,12 +626,12 @@ def _cmd_generate(args) -> int:
 
 def _check_finite_outputs(outputs) -> int:
     """Exit status 1 with an error line when a row stopped on non-finite logits (broken weights or numerics)."""
-    bad = [i for i, out in enumerate(outputs) if out.finish_reason == "nonfinite"]
-    if not bad:
+    from eagle3_jax.generation import nonfinite_message
+
+    message = nonfinite_message(outputs)
+    if message is None:
         return 0
-    print(f"error: the model produced non-finite logits (NaN or Inf) for prompt(s) {', '.join(map(str, bad))}; "
-          "generation stopped there (finish_reason 'nonfinite'). The weights are broken, or the dtype overflows: "
-          "check the checkpoint, or try --dtype float32", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     return EXIT_ERROR
 
 

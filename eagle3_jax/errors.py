@@ -21,3 +21,7 @@ class CheckpointError(Eagle3Error):
 
 class InputError(Eagle3Error, ValueError):
     """Arguments to generation (prompts, lengths, sampling knobs) are invalid."""
+
+
+class NumericsError(Eagle3Error):
+    """The model produced non-finite logits (NaN or Inf): broken weights, or a dtype that overflows."""

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from eagle3_jax.atomic import atomic_directory, check_destination
 from eagle3_jax.errors import InputError
-from eagle3_jax.generation import GenerationOutput, Generator
+from eagle3_jax.generation import GenerationOutput, Generator, require_finite
 from eagle3_jax.jsonl import iter_jsonl
 from eagle3_jax.sampling import SamplingParams
 
@@ -152,6 +152,7 @@ def run_benchmark(generator: Generator, formatter: PromptFormatter, prompts: Seq
             ids = [formatter(conversations[i]) for i in chunk]
             outs: list[GenerationOutput] = generator.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                                               seed=seed + start, stop_token_ids=stop)
+            require_finite(outs, f"{desc or 'benchmark'}, turn {turn + 1}")
             seconds += outs[0].prefill_seconds + outs[0].decode_seconds
             for i, o in zip(chunk, outs):
                 accepted += o.accept_lengths

@@ -24,7 +24,7 @@ from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding import plain, speculative
 from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams, finish_reasons
 from eagle3_jax.decoding.tree import TreeSpec
-from eagle3_jax.errors import InputError
+from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.memory import check_generation_memory
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
@@ -48,7 +48,10 @@ class GenerationOutput:
 
     Attributes:
       token_ids: the generated tokens (a final stop token included).
-      finish_reason: 'eos' (a stop token) or 'length' (max_new_tokens or a full cache).
+      finish_reason: 'eos' (a stop token), 'length' (max_new_tokens or a full
+        cache), or 'nonfinite': the target's or the draft's logits held NaN or
+        Inf (broken weights, or a dtype that overflows); the tokens before
+        that are kept and the row stopped there (see :func:`require_finite`).
       num_target_forwards: target forwards after the prefill (verify forwards
         when speculative).
       accept_lengths: tokens committed by each target forward after the
@@ -366,6 +369,24 @@ class Generator:
                 tokens_per_second=n / elapsed,
             ))
         return outputs
+
+
+def nonfinite_message(outputs: Sequence[GenerationOutput]) -> str | None:
+    """The explanation of the rows that stopped on non-finite logits, or None if there are none."""
+    bad = [i for i, out in enumerate(outputs) if out.finish_reason == "nonfinite"]
+    if not bad:
+        return None
+    rows = ", ".join(f"{i} (after {len(outputs[i].token_ids)} tokens)" for i in bad[:8])
+    return (f"the model produced non-finite logits (NaN or Inf) for prompt(s) {rows}{' ...' if len(bad) > 8 else ''}; "
+            "generation stopped there (finish_reason 'nonfinite'). The target's or the draft head's weights are "
+            "broken, or the dtype overflows: check the checkpoints, or try float32")
+
+
+def require_finite(outputs: Sequence[GenerationOutput], where: str = "") -> None:
+    """Raises NumericsError if any row stopped on non-finite logits (for jobs whose results it would corrupt)."""
+    message = nonfinite_message(outputs)
+    if message:
+        raise NumericsError(f"{where}: {message}" if where else message)
 
 
 def generate(target: Qwen3ForCausalLM, prompts: Sequence[Sequence[int]], draft: Eagle3DraftHead | None = None, *,

@@ -33,14 +33,24 @@ from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 
 
+# Limits of the tree shape. The draft steps are unrolled in the compiled loop, so compile time
+# grows with the depth, and each step ranks K*K candidates. Published EAGLE-3 settings stay far
+# inside them: SGLang's (7, 10, 60) and the EAGLE papers' depth 8 and 60-64 verified tokens.
+MAX_NUM_STEPS = 16
+MAX_TOPK = 16
+MAX_DRAFT_TOKENS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeSpec:
     """Static shape of the draft tree (SGLang's speculative knobs).
 
     Attributes:
-      num_steps: depth D, the draft steps per cycle (the root's children are depth 1).
-      topk: K, children kept per expanded node and the beam width.
-      num_draft_tokens: N, tree nodes verified per cycle, the root included.
+      num_steps: depth D, the draft steps per cycle (the root's children are
+        depth 1); at most ``MAX_NUM_STEPS``.
+      topk: K, children kept per expanded node and the beam width; at most ``MAX_TOPK``.
+      num_draft_tokens: N, tree nodes verified per cycle, the root included;
+        at most ``MAX_DRAFT_TOKENS``.
     """
 
     num_steps: int
@@ -52,6 +62,11 @@ class TreeSpec:
         for name, value in (("num_steps", d), ("topk", k), ("num_draft_tokens", n)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, limit in (("num_steps", d, MAX_NUM_STEPS), ("topk", k, MAX_TOPK),
+                                   ("num_draft_tokens", n, MAX_DRAFT_TOKENS)):
+            if value > limit:
+                raise InputError(f"{name}={value} exceeds the limit of {limit} (published EAGLE-3 trees use "
+                                 "at most depth 8, top-k 10 and 64 verified tokens)")
         if n < 2:
             raise InputError("num_draft_tokens must be at least 2 (the root and one draft token)")
         if k == 1 and n != d + 1:

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from eagle3_jax.generation import Generator
+from eagle3_jax.errors import InputError
+from eagle3_jax.generation import Generator, require_finite
 from eagle3_jax.sampling import SamplingParams
 
 
@@ -48,13 +49,18 @@ def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence
                 rest.pop(0)  # the original assistant turn, replaced below
             if not messages or messages[-1]["role"] == "assistant":
                 continue
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            except Exception as e:  # a Jinja template can raise anything
+                raise InputError(f"conversation {i}: the tokenizer's chat template failed ({type(e).__name__}: "
+                                 f"{str(e).strip()[:200]})") from None
             rows.append(i)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             outs = generator.generate(chunk, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start,
                                       stop_token_ids=stop_ids)
+            require_finite(outs, f"conversations {rows[start]}..{rows[min(start + batch_size, len(rows)) - 1]}")
             for i, o in zip(rows[start:start + batch_size], outs):
                 tokens = [t for t in o.token_ids if t not in stop_ids]
                 state[i][0].append({"role": "assistant",
