@@ -102,6 +102,9 @@ def _add_runtime_options(p) -> None:
                    help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to 128)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="load weights that hold NaN or Inf instead of refusing them (generation still stops a row "
+                        "on non-finite logits, with finish_reason 'nonfinite')")
 
 
 def _add_tree_options(p) -> None:
@@ -356,8 +359,9 @@ def _cmd_regenerate(args) -> int:
     with atomic_file(args.output, overwrite=args.overwrite) as tmp:
         conversations = read_conversations(args.data)[: args.limit]
         tokenizer = _load_tokenizer(model_dir, required=True)
-        target = load_target(model_dir, dtype=args.dtype)
-        draft = load_draft(draft_dir, target.config, dtype=args.dtype) if draft_dir else None
+        target = load_target(model_dir, dtype=args.dtype, check_finite=args.check_finite)
+        draft = (load_draft(draft_dir, target.config, dtype=args.dtype, check_finite=args.check_finite)
+                 if draft_dir else None)
         gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
                         num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len)
         result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -439,8 +443,9 @@ def _cmd_eval(args) -> int:
     benchmarks = load_benchmarks(args.bench, files=dict(args.bench_file), bench_dir=args.bench_dir,
                                  limit=args.num_prompts)
     tokenizer = _load_tokenizer(model_dir, required=True)
-    target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
-    draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, **overrides)
+    target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
+    draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
+                       check_finite=args.check_finite, **overrides)
     results = evaluate(target, draft, tokenizer, benchmarks, args.knobs, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
                        use_chat=args.chat, max_cache_len=args.max_cache_len, progress=not args.json)
@@ -599,10 +604,11 @@ def _cmd_generate(args) -> int:
     check_memory(target_config, settings, len(prompts), bucket, draft_config=draft_config, spec=spec,
                  weights_bytes=_weights_bytes(target_config, dtype))
 
-    target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
+    target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
     draft = None
     if draft_dir is not None:
-        draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, **overrides)
+        draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
+                           check_finite=args.check_finite, **overrides)
     gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
                     num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len)
     stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)

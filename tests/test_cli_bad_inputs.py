@@ -75,6 +75,13 @@ def _poison(tensors):
     tensors[name] = t.astype(tensors[name].dtype)
 
 
+def _poison_any(tensors):
+    name = next(n for n in sorted(tensors) if tensors[n].dtype.kind == "f" or "bfloat16" in str(tensors[n].dtype))
+    t = tensors[name].astype(np.float32)
+    t.flat[0] = np.inf
+    tensors[name] = t.astype(tensors[name].dtype)
+
+
 def _overlap(path):
     """Two tensors claim the same bytes (the reference implementation refuses such files)."""
     with open(path, "rb") as f:
@@ -185,6 +192,8 @@ CASES = [
     Case("weights overlapping offsets", lambda t, h, w: _overlap(os.path.join(t, "model.safetensors")),
          match="model.safetensors"),
     Case("weights nan", lambda t, h, w: _rewrite_weights(t, _poison), match="down_proj"),
+    Case("weights nan, loaded anyway", lambda t, h, w: _rewrite_weights(t, _poison), match="non-finite logits"),
+    Case("head weights nan", lambda t, h, w: _rewrite_weights(h, _poison_any), match="non-finite"),
     Case("index escapes dir", index(lambda keys: {k: "../../../../etc/passwd" for k in keys}), match="index"),
     Case("index absolute path", index(lambda keys: {k: "/etc/passwd" for k in keys}), match="index"),
     Case("index wrong types", index(lambda keys: {k: 7 for k in keys}), match="index"),
@@ -214,6 +223,8 @@ CASES = [
 ]
 
 ARGV = {
+    "weights nan, loaded anyway": gen("--no-check-finite"),
+    "head weights nan": gen("--draft", "{h}"),
     "head eagle_config list": gen("--draft", "{h}"),
     "head vocab mismatch": gen("--draft", "{h}"),
     "head hidden string": gen("--draft", "{h}"),

@@ -80,3 +80,156 @@ def test_checkpoint_files_missing_shard(tmp_path):
     save_file({"a": np.ones(2, np.float32)}, tmp_path / "model-00001-of-00002.safetensors")
     with pytest.raises(CheckpointError, match="shard file\\(s\\) missing .*model-00002-of-00002"):
         checkpoint_files(str(tmp_path))
+
+
+# ------------------------------------------------------- header validation
+
+def _write(path, header, data=b"", n=None):
+    """A safetensors file with the given header (a dict, dumped as JSON) and data bytes."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if n is None else n) + raw + data)
+    return path
+
+
+def _f32(shape, begin, end):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, r"dtype must be a string .* not a list"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": ["a", 8]}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [False, 8]}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": {"0": 8}}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": [1.5], "data_offsets": [0, 8]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": -1, "data_offsets": [0, 8]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [2, [2]], "data_offsets": [0, 8]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}, "overflows"),
+    ({"dtype": "F32", "shape": [2]}, "has no data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, r"data_offsets \[8, 0\] end before they begin"),
+    ({"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype 'X9'"),
+    ([1, 2], "the header entry is a list"),
+])
+def test_malformed_entries_name_file_and_tensor(tmp_path, entry, message):
+    path = _write(tmp_path / "x.safetensors", {"w": entry}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=message) as e:
+        SafetensorsFile(path)
+    assert str(path) in str(e.value) and "'w'" in str(e.value)
+
+
+def test_negative_offset_is_reported_plainly(tmp_path):
+    path = _write(tmp_path / "x.safetensors", {"w": _f32([2], -8, 0)}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"tensor 'w': data_offsets must be \[begin, end\] with non-negative "
+                                              r"integers, not a list \(\[-8, 0\]\)"):
+        SafetensorsFile(path)
+
+
+def test_overlapping_offsets_are_refused(tmp_path):
+    path = _write(tmp_path / "x.safetensors", {"a": _f32([2], 0, 8), "b": _f32([2], 4, 12)}, b"\0" * 12)
+    with pytest.raises(CheckpointError, match=r"tensor 'b' \(bytes 4-12\) overlaps tensor 'a'"):
+        SafetensorsFile(path)
+    path = _write(tmp_path / "y.safetensors", {"a": _f32([2], 0, 8), "b": _f32([2], 0, 8)}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match="overlaps"):
+        SafetensorsFile(path)
+
+
+def test_gaps_and_trailing_bytes_are_refused(tmp_path):
+    path = _write(tmp_path / "x.safetensors", {"a": _f32([1], 0, 4), "b": _f32([1], 8, 12)}, b"\0" * 12)
+    with pytest.raises(CheckpointError, match=r"bytes 4-8 of the data section belong to no tensor"):
+        SafetensorsFile(path)
+    path = _write(tmp_path / "y.safetensors", {"a": _f32([1], 0, 4)}, b"\0" * 12)
+    with pytest.raises(CheckpointError, match="8 trailing bytes belong to no tensor"):
+        SafetensorsFile(path)
+
+
+def test_offsets_in_any_order_and_empty_tensors_load(tmp_path):
+    data = np.arange(4, dtype=np.float32).tobytes()
+    header = {"b": _f32([2], 8, 16), "e": _f32([0, 3], 8, 8), "a": _f32([2], 0, 8), "__metadata__": None}
+    f = SafetensorsFile(_write(tmp_path / "x.safetensors", header, data))
+    np.testing.assert_array_equal(f.read("a"), [0, 1])
+    np.testing.assert_array_equal(f.read("b"), [2, 3])
+    assert f.read("e").shape == (0, 3) and f.metadata == {}
+
+
+@pytest.mark.parametrize("metadata", [[1], "x", {"a": 1}, {"a": None}])
+def test_metadata_must_map_strings_to_strings(tmp_path, metadata):
+    path = _write(tmp_path / "x.safetensors", {"__metadata__": metadata, "w": _f32([2], 0, 8)}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match="__metadata__ must be an object of strings"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {}}', "repeats the key 'w'"),
+    (b'{"w": NaN}', "header is not JSON"),
+    (b'\xff\xfe{}', "header is not UTF-8"),
+    (b"[" * 100_000, "header is not JSON"),
+])
+def test_header_json_is_parsed_strictly(tmp_path, raw, message):
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_header_length_limit(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    with pytest.raises(CheckpointError, match="not a safetensors file, or truncated"):
+        SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_only_regular_files_are_read(tmp_path):
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"d\.safetensors: is a directory, not a safetensors file"):
+        SafetensorsFile(tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match="cannot open"):
+        SafetensorsFile(tmp_path / "absent.safetensors")
+    # FIFOs (which would block on open) are covered, with a hang guard, in test_weights_fuzz.py
+
+
+# ------------------------------------------------------------ index files
+
+def _index(tmp_path, weight_map):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors",
+                                   "..\\x.safetensors", "C:/x.safetensors", "", "./x.safetensors", "a//b"])
+def test_index_shard_names_must_stay_inside(tmp_path, shard):
+    with pytest.raises(CheckpointError, match="not a plain file name inside the model directory"):
+        checkpoint_files(_index(tmp_path, {"a": shard}))
+
+
+def test_index_absolute_path_to_a_real_checkpoint_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    save_file({"a": np.ones(2, np.float32)}, tmp_path / "elsewhere" / "model.safetensors")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        checkpoint_files(_index(tmp_path / "m", {"a": str(tmp_path / "elsewhere" / "model.safetensors")}))
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": ["a", "b"]}, r"expected a 'weight_map' object; found 'weight_map' a list"),
+    ({"weight_map": {"a": 1}}, r"weight_map\['a'\] must be a shard file name \(a string\), not a number"),
+    ({"weight_map": {"a": ["x.safetensors"]}}, r"must be a shard file name \(a string\), not a list"),
+    ({"weight_map": {}}, "weight_map' object is empty"),
+    ({"weights": {}}, "found no 'weight_map'"),
+    ([1], "found a list"),
+])
+def test_malformed_index(tmp_path, index, message):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message) as e:
+        checkpoint_files(str(tmp_path))
+    assert "model.safetensors.index.json" in str(e.value)
+
+
+def test_index_shards_may_be_symlinks_into_a_blob_store(tmp_path):
+    """Hugging Face cache snapshots: the names are plain, the targets live in ../../blobs."""
+    (tmp_path / "blobs").mkdir()
+    save_file({"a": np.ones(2, np.float32)}, tmp_path / "blobs" / "0123abcd")
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "model-00001-of-00001.safetensors").symlink_to("../../blobs/0123abcd")
+    files = checkpoint_files(_index(snap, {"a": "model-00001-of-00001.safetensors"}))
+    assert files == [str(snap / "model-00001-of-00001.safetensors")]
+    np.testing.assert_array_equal(SafetensorsFile(files[0]).read("a"), np.ones(2, np.float32))

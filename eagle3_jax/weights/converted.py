@@ -5,6 +5,11 @@ tokenizer and generation files) plus ``params/``, an orbax checkpoint of the
 parameters already in Flax layout (kernels [in, out]), and ``eagle3_jax.json``
 naming the format. It loads faster than safetensors: no renaming, no
 transposes, and orbax restores straight into the requested dtype.
+
+A broken directory (a marker that is not a JSON object, missing, truncated
+or garbled files under ``params/``, a FIFO where a file should be) is a
+CheckpointError naming the directory; restored floating parameters are
+checked for NaN and Inf unless that is turned off.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from eagle3_jax.atomic import atomic_directory
 from eagle3_jax.errors import CheckpointError
-from eagle3_jax.weights.params import flat_params, with_values
+from eagle3_jax.weights.params import count_nonfinite, flat_params, nonfinite_message, with_values
+from eagle3_jax.weights.safetensors_io import describe_json, read_json_file
 
 MARKER = "eagle3_jax.json"
 FORMAT = "eagle3-jax/orbax-params"
@@ -34,13 +42,14 @@ def is_converted(model_dir: str) -> bool:
 
 
 def read_marker(model_dir: str) -> dict:
+    """The marker of a converted directory, checked to be a JSON object of a format this version reads."""
     path = os.path.join(model_dir, MARKER)
-    try:
-        with open(path, encoding="utf-8") as f:
-            marker = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
+    marker = read_json_file(path, "converted-checkpoint marker")
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{path}: not a converted-checkpoint marker (expected a JSON object with "
+                              f"'format' and 'version', found {describe_json(marker)}); re-run the conversion")
+    version = marker.get("version")
+    if marker.get("format") != FORMAT or type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: unsupported format {marker.get('format')!r} version {marker.get('version')!r} "
             f"(this eagle3-jax reads {FORMAT!r} version {FORMAT_VERSION}); re-run the conversion"
@@ -54,25 +63,137 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def restore_into(abstract: nnx.Module, model_dir: str) -> nnx.Module:
+def _check_tree_files(model_dir: str, params_dir: str) -> None:
+    """Refuses a ``params/`` holding anything but directories and regular files.
+
+    orbax (tensorstore) would open a FIFO and block forever, or read a device.
+    Symlinks are followed, as in a Hub cache snapshot.
+    """
+    for root, dirs, files in os.walk(params_dir):
+        for name in files + dirs:
+            path = os.path.join(root, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as e:
+                raise CheckpointError(f"{model_dir}: broken converted checkpoint: {path}: {e.strerror or e}") from None
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise CheckpointError(f"{model_dir}: broken converted checkpoint: {path} is not a regular file")
+
+
+def _saved_shapes(model_dir: str, params_dir: str, ckpt) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape, from the orbax metadata of ``params_dir``."""
+    try:
+        item = ckpt.metadata(params_dir).item_metadata
+        tree = item.tree if item is not None else None
+    except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, JSONDecodeError, ...)
+        raise CheckpointError(f"{model_dir}: broken converted checkpoint: {params_dir} is not a readable "
+                              f"orbax checkpoint ({type(e).__name__}: {e}); re-run the conversion") from None
+    if tree is None:
+        raise CheckpointError(f"{model_dir}: broken converted checkpoint: the metadata of {params_dir} is missing "
+                              "or unreadable; re-run the conversion")
+    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
+        raise CheckpointError(f"{model_dir}: broken converted checkpoint: {params_dir} does not hold a flat "
+                              "mapping of parameter names to arrays; re-run the conversion")
+    shapes = {}
+    for k, v in tree.items():
+        shape = getattr(v, "shape", None)
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
+            raise CheckpointError(f"{model_dir}: broken converted checkpoint: entry {k!r} of {params_dir} "
+                                  "is not an array; re-run the conversion")
+        shapes[k] = shape
+    return shapes
+
+
+def _restore(ckpt, params_dir: str, target: dict) -> tuple[object, str | None]:
+    """orbax's restore, and a description of its failure (None when it worked).
+
+    The error is described and dropped here rather than chained: its
+    traceback holds orbax's pending read coroutines, which would otherwise
+    live as long as the CheckpointError and complain when collected later.
+    """
+    try:
+        return ckpt.restore(params_dir, target), None
+    except Exception as e:  # tensorstore and orbax errors have no common base class
+        return None, _root_cause(e)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of ``error``, on one short line (orbax wraps tensorstore's specific message)."""
+    for _ in range(8):
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _as_device_arrays(values, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array] | None:
+    """``values`` as device arrays of the target's shapes and dtypes, or None if the tree differs.
+
+    orbax hands back NumPy arrays when the checkpoint's ``_sharding`` file is
+    gone; the values are right, so they are placed on the default device.
+    """
+    if not isinstance(values, dict) or set(values) != set(target):
+        return None
+    out = {}
+    for k, want in target.items():
+        v = values[k]
+        if tuple(getattr(v, "shape", ())) != want.shape:
+            return None
+        out[k] = v if isinstance(v, jax.Array) and v.dtype == want.dtype else jax.device_put(np.asarray(v, want.dtype))
+    return out
+
+
+@jax.jit
+def _all_finite(array: jax.Array) -> jax.Array:
+    """Whether every value of ``array`` is finite (compiled once per shape and dtype)."""
+    return jnp.all(jnp.isfinite(array))
+
+
+def _on_host(array: jax.Array) -> bool:
+    return all(d.platform == "cpu" for d in array.devices())
+
+
+def check_finite_arrays(arrays: dict[str, jax.Array], source: str) -> None:
+    """Raises CheckpointError naming the first floating array that holds NaN or Inf, with the count.
+
+    Arrays in host memory are checked with NumPy on a zero-copy view (XLA's
+    CPU reduction is several times slower); arrays on an accelerator with a
+    compiled reduction there, all dispatched before one transfer of the flags.
+    """
+    floating = sorted(k for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.floating))
+    on_device = [k for k in floating if not _on_host(arrays[k])]
+    flags = dict(zip(on_device, jax.device_get([_all_finite(arrays[k]) for k in on_device])))
+    for k in floating:
+        if k in flags and flags[k]:
+            continue
+        array = np.asarray(jax.device_get(arrays[k]))
+        count = count_nonfinite(array)
+        if count:
+            raise CheckpointError(nonfinite_message(source, k, count, array))
+
+
+def restore_into(abstract: nnx.Module, model_dir: str, *, check_finite: bool = True) -> nnx.Module:
     """Restores ``params/`` of a converted directory into a copy of ``abstract``.
 
     The saved tree must have exactly the expected parameter names and shapes;
-    floating parameters are restored in the abstract module's dtype.
+    floating parameters are restored in the abstract module's dtype. With
+    ``check_finite`` (the default) a floating parameter holding NaN or Inf is
+    a CheckpointError naming it and the count. Any broken file under
+    ``params/`` is a CheckpointError naming the directory.
     """
     params_dir = os.path.abspath(os.path.join(model_dir, PARAMS_DIR))
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{model_dir}: converted checkpoint has no {PARAMS_DIR}/ directory")
+    _check_tree_files(model_dir, params_dir)
     expected = flat_params(abstract)
     ckpt = _checkpointer()
-    try:
-        saved = ckpt.metadata(params_dir).item_metadata.tree
-    except Exception as e:
-        raise CheckpointError(f"{params_dir}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
+    saved = _saved_shapes(model_dir, params_dir, ckpt)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
-    wrong = [f"{k}: saved {list(saved[k].shape)}, expected {list(expected[k].shape)}"
-             for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    wrong = [f"{k}: saved {list(saved[k])}, expected {list(expected[k].shape)}"
+             for k in expected if k in saved and tuple(saved[k]) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         lines = [f"{params_dir}: the converted parameters do not match the config"]
         if missing:
@@ -82,10 +203,16 @@ def restore_into(abstract: nnx.Module, model_dir: str) -> nnx.Module:
         lines.extend(wrong[:12])
         raise CheckpointError("\n  ".join(lines))
     target = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in expected.items()}
-    try:
-        values = ckpt.restore(params_dir, target)
-    except Exception as e:
-        raise CheckpointError(f"{params_dir}: restoring failed ({type(e).__name__}: {e})") from None
+    values, failure = _restore(ckpt, params_dir, target)
+    if failure is not None:
+        raise CheckpointError(f"{model_dir}: broken converted checkpoint: restoring {params_dir} failed "
+                              f"({failure}); re-run the conversion")
+    values = _as_device_arrays(values, target)
+    if values is None:
+        raise CheckpointError(f"{model_dir}: broken converted checkpoint: {params_dir} restored to a different "
+                              "tree than its metadata describes; re-run the conversion")
+    if check_finite:
+        check_finite_arrays(values, f"{model_dir} ({PARAMS_DIR}/)")
     return with_values(abstract, values)
 
 

@@ -5,7 +5,10 @@ checks every tensor against the module's expected parameters (names, shapes,
 dtypes), so a wrong or incomplete checkpoint fails in seconds with the full
 list of problems. The second copies tensors shard by shard, casting and
 transposing one tensor at a time, and places each on the device at once:
-host memory peaks near one tensor, device memory at the model size.
+host memory peaks near one tensor, device memory at the model size. Each
+floating tensor is checked for NaN and Inf as it passes through host memory
+(a corrupt weight otherwise loads silently and generation emits garbage);
+the check costs a fraction of the read and can be turned off.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -24,6 +28,47 @@ from eagle3_jax.weights.rules import RuleTable
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 _MAX_LISTED = 12
+_FINITE_CHUNK = 1 << 22  # elements per finiteness pass: the temporary mask stays at a few MB
+# dtypes whose NumPy isfinite is slow (ml_dtypes loops): test the exponent bits instead
+_EXPONENT_BITS = {np.dtype(ml_dtypes.bfloat16): (np.dtype(np.uint16), 0x7F80)}
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """The number of NaN and +-Inf values in a floating array (0 for other dtypes).
+
+    Runs in chunks so no full-size temporary is allocated; bfloat16 is tested
+    on its exponent bits (all ones means Inf or NaN), about 6x faster than
+    ml_dtypes' isfinite.
+    """
+    if not jnp.issubdtype(array.dtype, jnp.floating) or array.size == 0:
+        return 0
+    flat = np.ascontiguousarray(array).reshape(-1)
+    bits = _EXPONENT_BITS.get(flat.dtype)
+    if bits is not None:
+        flat = flat.view(bits[0])
+    count = 0
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        bad = (chunk & bits[1]) == bits[1] if bits is not None else ~np.isfinite(chunk)
+        if bad.any():
+            count += int(np.count_nonzero(bad))
+    return count
+
+
+def nonfinite_message(source: str, name: str, count: int, array: np.ndarray, *, cast_from: np.dtype | None = None,
+                      source_count: int | None = None) -> str:
+    """The CheckpointError message for ``count`` non-finite values in tensor ``name`` of ``source``.
+
+    When the tensor was cast from ``cast_from`` and held ``source_count == 0``
+    non-finite values before the cast, the cast overflowed: say so instead of
+    calling the checkpoint corrupt.
+    """
+    what = f"{source}: tensor {name!r} {list(array.shape)}"
+    if cast_from is not None and source_count == 0:
+        return (f"{what} overflows {array.dtype}: {count} of its {array.size} {np.dtype(cast_from)} values "
+                f"become Inf when cast; load it in a wider dtype (e.g. float32 or bfloat16)")
+    return (f"{what} holds {count} non-finite value(s) (NaN or Inf) of {array.size}: the checkpoint is corrupt "
+            "(re-download or re-convert it), or load with check_finite=False to accept it anyway")
 
 
 def flat_params(module_or_state) -> dict[str, nnx.Variable]:
@@ -55,12 +100,15 @@ def _dtype_compatible(file_dtype: np.dtype, param_dtype) -> bool:
 def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: RuleTable, *,
                           source: str, progress: bool = True,
                           place: Callable[[str, np.ndarray], jax.Array] = lambda path, a: jax.device_put(a),
+                          check_finite: bool = True,
                           ) -> nnx.Module:
     """Loads safetensors ``files`` into a copy of ``abstract`` (from ``nnx.eval_shape``).
 
     Floating tensors are cast to the dtype of the abstract parameter; integer
     and bool tensors must match exactly. Raises CheckpointError listing every
     missing, unexpected, duplicated or mis-shaped tensor before reading data.
+    With ``check_finite`` (the default) a floating tensor holding NaN or Inf
+    after the cast is a CheckpointError naming it and the count.
     """
     expected = flat_params(abstract)
     handles = [SafetensorsFile(f) for f in files]
@@ -117,8 +165,20 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
             array = array.astype(want)
         else:
             array = f.read(name, dtype=want)
+            if check_finite:
+                _check_finite(source, f, name, array)
         values[path] = place(path, rule.to_param(array))
     return with_values(abstract, values)
+
+
+def _check_finite(source: str, f: SafetensorsFile, name: str, array: np.ndarray) -> None:
+    """Raises CheckpointError if ``array`` (tensor ``name`` of ``f``, maybe cast) holds NaN or Inf."""
+    count = count_nonfinite(array)
+    if count:
+        cast_from = f.dtype(name) if f.dtype(name) != array.dtype else None
+        source_count = count_nonfinite(f.read(name)) if cast_from is not None else None
+        raise CheckpointError(nonfinite_message(f"{source} ({os.path.basename(f.path)})", name, count, array,
+                                                cast_from=cast_from, source_count=source_count))
 
 
 def export_safetensors(module: nnx.Module, table: RuleTable, path: str, *, dtype=None,
