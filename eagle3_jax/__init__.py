@@ -7,8 +7,8 @@ from eagle3_jax._xla_flags import apply_default_flags
 apply_default_flags()
 
 from eagle3_jax.config import Eagle3Config, Qwen3Config
-from eagle3_jax.errors import CheckpointError, ConfigError, Eagle3Error, InputError
-from eagle3_jax.generation import GenerationOutput, Generator, generate
+from eagle3_jax.errors import CheckpointError, ConfigError, Eagle3Error, InputError, NumericsError
+from eagle3_jax.generation import GenerationOutput, Generator, generate, require_finite
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.loading import convert_draft, convert_target, load_draft, load_target, save_draft
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
@@ -25,6 +25,7 @@ __all__ = [
     "Generator",
     "InputError",
     "KVCache",
+    "NumericsError",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "SamplingParams",
@@ -33,5 +34,6 @@ __all__ = [
     "generate",
     "load_draft",
     "load_target",
+    "require_finite",
     "save_draft",
 ]
