@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Sequence
 
+from eagle3_jax.checks import MAX_SEED
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3  # a bug: an exception the project did not anticipate
@@ -42,36 +44,24 @@ def _int_list(text: str) -> list[int]:
     return ids
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_type(what: str, minimum: int, maximum: int | None = None):
+    """An argparse type for integers in [minimum, maximum], described as ``what`` in its errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    from eagle3_jax.checks import MAX_SEED
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {MAX_SEED}], got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {MAX_SEED}], got {value}")
-    return value
+_positive_int = _int_type("a positive integer", 1)
+_non_negative_int = _int_type("a non-negative integer", 0)
+_seed = _int_type(f"an integer seed in [0, {MAX_SEED}]", 0, MAX_SEED)
 
 
 def _finite_float(text: str) -> float:

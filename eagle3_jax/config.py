@@ -304,6 +304,16 @@ def _derived_head_dim(hidden: int, heads: int, where: str) -> int:
     return head_dim
 
 
+def _attention_sizes(raw: Mapping[str, Any], where: str) -> tuple[int, int, int]:
+    """(hidden_size, num_attention_heads, head_dim); head_dim defaults to hidden_size // heads."""
+    hidden = _int(raw, "hidden_size", where)
+    heads = _int(raw, "num_attention_heads", where)
+    head_dim = _int(raw, "head_dim", where, default=None)
+    if head_dim is None:
+        head_dim = _derived_head_dim(hidden, heads, where)
+    return hidden, heads, head_dim
+
+
 def _require(raw: Mapping[str, Any], where: str, keys: Iterable[str]) -> None:
     missing = [k for k in keys if raw.get(k) is None]
     if missing:
@@ -453,11 +463,7 @@ class Qwen3Config:
                 raise ConfigError(f"{where}: only full_attention layers are supported, "
                                   f"got layer_types={_show(sorted(set(layer_types)))}")
 
-        hidden = _int(raw, "hidden_size", where)
-        heads = _int(raw, "num_attention_heads", where)
-        head_dim = _int(raw, "head_dim", where, default=None)
-        if head_dim is None:
-            head_dim = _derived_head_dim(hidden, heads, where)
+        hidden, heads, head_dim = _attention_sizes(raw, where)
         eos = _ids(raw, "eos_token_id", where)
         if generation_config is not None:
             _check_object(generation_config, generation_where)
@@ -680,12 +686,8 @@ class Eagle3Config:
         if ids is not None:
             ids = _ids(eagle, "eagle_aux_hidden_state_layer_ids", where,
                        name="eagle_config.eagle_aux_hidden_state_layer_ids", lo=MIN_AUX_LAYER_ID, hi=MAX_LAYERS - 2)
-        hidden = _int(raw, "hidden_size", where)
-        heads = _int(raw, "num_attention_heads", where)
+        hidden, heads, head_dim = _attention_sizes(raw, where)
         vocab = _int(raw, "vocab_size", where)
-        head_dim = _int(raw, "head_dim", where, default=None)
-        if head_dim is None:
-            head_dim = _derived_head_dim(hidden, heads, where)
         eos = _ids(raw, "eos_token_id", where)
         try:
             return cls(
