@@ -5,6 +5,12 @@ final-normed hidden states [T, H] (in the target's dtype) in one
 safetensors file; a training step then only applies the target's output
 head to the stored hidden states. This trades disk (about 4H values per
 token) for a target forward per step, which pays off over several epochs.
+
+The store is written atomically: the files go to a hidden temporary sibling
+that becomes the store, index last, once every example is done. A build
+killed midway therefore leaves no store (only the temporary sibling, which
+the next build removes), and a store whose files went missing later is
+refused as incomplete.
 """
 
 from __future__ import annotations
@@ -32,8 +38,17 @@ def _file(directory: str, i: int) -> str:
     return os.path.join(directory, f"{i:08d}.safetensors")
 
 
+def is_teacher_store(path: str) -> bool:
+    """Whether ``path`` is a directory that :meth:`TeacherStore.build` wrote (it holds the index)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX))
+
+
 class TeacherStore:
-    """Per-example target outputs on disk; :meth:`batch` assembles a padded batch."""
+    """Per-example target outputs on disk; :meth:`batch` assembles a padded batch.
+
+    Opening a store checks its index, its fingerprint (when given) and that
+    every example's file is there; a store that fails is a CheckpointError.
+    """
 
     def __init__(self, directory: str, fingerprint: str | None = None):
         path = os.path.join(directory, INDEX)
@@ -42,15 +57,26 @@ class TeacherStore:
                 self.index = json.load(f)
         except (OSError, ValueError):
             raise CheckpointError(f"{directory}: not a teacher store (no readable {INDEX})") from None
+        count = self.index.get("count") if isinstance(self.index, dict) else None
+        if not isinstance(count, int) or count < 0:
+            raise CheckpointError(f"{directory}: the teacher store's {INDEX} is malformed (no example count)")
         if fingerprint is not None and self.index.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{directory}: the teacher store was computed for other data")
+        missing = [i for i in range(count) if not os.path.isfile(_file(directory, i))]
+        if missing:
+            raise CheckpointError(f"{directory}: the teacher store is incomplete ({len(missing)} of {count} example "
+                                  f"files missing, first {os.path.basename(_file(directory, missing[0]))})")
         self.directory = directory
 
     @classmethod
     def build(cls, target: Qwen3ForCausalLM, examples: Sequence[Example], directory: str,
               feature_layers: tuple[int, ...], fingerprint: str, max_length: int, progress: bool = True,
               overwrite: bool = False) -> "TeacherStore":
-        """Runs the target over every example and writes the store atomically."""
+        """Runs the target over every example and writes the store atomically (see the module's docstring).
+
+        An existing ``directory`` is replaced only with ``overwrite`` and only
+        if it is a teacher store (:func:`is_teacher_store`).
+        """
         graph, weights = nnx.split(target)
 
         @jax.jit
@@ -61,8 +87,8 @@ class TeacherStore:
             return out.features[0], out.hidden[0]
 
         buckets = buckets_for(max_length)
-        replaceable = lambda p: os.path.exists(os.path.join(p, INDEX))
-        with atomic_directory(directory, overwrite=overwrite, replaceable=replaceable) as tmp:
+        with atomic_directory(directory, overwrite=overwrite, replaceable=is_teacher_store,
+                              what="teacher store") as tmp:
             for i, ex in enumerate(tqdm(examples, desc="precomputing teacher", unit="seq", disable=not progress)):
                 n = len(ex.tokens)
                 bucket = next(b for b in buckets if n <= b)

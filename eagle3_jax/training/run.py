@@ -1,10 +1,16 @@
 """A whole training run, from a target and data files to an exported head.
 
-The run directory holds everything a run produces: ``checkpoints/``
-(orbax), ``metrics.jsonl`` (one line per step), ``vocab.json`` (the vocabulary
-map's coverage), ``teacher/`` (with ``precompute``), ``summary.json`` and,
-when training ends, ``head/``, the trained head in the SpecForge/SGLang
-format (written atomically).
+The run directory holds everything a run produces: ``run.json`` (the job,
+written first: it marks the directory as a run of eagle3-jax),
+``checkpoints/`` (orbax), ``metrics.jsonl`` (one line per step),
+``vocab.json`` (the vocabulary map's coverage), ``teacher/`` (with
+``precompute``), ``summary.json`` and, when training ends, ``head/``, the
+trained head in the SpecForge/SGLang format (written atomically);
+``corrupt-checkpoints/`` holds checkpoints a resume found unreadable.
+
+A run killed at any point continues with ``resume``: from its newest
+readable checkpoint, or from step 0 when none was saved yet, reusing a
+complete precomputed teacher.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +26,13 @@ import numpy as np
 from flax import nnx
 
 from eagle3_jax.config import Eagle3Config
-from eagle3_jax.errors import InputError
+from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.loading import load_draft, load_target, save_draft
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.training.data import Batcher, load_examples
-from eagle3_jax.training.offline import TeacherStore
-from eagle3_jax.training.trainer import Trainer, TrainConfig, data_fingerprint
+from eagle3_jax.training.offline import TeacherStore, is_teacher_store
+from eagle3_jax.training.trainer import CHECKPOINTS, Trainer, TrainConfig, warn
 from eagle3_jax.training.vocab import coverage, token_counts, vocab_map
 
 
@@ -42,7 +49,8 @@ class TrainJob:
       init_head: start from this head (its vocabulary map is kept) instead of a new one.
       feature_layers: target layers feeding a new head (default [2, L//2, L-3]).
       precompute: run the target once over the data and train from disk.
-      resume: continue the run in ``output`` from its newest checkpoint.
+      resume: continue the run in ``output`` from its newest readable checkpoint (from step 0 if it
+        stopped before its first one).
       devices: data-parallel devices (None: all local devices).
       dtype: the target's dtype (None: bfloat16 on accelerators, float32 on CPU).
       export_embedding: write the target's embedding into the exported head
@@ -62,6 +70,116 @@ class TrainJob:
     devices: int | None = None
     dtype: str | None = None
     export_embedding: bool = True
+
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "eagle3-jax training run"
+TEACHER = "teacher"
+
+
+def _read_json(path: str):
+    """The JSON value in ``path``, or None if it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, value) -> None:
+    """Writes ``value`` to ``path`` atomically (a kill leaves the old file or the new one, never half of one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def is_run_directory(path: str) -> bool:
+    """Whether ``path`` holds a training run of eagle3-jax.
+
+    A run writes ``run.json`` before anything else; a run begun by an older
+    version, which had none, is recognised by its ``checkpoints/`` or its
+    ``vocab.json``.
+    """
+    info = _read_json(os.path.join(path, RUN_FILE))
+    if isinstance(info, dict) and info.get("format") == RUN_FORMAT:
+        return True
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        return True
+    vocab = _read_json(os.path.join(path, "vocab.json"))
+    return isinstance(vocab, dict) and {"draft_vocab_size", "coverage_of_training_tokens"} <= set(vocab)
+
+
+def prepare_run_directory(output: str, resume: bool) -> str:
+    """Checks ``output`` before any expensive work, creates it, and returns its absolute path.
+
+    Without ``resume`` it must be new, empty, or a run that stopped before
+    writing anything but its ``run.json``; with ``resume`` it must be a run
+    directory (:func:`is_run_directory`). In both cases it must be a
+    directory that can be written. Raises InputError otherwise.
+    """
+    out = os.path.abspath(os.path.expanduser(output))
+    if os.path.lexists(out) and not os.path.isdir(out):
+        kind = "a broken symbolic link" if not os.path.exists(out) else "a file"
+        raise InputError(f"{out}: --output must be a run directory, but this is {kind}; choose another --output")
+    if resume:
+        if not os.path.isdir(out):
+            raise InputError(f"{out}: nothing to resume (no such directory); drop --resume to start a new run")
+        if not is_run_directory(out):
+            raise InputError(f"{out}: nothing to resume (not a training run of eagle3-jax: no {RUN_FILE} or "
+                             f"{CHECKPOINTS}/)")
+    elif os.path.isdir(out) and os.listdir(out):
+        if not is_run_directory(out):
+            raise InputError(f"{out}: the directory is not empty and holds no training run of eagle3-jax; "
+                             "choose a new or empty --output")
+        if os.listdir(out) != [RUN_FILE]:  # only run.json: stopped before it wrote anything, nothing to lose
+            raise InputError(f"{out}: the run directory is not empty (pass --resume to continue it from its "
+                             "newest checkpoint, or choose another --output)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{out}: can not write the run directory ({e.strerror or e})") from None
+    return out
+
+
+def write_run_file(out: str, job: TrainJob) -> None:
+    """Records the job in ``out/run.json`` (the last start's knobs; it also marks the directory as a run)."""
+    knobs = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("output", "resume")}
+    _write_json(os.path.join(out, RUN_FILE), {"format": RUN_FORMAT, "version": 1, **knobs})
+
+
+def prepare_teacher(target, examples, out: str, feature_layers: tuple[int, ...], fingerprint: str,
+                    max_length: int, progress: bool = True) -> TeacherStore:
+    """The run's precomputed teacher, ``out/teacher``: reused if complete and made for this data, else (re)built.
+
+    :meth:`TeacherStore.build` writes the store atomically, so a build killed
+    midway leaves no ``teacher/`` (only a hidden partial sibling, which the
+    next build removes) and is redone here; a ``teacher/`` that is
+    incomplete, or was computed for other data or feature layers, is
+    replaced with a warning. A ``teacher/`` that is not a teacher store is
+    never replaced (CheckpointError).
+    """
+    store_dir = os.path.join(out, TEACHER)
+    if os.path.lexists(store_dir) and is_teacher_store(store_dir):
+        try:
+            store = TeacherStore(store_dir, fingerprint)
+        except CheckpointError as e:
+            warn(f"recomputing the teacher: {e}")
+        else:
+            if store.index.get("feature_layers") == list(feature_layers):
+                return store
+            warn(f"recomputing the teacher: {store_dir} was computed for feature layers "
+                 f"{store.index.get('feature_layers')}, not {list(feature_layers)}")
+    return TeacherStore.build(target, examples, store_dir, feature_layers, fingerprint, max_length,
+                              progress=progress, overwrite=True)
 
 
 def set_vocab_map(head: Eagle3DraftHead, d2t: np.ndarray, t2d: np.ndarray) -> None:
@@ -86,13 +204,16 @@ def make_mesh(devices: int | None):
 
 
 def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Runs (or resumes) a training job; returns its summary (also written to ``summary.json``)."""
+    """Runs (or resumes) a training job; returns its summary (also written to ``summary.json``).
+
+    The run directory is checked (and created) before anything is loaded. With
+    ``job.resume`` the run continues from its newest readable checkpoint
+    (:meth:`Trainer.restore_latest`), or from step 0 when it was stopped before
+    its first one.
+    """
     cfg = job.config
-    out = os.path.abspath(job.output)
-    if os.path.exists(out) and os.listdir(out) and not job.resume:
-        raise InputError(f"{out}: the run directory is not empty (pass --resume to continue it)")
-    if job.resume and not os.path.isdir(os.path.join(out, "checkpoints")):
-        raise InputError(f"{out}: nothing to resume (no checkpoints/)")
+    out = prepare_run_directory(job.output, job.resume)
+    write_run_file(out, job)
     target_dir = resolve_model_dir(job.target)
     from transformers import AutoTokenizer
 
@@ -100,7 +221,6 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
     target = load_target(target_dir, dtype=job.dtype, progress=progress)
     examples = load_examples(job.data, tokenizer, cfg.max_length)
     batcher = Batcher(examples, cfg.batch_size, cfg.max_length, cfg.seed)
-    os.makedirs(out, exist_ok=True)
 
     counts = token_counts(examples, target.config.vocab_size)
     if job.init_head:
@@ -112,22 +232,14 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
     vocab_info = {"draft_vocab_size": head.config.draft_vocab_size,
                   "coverage_of_training_tokens": coverage(counts, np.asarray(head.t2d[...])),
                   "training_tokens": int(counts.sum())}
-    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab_info, f, indent=2)
+    _write_json(os.path.join(out, "vocab.json"), vocab_info)
 
-    store = None
-    if job.precompute:
-        store_dir = os.path.join(out, "teacher")
-        fingerprint = data_fingerprint(batcher)
-        if os.path.exists(store_dir):
-            store = TeacherStore(store_dir, fingerprint)
-        else:
-            store = TeacherStore.build(target, examples, store_dir, head.config.feature_layers(target.config),
-                                       fingerprint, cfg.max_length, progress=progress)
-
-    trainer = Trainer(target, head, batcher, cfg, out, mesh=make_mesh(job.devices), teacher_store=store)
+    trainer = Trainer(target, head, batcher, cfg, out, mesh=make_mesh(job.devices))
     if job.resume and not trainer.restore_latest():
-        raise InputError(f"{out}: nothing to resume (no checkpoint saved yet)")
+        warn(f"{out}: no checkpoint was saved before the run stopped; training from step 0")
+    if job.precompute:  # after the restore, which refuses a checkpoint made for other data before this costs anything
+        trainer.teacher_store = prepare_teacher(target, examples, out, trainer.layers, trainer.fingerprint,
+                                                cfg.max_length, progress=progress)
     history = trainer.run(progress=progress, log_path=os.path.join(out, "metrics.jsonl"), stop_after=stop_after)
     finished = int(trainer.state.step) >= trainer.total_steps
     summary = {"steps": int(trainer.state.step), "total_steps": trainer.total_steps, "finished": finished,
@@ -136,6 +248,5 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
     if finished:
         embedding = target.model.embed_tokens.embedding[...] if job.export_embedding else None
         summary["head"] = save_draft(trainer.head(), os.path.join(out, "head"), embedding=embedding, overwrite=True)
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(os.path.join(out, "summary.json"), summary)
     return summary

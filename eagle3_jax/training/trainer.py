@@ -10,7 +10,10 @@ is the target's and stays frozen; so do ``d2t``/``t2d``.
 Checkpoints (orbax ``CheckpointManager``) hold the parameters, the optimizer
 state, the step, the PRNG key, the vocabulary map and the position in the
 data, so that a run stopped at any point and resumed ends with the same
-parameters as one that never stopped.
+parameters as one that never stopped. A resume skips checkpoints that can
+not be read (truncated, garbage, half-written by a kill) and continues from
+the newest readable one; the unreadable newer ones are moved aside to
+``corrupt-checkpoints/`` (never deleted) so that their steps can be saved again.
 
 Data parallelism: with a ``jax.sharding.Mesh`` over a ``data`` axis the batch
 is split across devices and everything else replicated; the loss is the
@@ -22,13 +25,17 @@ floating-point reduction order. Multi-host runs call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
+import logging
 import os
+import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from eagle3_jax.errors import InputError
+from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.training.data import Batch, Batcher
@@ -185,6 +192,72 @@ def truncate_log(path: str, step: int) -> None:
         os.replace(tmp, path)
 
 
+CHECKPOINTS = "checkpoints"
+CORRUPT_CHECKPOINTS = "corrupt-checkpoints"
+_META_KEYS = ("epoch", "position", "fingerprint", "config")
+
+
+def warn(message: str) -> None:
+    """A ``warning: ...`` line on stderr (what a user should know, but not an error)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a checkpoint could not be read: the root cause's first line, cut short.
+
+    (Orbax wraps TensorStore's errors, whose messages can run to pages.)
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore() -> Iterator[None]:
+    """Keeps the debris of a failed orbax restore off stderr.
+
+    When one array of a checkpoint can not be read, orbax abandons the reads
+    still in flight, and each reports its own error later ("Task exception
+    was never retrieved", "Exception ignored in ...", "Event loop is closed"),
+    with a page of TensorStore spec. The warning that skips the checkpoint
+    says what matters; these reports are silenced while the restore runs and
+    while the abandoned reads are collected.
+    """
+    hook, log = sys.unraisablehook, logging.getLogger("asyncio")
+    disabled = log.disabled
+    sys.unraisablehook, log.disabled = (lambda unraisable: None), True
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook, log.disabled = hook, disabled
+
+
+def _drop_closed_loop_reports() -> None:
+    """Drops, from now on, the "Event loop is closed" reports of reads a failed restore abandoned.
+
+    TensorStore finishes such reads on its own threads after orbax has closed
+    their event loop, possibly long after the restore; each then reports a
+    RuntimeError with a traceback. Only that error is dropped; every other
+    report goes to the hook that was in place.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -268,13 +341,26 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.workdir, CHECKPOINTS)
+
+    @property
     def manager(self):
         if self._manager is None:
             import orbax.checkpoint as ocp
 
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True)
-            self._manager = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+            # cleanup_tmp_directories: a save killed midway leaves ``STEP.orbax-checkpoint-tmp-*``, which
+            # orbax never lists as a step; this removes it when the manager starts.
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True,
+                                                   cleanup_tmp_directories=True)
+            self._manager = ocp.CheckpointManager(self.checkpoint_dir, options=options)
         return self._manager
+
+    def _reset_manager(self) -> None:
+        """Drops the manager, so that the next use lists the checkpoint directory afresh."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
 
     def save(self) -> None:
         import orbax.checkpoint as ocp
@@ -288,18 +374,17 @@ class Trainer:
                                                         meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
-    def restore_latest(self) -> bool:
-        """Restores the newest checkpoint of ``workdir``; False if there is none."""
+    def _read_meta(self, step: int) -> dict:
+        """The data position and knobs saved with checkpoint ``step``; raises whatever orbax raises if unreadable."""
         import orbax.checkpoint as ocp
 
-        step = self.manager.latest_step()
-        if step is None:
-            return False
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                                self.state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      meta=ocp.args.JsonRestore()))
-        meta = restored["meta"]
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or not all(k in meta for k in _META_KEYS) or not isinstance(meta["config"], dict):
+            raise ValueError("its metadata is incomplete")
+        return meta
+
+    def _check_meta(self, meta: dict) -> None:
+        """Refuses (InputError) a checkpoint made with other data or other shape knobs than this run's."""
         if meta.get("fingerprint") != self.fingerprint:
             raise InputError(f"{self.workdir}: the checkpoint was made with other data or batching; "
                              "resume with the same data, batch size and seed, or start a new run directory")
@@ -307,9 +392,102 @@ class Trainer:
         changed = [k for k in shape_knobs if meta["config"].get(k) != getattr(self.cfg, k)]
         if changed:
             raise InputError(f"{self.workdir}: the checkpoint was made with other {', '.join(changed)}")
-        self.state = restored["state"]
-        self.position = (int(meta["epoch"]), int(meta["position"]))
-        return True
+
+    def _read_state(self, step: int) -> TrainState:
+        """The train state of checkpoint ``step``; raises whatever orbax raises if it is unreadable."""
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                                self.state)
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        if int(state.step) != step:
+            raise ValueError(f"it holds step {int(state.step)}")
+        return state
+
+    def _read_checkpoint(self, step: int) -> tuple[TrainState, dict]:
+        """(state, meta) of checkpoint ``step``.
+
+        Raises InputError when it was made for other data or shape knobs, and
+        whatever orbax raises when it can not be read.
+        """
+        meta = self._read_meta(step)
+        self._check_meta(meta)
+        return self._read_state(step), meta
+
+    def _try_read(self, step: int) -> tuple[TrainState, dict] | str:
+        """(state, meta) of checkpoint ``step``, or why it can not be read (one line).
+
+        A checkpoint made for other data or shape knobs is a refusal, not a
+        broken checkpoint: its InputError is raised.
+        """
+        with _quiet_failed_restore():
+            try:
+                return self._read_checkpoint(step)
+            except InputError:
+                raise
+            except Exception as e:  # orbax raises anything: JSONDecodeError, KeyError, FileNotFoundError, ...
+                reason = _reason(e)
+        _drop_closed_loop_reports()
+        return reason
+
+    def _set_aside(self, steps: Sequence[int]) -> None:
+        """Moves unreadable checkpoints from ``checkpoints/STEP`` to ``corrupt-checkpoints/STEP``.
+
+        They are kept for inspection (the user deletes them), out of orbax's
+        way: a step directory that exists is never saved again, and the
+        ``keep_checkpoints`` rotation would count it.
+        """
+        if not steps:
+            return
+        self._reset_manager()
+        if jax.process_index() == 0:
+            aside = os.path.join(self.workdir, CORRUPT_CHECKPOINTS)
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                src = os.path.join(self.checkpoint_dir, str(step))  # orbax's default step names: the number
+                if not os.path.lexists(src):
+                    continue
+                dst, n = os.path.join(aside, str(step)), 1
+                while os.path.lexists(dst):
+                    dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+                os.rename(src, dst)
+                warn(f"moved the unreadable checkpoint {step} to {dst}")
+        if jax.process_count() > 1:  # every host lists the checkpoints afresh only once they are moved
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("eagle3_jax: unreadable checkpoints set aside")
+
+    def restore_latest(self) -> bool:
+        """Restores the newest readable checkpoint of ``workdir``; False if there is none at all.
+
+        A checkpoint that can not be read (a file truncated or missing, garbage
+        metadata, a directory emptied or half-written by a kill) is skipped
+        with a warning on stderr and the next older one is tried; once one is
+        restored, the unreadable newer ones are moved to ``corrupt-checkpoints/``
+        (:meth:`_set_aside`). Raises CheckpointError when checkpoints exist but
+        none can be read (then nothing is moved), and InputError when the one
+        found was made with other data or other shape knobs.
+        """
+        unreadable: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            read = self._try_read(step)
+            if isinstance(read, str):
+                unreadable.append((step, read))
+                warn(f"skipping checkpoint {step} in {self.checkpoint_dir}: it can not be read ({read})")
+                continue
+            state, meta = read
+            if unreadable:
+                warn(f"resuming from checkpoint {step}, the newest readable one (skipped "
+                     f"{', '.join(str(s) for s, _ in unreadable)})")
+            self._set_aside([s for s, _ in unreadable])
+            self.state = state
+            self.position = (int(meta["epoch"]), int(meta["position"]))
+            return True
+        if unreadable:
+            details = "; ".join(f"step {s}: {why}" for s, why in unreadable)
+            raise CheckpointError(f"{self.checkpoint_dir}: no checkpoint can be read ({details}); to train from "
+                                  f"step 0 again, move {self.checkpoint_dir} away and resume")
+        return False
 
     # --------------------------------------------------------------- training
 
