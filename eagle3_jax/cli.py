@@ -216,8 +216,10 @@ def _add_train(sub) -> None:
         help="train an EAGLE-3 draft head for a target",
         description="Train an EAGLE-3 draft head against a frozen target with the training-time test "
                     "(SpecForge's objective), and export it in the SpecForge/SGLang/vLLM format to OUTPUT/head. "
-                    "OUTPUT also holds checkpoints/ (resume with --resume), metrics.jsonl (one JSON line per step: "
-                    "loss, per-TTT-step loss and accuracy, learning rate, tokens/s) and summary.json.",
+                    "OUTPUT (a new or empty directory, checked before any work) also holds run.json (the job), "
+                    "checkpoints/ (resume with --resume), metrics.jsonl (one JSON line per step: loss, per-TTT-step "
+                    "loss and accuracy, learning rate, tokens/s), summary.json, teacher/ (with --precompute) and "
+                    "corrupt-checkpoints/ (unreadable checkpoints a resume skipped, kept for inspection).",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
@@ -227,7 +229,8 @@ def _add_train(sub) -> None:
                         "(loss on every token), directories of such files, or hf:NAME[:SPLIT] (needs the "
                         "datasets package)")
     p.add_argument("--output", required=True, metavar="DIR", help="the run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest readable checkpoint (from step 0 if it "
+                        "stopped before its first one; a complete teacher/ is reused)")
     p.add_argument("--init-head", metavar="DIR", default=None,
                    help="start from this head (its vocabulary map is kept) instead of a new one")
     p.add_argument("--draft-vocab-size", type=_positive_int, default=32000,

@@ -228,6 +228,8 @@ CASES = [
          match="b.jsonl:1: not valid JSON"),
     Case("train output is a file", nothing, match="file|directory"),
     Case("train lr nan", nothing, codes=(2,), match="finite"),
+    Case("train ttt huge", nothing, match="ttt_length must be at most"),
+    Case("train resume not a run", nothing, match="nothing to resume"),
 ]
 
 ARGV = {
@@ -269,6 +271,9 @@ ARGV = {
                        "--bench", "x", "--output", "{w}/report", "--json"],
     "train output is a file": ["train", "--target", "{t}", "--data", "{w}/c.jsonl", "--output", "{mine}/notes.txt",
                                "--json"],
+    "train ttt huge": ["train", "--target", "{t}", "--data", "{w}/c.jsonl", "--output", "{w}/run", "--ttt-length",
+                       "1000"],
+    "train resume not a run": ["train", "--target", "{t}", "--data", "{w}/c.jsonl", "--output", "{mine}", "--resume"],
     "train lr nan": ["train", "--target", "{t}", "--data", "{w}/c.jsonl", "--output", "{w}/run", "--lr", "nan"],
 }
 

@@ -349,3 +349,16 @@ def test_bad_output_directories_fail_before_loading_anything(setup, tmp_path, ca
     assert os.listdir(fresh) == ["run.json"]
     assert main(args(fresh)) == 1
     assert "no-such-target" in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_with_another_head_shape_is_refused(setup, tmp_path):
+    """The checkpoint records the head's config: another draft vocabulary or feature layers is a clear refusal."""
+    import dataclasses
+
+    out = tmp_path / "run"
+    assert not run_training(job(setup, out, steps=4), progress=False, stop_after=2)["finished"]
+    for change in (dict(draft_vocab_size=50), dict(feature_layers=(1, 2, 3))):
+        other = dataclasses.replace(job(setup, out, resume=True, steps=4), **change)
+        with pytest.raises(InputError, match="other (draft_vocab_size|feature layers)"):
+            run_training(other, progress=False)
+    assert run_training(job(setup, out, resume=True, steps=4), progress=False)["finished"]

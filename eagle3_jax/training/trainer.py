@@ -45,11 +45,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from eagle3_jax.checks import check_int, check_real, check_seed
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 from eagle3_jax.training.data import Batch, Batcher
 from eagle3_jax.training.ttt import Teacher, run_target, teacher_from_logits, ttt_loss
+
+
+# The training-time test is unrolled in the compiled step (SpecForge's default is 7 steps), and a
+# sequence of max_length tokens is one row of the target's forward: both bounded so that a typo
+# can not hang the compiler or exhaust memory.
+MAX_TTT_LENGTH = 32
+MAX_LENGTH = 1 << 18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,16 +97,19 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self):
-        for name in ("ttt_length", "batch_size", "max_length", "epochs", "save_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InputError(f"max_steps must be positive, got {self.max_steps}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
+        for name, limit in (("ttt_length", MAX_TTT_LENGTH), ("batch_size", None), ("max_length", MAX_LENGTH),
+                            ("epochs", None), ("save_every", None), ("keep_checkpoints", None)):
+            check_int(name, getattr(self, name), minimum=1, maximum=limit)
+        if self.max_steps is not None:
+            check_int("max_steps", self.max_steps, minimum=1)
+        check_seed(self.seed)
+        check_real("learning_rate", self.learning_rate, minimum=0.0, open_minimum=True)
+        check_real("warmup_ratio", self.warmup_ratio, minimum=0.0)
+        if not self.warmup_ratio < 1:
             raise InputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_real("max_grad_norm", self.max_grad_norm, minimum=0.0, open_minimum=True)
+        check_real("weight_decay", self.weight_decay, minimum=0.0)
+        check_real("loss_decay", self.loss_decay, minimum=0.0, maximum=1.0, open_minimum=True)
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise InputError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
 
@@ -258,6 +269,11 @@ def _drop_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
+def _as_json(value):
+    """``value`` as JSON gives it back (tuples become lists), for comparing with saved metadata."""
+    return json.loads(json.dumps(value))
+
+
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -319,6 +335,7 @@ class Trainer:
         self.teacher_store = teacher_store
         self.target_graph, self.target_weights = nnx.split(target)
         self.parts = DraftParts(head)
+        self.head_config = head.config
         self.layers = head.config.feature_layers(target.config)
         self.batches_per_epoch = len(batcher)
         self.total_steps = cfg.max_steps or cfg.epochs * self.batches_per_epoch
@@ -366,7 +383,7 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         meta = {"epoch": self.position[0], "position": self.position[1], "fingerprint": self.fingerprint,
-                "config": dataclasses.asdict(self.cfg)}
+                "config": dataclasses.asdict(self.cfg), "head": _as_json(dataclasses.asdict(self.head_config))}
         step = int(self.state.step)
         if step in self.manager.all_steps():
             return
@@ -392,6 +409,15 @@ class Trainer:
         changed = [k for k in shape_knobs if meta["config"].get(k) != getattr(self.cfg, k)]
         if changed:
             raise InputError(f"{self.workdir}: the checkpoint was made with other {', '.join(changed)}")
+        saved_head = meta.get("head")  # absent in checkpoints of older versions
+        if isinstance(saved_head, dict):
+            ours = _as_json(dataclasses.asdict(self.head_config))
+            differ = sorted(k for k in set(ours) | set(saved_head) if ours.get(k) != saved_head.get(k))
+            if differ:
+                names = ", ".join("feature layers (aux_layer_ids)" if k == "aux_layer_ids" else k for k in differ)
+                raise InputError(f"{self.workdir}: the checkpoint was made for a head with other {names}; resume "
+                                 "with the same --draft-vocab-size, --feature-layers and --init-head, or start a "
+                                 "new run directory")
 
     def _read_state(self, step: int) -> TrainState:
         """The train state of checkpoint ``step``; raises whatever orbax raises if it is unreadable."""
