@@ -71,3 +71,28 @@ def test_markdown_table_layout():
         "gsm8k": {"(3,1,4)": {"acceptance_length": 2.071}, "(7,10,60)": {"acceptance_length": 3.5}}}}
     assert markdown_table(results).splitlines() == [
         "| benchmark | acc_length (3,1,4) | acc_length (7,10,60) |", "| --- | --- | --- |", "| gsm8k | 2.07 | 3.50 |"]
+
+
+def test_reports_are_never_overwritten_silently(tmp_path):
+    from eagle3_jax.errors import CheckpointError
+    from eagle3_jax.evaluation import check_report_destination, is_report, write_report
+
+    results = {"knobs": ["(3,1,4)"], "benchmarks": {"x": {"(3,1,4)": {"acceptance_length": 2.0,
+                                                                         "accept_lengths": [2, 2]}}}}
+    out = tmp_path / "report"
+    out.mkdir()  # an empty directory is a fine destination
+    write_report(results, str(out))
+    assert is_report(str(out)) and json.loads((out / "results.json").read_text())["format"] == "eagle3-jax/eval-report"
+    with pytest.raises(CheckpointError, match="already exists"):
+        check_report_destination(str(out))
+    with pytest.raises(CheckpointError, match="already exists"):
+        write_report(results, str(out))
+    results["benchmarks"]["x"]["(3,1,4)"]["acceptance_length"] = 3.0
+    write_report(results, str(out), overwrite=True)
+    assert "3.00" in (out / "results.md").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="not an output of eagle3-jax"):
+        check_report_destination(str(mine), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "report"]
