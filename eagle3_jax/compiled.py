@@ -4,15 +4,23 @@
 whether one happened. Generation reports compile time apart from run time and
 the tests assert that a second call does not recompile, so hot functions go
 through :class:`CompiledFunction`, which compiles once per (static arguments,
-argument shapes and dtypes) and counts its compilations.
+argument shapes and dtypes), counts its compilations, and keeps the
+``MAX_EXECUTABLES`` most recently used programs.
 """
 
 from __future__ import annotations
 
+import collections
 import time
+import weakref
 from typing import Any, Callable
 
 import jax
+
+# Compiled programs kept per function. Each holds its machine code (on the CPU, memory
+# mappings of its own: a process that kept every program it ever compiled would end at the
+# kernel's limit of mappings), so the least recently used are dropped past this many.
+MAX_EXECUTABLES = 32
 
 
 def _signature(tree: Any):
@@ -29,12 +37,28 @@ class CompiledFunction:
       donate_argnums: positions (counted over all arguments) of buffers to donate.
     """
 
-    def __init__(self, fn: Callable, *, num_static: int, donate_argnums: tuple[int, ...] = ()):
+    _instances: "weakref.WeakSet[CompiledFunction]" = weakref.WeakSet()
+
+    def __init__(self, fn: Callable, *, num_static: int, donate_argnums: tuple[int, ...] = (),
+                 max_executables: int = MAX_EXECUTABLES):
         self.num_static = num_static
+        self.max_executables = max_executables
         self._jitted = jax.jit(fn, static_argnums=tuple(range(num_static)), donate_argnums=donate_argnums)
-        self._executables: dict[Any, Any] = {}
+        self._executables: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self.num_compiles = 0
         self.__name__ = getattr(fn, "__name__", "compiled")
+        CompiledFunction._instances.add(self)
+
+    def clear(self) -> None:
+        """Drops this function's compiled programs (the next call of each shape compiles again)."""
+        self._executables.clear()
+
+    @classmethod
+    def clear_all(cls) -> None:
+        """Drops every compiled program of every CompiledFunction and JAX's own caches."""
+        for fn in list(cls._instances):
+            fn.clear()
+        jax.clear_caches()
 
     def __call__(self, *args) -> tuple[Any, float]:
         """Runs the function; returns (outputs, seconds spent compiling in this call)."""
@@ -48,4 +72,8 @@ class CompiledFunction:
             compile_seconds = time.perf_counter() - t0
             self._executables[key] = executable
             self.num_compiles += 1
+            while len(self._executables) > self.max_executables:
+                self._executables.popitem(last=False)
+        else:
+            self._executables.move_to_end(key)
         return executable(*dynamic), compile_seconds

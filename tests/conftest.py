@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses
+import gc
 import pathlib
 import shutil
 
@@ -61,6 +62,22 @@ def make_hf_model(path: pathlib.Path, *, kind: str = "qwen3", seed: int = 0, max
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
     return HFModel(path=str(path), model=model, config=config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs():
+    """Drops the compiled programs after each test module.
+
+    On the CPU every compiled program keeps memory mappings of its own; the
+    whole suite compiles thousands of programs, and keeping them all would
+    reach the kernel's limit of mappings per process (vm.max_map_count,
+    65530), where allocations start failing inside XLA or tokenizers.
+    """
+    yield
+    from eagle3_jax.compiled import CompiledFunction
+
+    CompiledFunction.clear_all()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
