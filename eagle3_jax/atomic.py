@@ -50,6 +50,66 @@ def _never(path: str) -> bool:
     return False
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells, else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_usual_modes(path: str, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600; an output gets what a plain mkdir/open would give (0777/0666 & ~umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _as_path(dst, what: str = "output path") -> str:
+    if isinstance(dst, bytes) or not isinstance(dst, (str, os.PathLike)):
+        raise CheckpointError(f"the {what} must be a str or os.PathLike, got {type(dst).__name__} {dst!r:.60}")
+    dst = os.fspath(dst)
+    if not isinstance(dst, str) or not dst:
+        raise CheckpointError(f"the {what} must be a non-empty path, got {dst!r:.60}")
+    return os.path.abspath(os.path.expanduser(dst))
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{name} must be True or False, got {value!r:.60}")
+    return value
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _make_parents(parent: str) -> list[str]:
+    """Creates ``parent`` and its missing ancestors; returns the ones created, outermost first."""
+    created = []
+    path = parent
+    while not os.path.lexists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    created.reverse()
+    for path in created:
+        os.mkdir(path)
+    return created
+
+
+def _remove_created(created: list[str]) -> None:
+    """Removes the directories :func:`_make_parents` created, innermost first, if they are still empty."""
+    for path in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
 # ----------------------------------------------------------------- renaming
 
 _RENAME_NOREPLACE = 1
@@ -162,7 +222,8 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False, replac
     parent directory can not be created or written. With ``empty_ok`` an
     existing empty directory is a fine destination (there is nothing in it to lose).
     """
-    dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
+    dst = _as_path(dst)
+    _check_flag("overwrite", overwrite)
     if empty_ok and _is_empty_dir(dst):
         pass
     elif os.path.lexists(dst):
@@ -173,18 +234,14 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False, replac
                                   "or move it away yourself)")
         if not overwrite:
             raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(dst)
-    ancestor = parent
-    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
-        ancestor = os.path.dirname(ancestor)
+    ancestor = _nearest_existing(os.path.dirname(dst))
     if not os.path.isdir(ancestor):
         raise CheckpointError(f"{dst}: can not write there: {ancestor} is {_describe(ancestor)}, not a directory")
-    try:
-        os.makedirs(parent, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=_PARTIAL.format(name=os.path.basename(dst)) + "probe-", dir=parent)
+    try:  # a probe where the first missing directory (or the output itself) will be created; nothing stays
+        probe = tempfile.mkdtemp(prefix=_PARTIAL.format(name=os.path.basename(dst)) + "probe-", dir=ancestor)
         os.rmdir(probe)
     except OSError as e:
-        raise CheckpointError(f"{dst}: can not write in {parent} ({e.strerror or e})") from None
+        raise CheckpointError(f"{dst}: can not write in {ancestor} ({e.strerror or e})") from None
     return dst
 
 
@@ -208,6 +265,10 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, replace
     """
     dst = check_destination(dst, overwrite=overwrite, replaceable=replaceable, what=what, empty_ok=empty_ok)
     parent, name = os.path.split(dst)
+    try:
+        created = _make_parents(parent)
+    except OSError as e:
+        raise CheckpointError(f"{dst}: can not create {parent} ({e.strerror or e})") from None
     clean_stale_partials(dst)
     tmp = tempfile.mkdtemp(prefix=_PARTIAL.format(name=name), dir=parent)
     lock = os.path.join(tmp, LOCK_NAME)
@@ -216,9 +277,11 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, replace
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield tmp
         os.unlink(lock)  # the output must not carry it; a cleaner skips a directory without one
+        _give_usual_modes(tmp, directory=True)
         _commit(tmp, dst, overwrite=overwrite, replaceable=replaceable, what=what, empty_ok=empty_ok)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
     finally:
         os.close(fd)
@@ -255,6 +318,7 @@ def _commit(tmp: str, dst: str, *, overwrite: bool, replaceable: Owned, what: st
         if os.path.islink(moved) or not os.path.isdir(moved) or not replaceable(moved):  # swapped in a race: put it back
             rename_noreplace(moved, dst)
             raise CheckpointError(f"{dst}: changed while being replaced; left it untouched and discarded this output")
+        _carry_over(moved, tmp)
         try:
             rename_noreplace(tmp, dst)
         except FileExistsError:
@@ -265,6 +329,14 @@ def _commit(tmp: str, dst: str, *, overwrite: bool, replaceable: Owned, what: st
         os.close(lock_fd)
 
 
+def _carry_over(old: str, new: str) -> None:
+    """Moves the entries of the replaced output that the new one does not have (a README the user
+    added, say) into the new one, so that replacing an output never deletes what a user put in it."""
+    for entry in os.listdir(old):
+        if entry != LOCK_NAME and not os.path.lexists(os.path.join(new, entry)):
+            os.rename(os.path.join(old, entry), os.path.join(new, entry))
+
+
 @contextlib.contextmanager
 def atomic_file(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary sibling path that becomes the file ``dst`` when the block succeeds.
@@ -273,21 +345,28 @@ def atomic_file(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     regular file; a destination that appears meanwhile is never replaced
     without ``overwrite``.
     """
-    dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
+    dst = _as_path(dst)
+    _check_flag("overwrite", overwrite)
     if os.path.lexists(dst):
         if not overwrite:
             raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
         if os.path.islink(dst) or not os.path.isfile(dst):
             raise CheckpointError(f"{dst}: exists and is {_describe(dst)}, not a file; refusing to replace it")
     parent, name = os.path.split(dst)
+    ancestor = _nearest_existing(parent)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(f"{dst}: can not write there: {ancestor} is {_describe(ancestor)}, not a directory")
+    created: list[str] = []
     try:
-        os.makedirs(parent, exist_ok=True)
+        created = _make_parents(parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", dir=parent)
     except OSError as e:
+        _remove_created(created)
         raise CheckpointError(f"{dst}: can not write in {parent} ({e.strerror or e})") from None
     os.close(fd)
     try:
         yield tmp
+        _give_usual_modes(tmp, directory=False)
         if overwrite:
             os.replace(tmp, dst)
         else:
@@ -299,4 +378,5 @@ def atomic_file(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _remove_created(created)
         raise

@@ -347,11 +347,20 @@ def _cmd_regenerate(args) -> int:
         raise _usage("--num-steps/--topk/--num-draft-tokens need --draft")
     spec = _check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if os.path.exists(args.output) and os.path.exists(args.data) and os.path.samefile(args.output, args.data):
+        from eagle3_jax.errors import InputError
+
+        raise InputError(f"{args.output}: is also --data; write the regenerated conversations to another file")
     model_dir, _, draft_dir, _ = _check_configs(args.target, args.draft)
     # The output is checked (and its temporary file created) before hours of generation.
     with atomic_file(args.output, overwrite=args.overwrite) as tmp:
         conversations = read_conversations(args.data)[: args.limit]
         tokenizer = _load_tokenizer(model_dir, required=True)
+        if not getattr(tokenizer, "chat_template", None):
+            from eagle3_jax.errors import InputError
+
+            raise InputError(f"{model_dir}: the tokenizer has no chat template, which regenerate needs to render "
+                             "the conversations")
         target = load_target(model_dir, dtype=args.dtype, check_finite=args.check_finite)
         draft = (load_draft(draft_dir, target.config, dtype=args.dtype, check_finite=args.check_finite)
                  if draft_dir else None)
@@ -395,8 +404,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--draft", required=True, metavar="DIR", help="the EAGLE-3 head (directory or Hub id)")
     p.add_argument("--knobs", type=_knob_triple, nargs="+", default=[(3, 1, 4), (7, 10, 60)], metavar="D,K,N",
                    help="tree shapes: num_steps,topk,num_draft_tokens (default: 3,1,4 7,10,60)")
-    p.add_argument("--bench", nargs="+", default=list(BENCHMARKS), metavar="NAME",
-                   help=f"benchmarks ({', '.join(BENCHMARKS)})")
+    p.add_argument("--bench", nargs="+", default=None, metavar="NAME",
+                   help=f"benchmarks ({', '.join(BENCHMARKS)}; default: all of them, or only the --bench-file "
+                        "names when some are given)")
     p.add_argument("--bench-dir", metavar="DIR", default=None,
                    help="directory of NAME.jsonl prompt files (e.g. ../shared/data/bench); benchmarks without a "
                         "file are read from the Hugging Face Hub (needs network and the datasets package)")
@@ -421,8 +431,8 @@ def _add_eval(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from eagle3_jax.decoding.tree import TreeSpec
-    from eagle3_jax.evaluation import (check_report_destination, evaluate, load_benchmarks, markdown_table,
-                                       write_report)
+    from eagle3_jax.evaluation import (BENCHMARKS, check_report_destination, evaluate, load_benchmarks,
+                                       markdown_table, write_report)
     from eagle3_jax.loading import load_draft, load_target
     from eagle3_jax.sampling import SamplingParams
 
@@ -433,8 +443,9 @@ def _cmd_eval(args) -> int:
     overrides = dict(rope_theta=args.draft_rope_theta,
                      feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
     model_dir, _, draft_dir, _ = _check_configs(args.target, args.draft, **overrides)
-    benchmarks = load_benchmarks(args.bench, files=dict(args.bench_file), bench_dir=args.bench_dir,
-                                 limit=args.num_prompts)
+    files = dict(args.bench_file)
+    names = args.bench or (list(files) if files else list(BENCHMARKS))
+    benchmarks = load_benchmarks(names, files=files, bench_dir=args.bench_dir, limit=args.num_prompts)
     tokenizer = _load_tokenizer(model_dir, required=True)
     target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
     draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
@@ -468,7 +479,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_regenerate(sub)
     _add_eval(sub)
     _add_demo(sub)
+    for subparser in sub.choices.values():  # usage errors found after parsing show the command's own usage
+        subparser.set_defaults(_parser=subparser)
     return parser
+
+
+def _end_progress_lines() -> None:
+    """Closes progress bars still on screen, so that an error message starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    bars = list(getattr(tqdm, "_instances", []))
+    for bar in bars:
+        bar.close()
+    if bars:
+        sys.stderr.write("\n")
 
 
 def _load_tokenizer(model_dir: str, required: bool):
@@ -693,23 +719,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except _UsageError as e:
-        parser.error(str(e))
+        _end_progress_lines()
+        (getattr(args, "_parser", None) or parser).error(str(e))
     except Eagle3Error as e:
+        _end_progress_lines()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        _end_progress_lines()
         print("interrupted", file=sys.stderr)
         return 130
     except MemoryError:
+        _end_progress_lines()
         print("error: out of host memory; lower --max-cache-len, --max-new-tokens or the batch size", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:  # the environment, not the input: a full disk, a permission, a vanished file
+        _end_progress_lines()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:
         if os.environ.get("EAGLE3_JAX_DEBUG"):
             raise
+        _end_progress_lines()
         print(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in eagle3-jax, "
               "please report it with the traceback that EAGLE3_JAX_DEBUG=1 shows", file=sys.stderr)
         return EXIT_INTERNAL

@@ -413,6 +413,10 @@ class Qwen3Config:
         if not isinstance(self.eos_token_ids, (tuple, list)):
             _fail(None, "eos_token_ids", f"a tuple of ints from 0 to {MAX_TOKEN_ID}", self.eos_token_ids)
         object.__setattr__(self, "eos_token_ids", _check_ids(self.eos_token_ids, "eos_token_ids", scalar=False))
+        outside = [t for t in self.eos_token_ids if t >= self.vocab_size]
+        if outside:  # generation would never stop on them
+            raise ConfigError(f"eos_token_id {outside[0]} is outside the vocabulary [0, {self.vocab_size}) "
+                              "(config.json or generation_config.json)")
         _check_optional_id(self.bos_token_id, "bos_token_id")
         _check_optional_id(self.pad_token_id, "pad_token_id")
 

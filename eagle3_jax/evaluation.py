@@ -58,6 +58,8 @@ def read_benchmark_file(path: str, limit: int | None = None) -> list[Prompt]:
         turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise InputError(f"{path}:{n}: expected a JSON object with a 'turns' list of strings")
+        if not all(t.strip() for t in turns):
+            raise InputError(f"{path}:{n}: a turn is empty")
         prompts.append(Prompt(id=str(row.get("id", n)), turns=turns))
         if limit is not None and len(prompts) >= limit:
             break
@@ -87,6 +89,8 @@ def load_benchmarks(names: Sequence[str], *, files: dict[str, str] | None = None
                     limit: int | None = None) -> dict[str, list[Prompt]]:
     """Prompts per benchmark: an explicit file, else ``bench_dir/NAME.jsonl``, else the Hub."""
     files = files or {}
+    if bench_dir is not None and not os.path.isdir(bench_dir):
+        raise InputError(f"{bench_dir}: --bench-dir is not a directory")
     out = {}
     for name in names:
         if name not in BENCHMARKS and name not in files:

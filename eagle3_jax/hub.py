@@ -20,11 +20,18 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
     looks like a Hub id (``org/name``) is downloaded with ``huggingface_hub``
     (safetensors and JSON files only); offline, that fails with a clear error.
     """
+    if isinstance(name_or_path, bytes) or not isinstance(name_or_path, (str, os.PathLike)):
+        raise CheckpointError(f"a model must be named by a path or a Hub id (str or os.PathLike), got "
+                              f"{type(name_or_path).__name__} {name_or_path!r:.60}")
     path = os.path.expanduser(os.fspath(name_or_path))
+    if not isinstance(path, str) or not path:
+        raise CheckpointError(f"a model must be named by a non-empty path or Hub id, got {name_or_path!r:.60}")
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
         raise CheckpointError(f"{path}: expected a model directory, found a file")
+    if os.path.islink(path):
+        raise CheckpointError(f"{path}: a symbolic link that leads nowhere (its target is missing, or it loops)")
     if not _REPO_ID.match(path) or path.startswith((".", "/", "~")):
         raise CheckpointError(f"{path}: no such directory (and not a Hugging Face Hub id of the form org/name)")
     try:

@@ -169,3 +169,22 @@ def test_any_argument_is_either_valid_or_an_input_error(gen, value, field):
     except InputError:
         return
     assert all(isinstance(t, int) for o in outs for t in o.token_ids)
+
+
+@pytest.mark.parametrize("arg", [5, None, b"/tmp/x", "", 3.5])
+def test_model_paths_are_checked(arg):
+    from eagle3_jax import CheckpointError, load_draft, load_target
+
+    for fn in (load_target, load_draft):
+        with pytest.raises(CheckpointError, match="a model must be named by"):
+            fn(arg)
+
+
+def test_dangling_and_looping_links_are_named(tmp_path):
+    from eagle3_jax import CheckpointError, load_target
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    for name in ("loop", "dangling"):
+        with pytest.raises(CheckpointError, match="symbolic link that leads nowhere"):
+            load_target(tmp_path / name)

@@ -282,3 +282,52 @@ def test_two_converts_to_one_destination(hf_qwen3, tmp_path):
 
     assert json.loads((dst / "eagle3_jax.json").read_text())["kind"] == kind
     assert glob.glob(str(tmp_path / ".both.*")) == []
+
+
+def test_replacing_keeps_what_the_user_put_in_an_output(tmp_path):
+    dst = tmp_path / "out"
+    with atomic_directory(dst, replaceable=ours) as tmp:
+        write_output(tmp, "first")
+    (dst / "README.md").write_text("my notes")
+    with atomic_directory(dst, overwrite=True, replaceable=ours) as tmp:
+        write_output(tmp, "second")
+    assert (dst / MARK).read_text() == "second" and (dst / "README.md").read_text() == "my notes"
+    assert leftovers(tmp_path) == []
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", replaceable=ours) as tmp:
+            write_output(tmp)
+        with atomic_file(tmp_path / "data.jsonl") as tmp:
+            open(tmp, "w").close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "data.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_output_leaves_no_parent_directories(tmp_path):
+    for writer in (atomic_directory, atomic_file):
+        with pytest.raises(RuntimeError):
+            with writer(tmp_path / "new" / "deep" / "out"):
+                raise RuntimeError("boom")
+        assert os.listdir(tmp_path) == []
+    with atomic_directory(tmp_path / "new" / "deep" / "out") as tmp:
+        write_output(tmp)
+    assert (tmp_path / "new" / "deep" / "out" / MARK).is_file()
+
+
+@pytest.mark.parametrize("dst, overwrite, message", [
+    (5, False, "must be a str or os.PathLike"),
+    (None, False, "must be a str or os.PathLike"),
+    (b"/tmp/x", False, "must be a str or os.PathLike"),
+    ("", False, "non-empty path"),
+    ("out", "no", "overwrite must be True or False"),
+])
+def test_arguments_are_checked(tmp_path, dst, overwrite, message):
+    for writer in (atomic_directory, atomic_file):
+        with pytest.raises(CheckpointError, match=message):
+            with writer(dst, overwrite=overwrite):
+                pytest.fail("the block must not run")

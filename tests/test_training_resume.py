@@ -346,7 +346,7 @@ def test_bad_output_directories_fail_before_loading_anything(setup, tmp_path, ca
     fresh = tmp_path / "fresh"
     assert main(args(fresh)) == 1
     assert "no-such-target" in _one_error_line(capsys.readouterr().err)
-    assert os.listdir(fresh) == ["run.json"]
+    assert sorted(os.listdir(fresh)) == [".eagle3_jax.lock", "run.json"]  # the job and the run's lock file
     assert main(args(fresh)) == 1
     assert "no-such-target" in _one_error_line(capsys.readouterr().err)
 
@@ -362,3 +362,20 @@ def test_resume_with_another_head_shape_is_refused(setup, tmp_path):
         with pytest.raises(InputError, match="other (draft_vocab_size|feature layers)"):
             run_training(other, progress=False)
     assert run_training(job(setup, out, resume=True, steps=4), progress=False)["finished"]
+
+
+def test_one_run_directory_one_process(setup, tmp_path):
+    """A second training process on a run directory in use is refused, with or without --resume."""
+    from eagle3_jax.training.run import LOCK_FILE, lock_run_directory, prepare_run_directory
+
+    out = prepare_run_directory(str(tmp_path / "run"), resume=False)
+    held = lock_run_directory(out)  # another live run
+    try:
+        (tmp_path / "run" / "run.json").write_text(json.dumps({"format": "eagle3-jax training run"}))
+        for resume in (False, True):
+            with pytest.raises(InputError, match="in use by another training process"):
+                run_training(job(setup, out, resume=resume), progress=False)
+    finally:
+        os.close(held)
+    assert sorted(os.listdir(out)) == [LOCK_FILE, "run.json"]
+    assert run_training(job(setup, out, steps=2), progress=False)["finished"]  # restartable: nothing was computed

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import fcntl
 import tempfile
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eagle3_jax.atomic import atomic_file
 from eagle3_jax.config import Eagle3Config
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.hub import resolve_model_dir
@@ -73,6 +75,9 @@ class TrainJob:
 
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".eagle3_jax.lock"
+# What a run that stopped before computing anything holds: it may start again without --resume.
+RESTARTABLE = {RUN_FILE, "vocab.json", LOCK_FILE}
 RUN_FORMAT = "eagle3-jax training run"
 TEACHER = "teacher"
 
@@ -88,15 +93,9 @@ def _read_json(path: str):
 
 def _write_json(path: str, value) -> None:
     """Writes ``value`` to ``path`` atomically (a kill leaves the old file or the new one, never half of one)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(path, overwrite=True) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(value, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def is_run_directory(path: str) -> bool:
@@ -137,7 +136,7 @@ def prepare_run_directory(output: str, resume: bool) -> str:
         if not is_run_directory(out):
             raise InputError(f"{out}: the directory is not empty and holds no training run of eagle3-jax; "
                              "choose a new or empty --output")
-        if os.listdir(out) != [RUN_FILE]:  # only run.json: stopped before it wrote anything, nothing to lose
+        if not set(os.listdir(out)) <= RESTARTABLE:  # stopped before it computed anything: nothing to lose
             raise InputError(f"{out}: the run directory is not empty (pass --resume to continue it from its "
                              "newest checkpoint, or choose another --output)")
     try:
@@ -148,6 +147,20 @@ def prepare_run_directory(output: str, resume: bool) -> str:
     except OSError as e:
         raise InputError(f"{out}: can not write the run directory ({e.strerror or e})") from None
     return out
+
+
+def lock_run_directory(out: str) -> int:
+    """Takes the run directory for this process (an ``flock`` on its lock file, released when the
+    process ends, however it ends); returns the descriptor to keep open. Another live run of the same
+    directory is a clear error, never two runs writing one directory."""
+    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"{out}: the run directory is in use by another training process; wait for it to "
+                         "finish (or stop it), or choose another --output") from None
+    return fd
 
 
 def write_run_file(out: str, job: TrainJob) -> None:
@@ -212,7 +225,17 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
     its first one.
     """
     cfg = job.config
+    mesh = make_mesh(job.devices)  # what needs no model is checked before anything is written
     out = prepare_run_directory(job.output, job.resume)
+    lock = lock_run_directory(out)
+    try:
+        return _run(job, out, mesh, progress=progress, stop_after=stop_after)
+    finally:
+        os.close(lock)
+
+
+def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | None) -> dict:
+    cfg = job.config
     write_run_file(out, job)
     target_dir = resolve_model_dir(job.target)
     from transformers import AutoTokenizer
@@ -234,7 +257,7 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
                   "training_tokens": int(counts.sum())}
     _write_json(os.path.join(out, "vocab.json"), vocab_info)
 
-    trainer = Trainer(target, head, batcher, cfg, out, mesh=make_mesh(job.devices))
+    trainer = Trainer(target, head, batcher, cfg, out, mesh=mesh)
     if job.resume and not trainer.restore_latest():
         warn(f"{out}: no checkpoint was saved before the run stopped; training from step 0")
     if job.precompute:  # after the restore, which refuses a checkpoint made for other data before this costs anything
