@@ -75,6 +75,8 @@ class TrainJob:
 
 
 RUN_FILE = "run.json"
+# Below this share of the training tokens in the draft vocabulary, most positions teach nothing.
+MIN_COVERAGE = 0.5
 LOCK_FILE = ".eagle3_jax.lock"
 # What a run that stopped before computing anything holds: it may start again without --resume.
 RESTARTABLE = {RUN_FILE, "vocab.json", LOCK_FILE}
@@ -256,6 +258,13 @@ def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | Non
                   "coverage_of_training_tokens": coverage(counts, np.asarray(head.t2d[...])),
                   "training_tokens": int(counts.sum())}
     _write_json(os.path.join(out, "vocab.json"), vocab_info)
+    share = vocab_info["coverage_of_training_tokens"]
+    if share == 0:  # every position would be masked out of the loss: nothing to learn
+        raise InputError(f"the draft vocabulary ({head.config.draft_vocab_size} ids) covers none of the training "
+                         "tokens, so no position can be trained; raise --draft-vocab-size")
+    if share < MIN_COVERAGE:
+        warn(f"the draft vocabulary ({head.config.draft_vocab_size} ids) covers only {share:.1%} of the training "
+             "tokens; positions whose next token lies outside it are not trained (raise --draft-vocab-size)")
 
     trainer = Trainer(target, head, batcher, cfg, out, mesh=mesh)
     if job.resume and not trainer.restore_latest():
@@ -264,6 +273,9 @@ def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | Non
         trainer.teacher_store = prepare_teacher(target, examples, out, trainer.layers, trainer.fingerprint,
                                                 cfg.max_length, progress=progress)
     history = trainer.run(progress=progress, log_path=os.path.join(out, "metrics.jsonl"), stop_after=stop_after)
+    if history and all(row.get("loss") == 0 for row in history):
+        warn("every step's loss was 0: no position had a next token inside the draft vocabulary, so the head "
+             "learned nothing (raise --draft-vocab-size, or check the data's loss masks)")
     finished = int(trainer.state.step) >= trainer.total_steps
     summary = {"steps": int(trainer.state.step), "total_steps": trainer.total_steps, "finished": finished,
                "examples": len(examples), "batches_per_epoch": trainer.batches_per_epoch, **vocab_info,
