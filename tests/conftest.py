@@ -135,3 +135,15 @@ def hf_qwen3_real_vocab(tmp_path_factory) -> HFModel:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(QWEN3_TOKENIZER / name, path / name)
     return hf
+
+
+def rewrite_safetensors(path, edit) -> None:
+    """Applies ``edit(dict of arrays)`` to the safetensors file at ``path`` (a symlink is replaced, never followed)."""
+    from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
+
+    f = SafetensorsFile(path)
+    tensors = {k: f.read(k) for k in f.keys()}
+    edit(tensors)
+    if os.path.islink(path):
+        os.unlink(path)
+    save_file(tensors, path)

@@ -17,10 +17,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import rewrite_safetensors
 
 from eagle3_jax.cli import main
 from eagle3_jax.demo import demo_paths
-from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
+from eagle3_jax.weights.safetensors_io import SafetensorsFile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,12 +61,7 @@ def _write(path, data: bytes):
 
 def _rewrite_weights(model_dir, change):
     """Rewrites model.safetensors with ``change(dict of arrays)`` applied."""
-    path = os.path.join(model_dir, "model.safetensors")
-    f = SafetensorsFile(path)
-    tensors = {name: f.read(name) for name in f.keys()}
-    change(tensors)
-    os.unlink(path)
-    save_file(tensors, path)
+    rewrite_safetensors(os.path.join(model_dir, "model.safetensors"), change)
 
 
 def _poison(tensors):

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import rewrite_safetensors
 
 from eagle3_jax import CheckpointError, ConfigError, convert_target, load_target
 from eagle3_jax.weights.params import flat_params
 from eagle3_jax.weights.rules import qwen3_rules
-from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 
 def _copy(src, dst):
@@ -18,12 +18,7 @@ def _copy(src, dst):
     return dst
 
 
-def _rewrite(path, edit):
-    """Applies ``edit(dict of arrays)`` to the single-file checkpoint at ``path``."""
-    f = SafetensorsFile(path)
-    tensors = {k: f.read(k) for k in f.keys()}
-    edit(tensors)
-    save_file(tensors, path)
+_rewrite = rewrite_safetensors
 
 
 def test_weights_equal_the_checkpoint(hf_any):

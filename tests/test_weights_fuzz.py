@@ -25,6 +25,7 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import rewrite_safetensors
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors import deserialize
@@ -265,11 +266,7 @@ def _copy(src, dst):
     return dst
 
 
-def _rewrite(path, edit):
-    f = SafetensorsFile(path)
-    tensors = {k: f.read(k) for k in f.keys()}
-    edit(tensors)
-    save_file(tensors, path)
+_rewrite = rewrite_safetensors
 
 
 def test_traversal_in_a_real_sharded_index_is_refused(hf_qwen3_sharded, tmp_path):

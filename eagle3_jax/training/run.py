@@ -226,7 +226,6 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
     (:meth:`Trainer.restore_latest`), or from step 0 when it was stopped before
     its first one.
     """
-    cfg = job.config
     mesh = make_mesh(job.devices)  # what needs no model is checked before anything is written
     out = prepare_run_directory(job.output, job.resume)
     lock = lock_run_directory(out)
