@@ -152,11 +152,19 @@ def rename_noreplace(src: str, dst: str) -> None:
 
 # --------------------------------------------------------- partial outputs
 
-def _try_lock(path: str) -> int | None:
-    """An fd holding an exclusive lock on ``path`` (an existing file), or None if it is locked or gone."""
+def try_lock(path: str, *, create: bool = False) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on the file ``path``, or None if another process holds it.
+
+    The lock lasts until the descriptor is closed or the process ends, however
+    it ends. Without ``create`` a missing file is also None; with it, the file
+    is created (mode 0644) if needed, and errors opening it are raised.
+    """
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, flags, 0o644)
     except OSError:
+        if create:
+            raise
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -181,7 +189,7 @@ def clean_stale_partials(dst: str) -> list[str]:
         for path in glob.glob(os.path.join(glob.escape(parent), glob.escape(pattern.format(name=name)) + "*")):
             if os.path.islink(path) or not os.path.isdir(path):
                 continue
-            fd = _try_lock(os.path.join(path, LOCK_NAME))
+            fd = try_lock(os.path.join(path, LOCK_NAME))
             if fd is None:
                 continue
             try:
@@ -206,6 +214,11 @@ def _describe(path: str) -> str:
     return "a file"
 
 
+def _is_ours(path: str, replaceable: Owned) -> bool:
+    """A real directory (not a link) that carries the marker of an eagle3-jax output of this kind."""
+    return not os.path.islink(path) and os.path.isdir(path) and replaceable(path)
+
+
 def _is_empty_dir(path: str) -> bool:
     try:
         return not os.path.islink(path) and os.path.isdir(path) and not os.listdir(path)
@@ -227,8 +240,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False, replac
     if empty_ok and _is_empty_dir(dst):
         pass
     elif os.path.lexists(dst):
-        ours = not os.path.islink(dst) and os.path.isdir(dst) and replaceable(dst)
-        if not ours:
+        if not _is_ours(dst, replaceable):
             raise CheckpointError(f"{dst}: already exists and is not an output of eagle3-jax (it is {_describe(dst)}, "
                                   f"not an eagle3-jax {what}); refusing to replace it (choose another path, "
                                   "or move it away yourself)")
@@ -272,9 +284,8 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, replace
     clean_stale_partials(dst)
     tmp = tempfile.mkdtemp(prefix=_PARTIAL.format(name=name), dir=parent)
     lock = os.path.join(tmp, LOCK_NAME)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = try_lock(lock, create=True)  # a new file in a new directory: never held by anyone else
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield tmp
         os.unlink(lock)  # the output must not carry it; a cleaner skips a directory without one
         _give_usual_modes(tmp, directory=True)
@@ -306,16 +317,15 @@ def _commit(tmp: str, dst: str, *, overwrite: bool, replaceable: Owned, what: st
     parent, name = os.path.split(dst)
     aside = tempfile.mkdtemp(prefix=_OLD.format(name=name), dir=parent)
     moved = os.path.join(aside, name)
-    if os.path.islink(dst) or not os.path.isdir(dst) or not replaceable(dst):
+    if not _is_ours(dst, replaceable):
         os.rmdir(aside)
         raise CheckpointError(f"{dst}: appeared while this output was being written and is not an output of "
                               f"eagle3-jax (it is {_describe(dst)}, not an eagle3-jax {what}); left it untouched "
                               "and discarded this output")
-    lock_fd = os.open(os.path.join(aside, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    lock_fd = try_lock(os.path.join(aside, LOCK_NAME), create=True)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(dst, moved)
-        if os.path.islink(moved) or not os.path.isdir(moved) or not replaceable(moved):  # swapped in a race: put it back
+        if not _is_ours(moved, replaceable):  # swapped in a race: put it back
             rename_noreplace(moved, dst)
             raise CheckpointError(f"{dst}: changed while being replaced; left it untouched and discarded this output")
         _carry_over(moved, tmp)

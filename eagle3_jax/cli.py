@@ -317,6 +317,12 @@ def _add_regenerate(sub) -> None:
     p.set_defaults(func=_cmd_regenerate)
 
 
+def _head_overrides(args) -> dict:
+    """--draft-rope-theta and --feature-layers as the keyword arguments of ``with_overrides``/``load_draft``."""
+    return dict(rope_theta=args.draft_rope_theta,
+                feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
+
+
 def _check_configs(target: str, draft: str | None = None, **overrides):
     """Resolves and checks the target's (and the head's) config.json before any tokenizer or weights are read.
 
@@ -440,8 +446,7 @@ def _cmd_eval(args) -> int:
         TreeSpec(*knobs)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     check_report_destination(args.output, overwrite=args.overwrite)  # before hours of work, not after
-    overrides = dict(rope_theta=args.draft_rope_theta,
-                     feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
+    overrides = _head_overrides(args)
     model_dir, _, draft_dir, _ = _check_configs(args.target, args.draft, **overrides)
     files = dict(args.bench_file)
     names = args.bench or (list(files) if files else list(BENCHMARKS))
@@ -536,23 +541,14 @@ def _check_text(text: str, what: str) -> str:
 
 def _encode(tokenizer, text: str, chat: bool) -> list[int]:
     from eagle3_jax.errors import InputError
+    from eagle3_jax.text import render_chat, token_ids
 
     _check_text(text, "--prompt")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("--chat: the tokenizer has no chat template")
-        try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception as e:  # a Jinja template can raise anything
-            raise InputError(f"--chat: the tokenizer's chat template failed ({type(e).__name__}: "
-                             f"{str(e).strip()[:200]})") from None
-        if not isinstance(text, str):
-            raise InputError(f"--chat: the tokenizer's chat template returned {type(text).__name__}, not text")
-    try:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    except Exception as e:
-        raise InputError(f"--prompt: the tokenizer failed on it ({type(e).__name__}: {str(e).strip()[:200]})") from None
+        text = render_chat(tokenizer, [{"role": "user", "content": text}], where="--chat")
+    return token_ids(tokenizer, text, where="--prompt")
 
 
 def _decode(tokenizer, token_ids: list[int]) -> str | None:
@@ -586,9 +582,7 @@ def _weights_bytes(config, dtype) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from eagle3_jax.config import Eagle3Config, Qwen3Config
     from eagle3_jax.generation import Generator, check_memory, plan_batch
-    from eagle3_jax.hub import resolve_model_dir
     from eagle3_jax.loading import load_draft, load_target, parse_dtype
     from eagle3_jax.sampling import SamplingParams
 
@@ -600,21 +594,11 @@ def _cmd_generate(args) -> int:
     if args.draft is None and any(k is not None for k in knobs):
         raise _usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
     spec = _check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
-    prompts = [_check_text(t, "--prompt") for t in args.prompt] if args.prompt else args.prompt_ids
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    # The project's own checks of the configs first, before any tokenizer or weights are read.
-    model_dir = resolve_model_dir(args.target)
-    target_config = Qwen3Config.from_pretrained(model_dir)
-    draft_dir = draft_config = None
-    if args.draft is not None:
-        draft_dir = resolve_model_dir(args.draft)
-        overrides = dict(rope_theta=args.draft_rope_theta,
-                         feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
-        draft_config = Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides)
-        draft_config.check_target(target_config, where=f"draft head {draft_dir}")
+    overrides = _head_overrides(args)
+    model_dir, target_config, draft_dir, draft_config = _check_configs(args.target, args.draft, **overrides)
     tokenizer = _load_tokenizer(model_dir, required=bool(args.prompt))
-    if args.prompt:
-        prompts = [_encode(tokenizer, t, args.chat) for t in prompts]
+    prompts = [_encode(tokenizer, t, args.chat) for t in args.prompt] if args.prompt else args.prompt_ids
     stops = () if args.no_stop else args.stop_ids
     dtype = parse_dtype(args.dtype)
     prompts, settings, _, bucket = plan_batch(
@@ -722,29 +706,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_progress_lines()
         (getattr(args, "_parser", None) or parser).error(str(e))
     except Eagle3Error as e:
-        _end_progress_lines()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return _report(f"error: {e}", EXIT_ERROR)
     except KeyboardInterrupt:
-        _end_progress_lines()
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _report("interrupted", 130)
     except MemoryError:
-        _end_progress_lines()
-        print("error: out of host memory; lower --max-cache-len, --max-new-tokens or the batch size", file=sys.stderr)
-        return EXIT_ERROR
+        return _report("error: out of host memory; lower --max-cache-len, --max-new-tokens or the batch size",
+                       EXIT_ERROR)
     except OSError as e:  # the environment, not the input: a full disk, a permission, a vanished file
-        _end_progress_lines()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_ERROR
+        return _report(f"error: {where}{e.strerror or e}", EXIT_ERROR)
     except Exception as e:
         if os.environ.get("EAGLE3_JAX_DEBUG"):
             raise
-        _end_progress_lines()
-        print(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in eagle3-jax, "
-              "please report it with the traceback that EAGLE3_JAX_DEBUG=1 shows", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _report(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in "
+                       "eagle3-jax, please report it with the traceback that EAGLE3_JAX_DEBUG=1 shows", EXIT_INTERNAL)
+
+
+def _report(line: str, code: int) -> int:
+    """Prints ``line`` on stderr, on a line of its own, and returns the exit status ``code``."""
+    _end_progress_lines()
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from eagle3_jax.errors import InputError
 from eagle3_jax.generation import GenerationOutput, Generator, require_finite
 from eagle3_jax.jsonl import iter_jsonl
 from eagle3_jax.sampling import SamplingParams
+from eagle3_jax.text import render_chat, token_ids
 
 BENCHMARKS = ("gsm8k", "humaneval", "math500", "ceval", "cmmlu", "mtbench")
 
@@ -121,16 +122,11 @@ class PromptFormatter:
             raise InputError("the tokenizer has no chat template")
 
     def __call__(self, messages: list[dict]) -> list[int]:
-        try:
-            if self.chat:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            else:
-                text = "\n\n".join(m["content"] for m in messages).rstrip()
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        except Exception as e:  # a Jinja template or a tokenizer can raise anything
-            what = "chat template" if self.chat else "tokenizer"
-            raise InputError(f"the tokenizer's {what} failed on a prompt ({type(e).__name__}: "
-                             f"{str(e).strip()[:200]})") from None
+        if self.chat:
+            text = render_chat(self.tokenizer, messages, where="a benchmark prompt")
+        else:
+            text = "\n\n".join(m["content"] for m in messages).rstrip()
+        return token_ids(self.tokenizer, text, where="a benchmark prompt")
 
 
 def knob_label(knobs: tuple[int, int, int]) -> str:

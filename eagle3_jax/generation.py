@@ -249,7 +249,7 @@ class Generator:
         if draft is None:
             if any(v is not None for v in (num_steps, topk, num_draft_tokens)):
                 raise InputError("num_steps / topk / num_draft_tokens need a draft head")
-            self.spec = None
+            self.spec = self.draft_config = None
             self._graphdefs, self._weights = target_graph, target_params
         else:
             draft.config.check_target(target.config)
@@ -300,8 +300,7 @@ class Generator:
         prompts, settings, params, bucket = plan_batch(self.config, prompts, max_new_tokens=max_new_tokens,
                                                        sampling=sampling, stop_token_ids=stop_token_ids,
                                                        max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype)
-        check_memory(self.config, settings, len(prompts), bucket, spec=self.spec,
-                     draft_config=self.draft_config if self.speculative else None)
+        check_memory(self.config, settings, len(prompts), bucket, spec=self.spec, draft_config=self.draft_config)
         with device_errors():
             return self._run(prompts, settings, params, bucket, seed, stream, stream_every)
 

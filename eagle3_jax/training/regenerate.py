@@ -15,9 +15,9 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator, require_finite
 from eagle3_jax.sampling import SamplingParams
+from eagle3_jax.text import render_chat, token_ids
 
 
 def _turn_plan(conversation: Sequence[dict]) -> tuple[list[dict], int]:
@@ -49,12 +49,8 @@ def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence
                 rest.pop(0)  # the original assistant turn, replaced below
             if not messages or messages[-1]["role"] == "assistant":
                 continue
-            try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-            except Exception as e:  # a Jinja template can raise anything
-                raise InputError(f"conversation {i}: the tokenizer's chat template failed ({type(e).__name__}: "
-                                 f"{str(e).strip()[:200]})") from None
+            text = render_chat(tokenizer, messages, where=f"conversation {i}")
+            prompts.append(token_ids(tokenizer, text, where=f"conversation {i}"))
             rows.append(i)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import fcntl
 import tempfile
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eagle3_jax.atomic import atomic_file
+from eagle3_jax.atomic import atomic_file, try_lock
 from eagle3_jax.config import Eagle3Config
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.hub import resolve_model_dir
@@ -155,13 +154,10 @@ def lock_run_directory(out: str) -> int:
     """Takes the run directory for this process (an ``flock`` on its lock file, released when the
     process ends, however it ends); returns the descriptor to keep open. Another live run of the same
     directory is a clear error, never two runs writing one directory."""
-    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+    fd = try_lock(os.path.join(out, LOCK_FILE), create=True)
+    if fd is None:
         raise InputError(f"{out}: the run directory is in use by another training process; wait for it to "
-                         "finish (or stop it), or choose another --output") from None
+                         "finish (or stop it), or choose another --output")
     return fd
 
 
