@@ -1,4 +1,14 @@
-"""eagle3-jax: EAGLE-3 speculative decoding for Qwen3 in JAX/Flax."""
+"""eagle3-jax: EAGLE-3 speculative decoding for Qwen3 in JAX/Flax.
+
+The public names below are imported on first use (PEP 562), so that
+``import eagle3_jax`` and the command line's ``--help`` stay fast; JAX, Flax
+and transformers load when a model or a generator is first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -6,34 +16,51 @@ from eagle3_jax._xla_flags import apply_default_flags
 
 apply_default_flags()
 
-from eagle3_jax.config import Eagle3Config, Qwen3Config
-from eagle3_jax.errors import CheckpointError, ConfigError, Eagle3Error, InputError, NumericsError
-from eagle3_jax.generation import GenerationOutput, Generator, generate, require_finite
-from eagle3_jax.kv_cache import KVCache
-from eagle3_jax.loading import convert_draft, convert_target, load_draft, load_target, save_draft
-from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
-from eagle3_jax.sampling import SamplingParams
+_EXPORTS = {
+    "Eagle3Config": "eagle3_jax.config",
+    "Qwen3Config": "eagle3_jax.config",
+    "CheckpointError": "eagle3_jax.errors",
+    "ConfigError": "eagle3_jax.errors",
+    "Eagle3Error": "eagle3_jax.errors",
+    "InputError": "eagle3_jax.errors",
+    "NumericsError": "eagle3_jax.errors",
+    "GenerationOutput": "eagle3_jax.generation",
+    "Generator": "eagle3_jax.generation",
+    "generate": "eagle3_jax.generation",
+    "require_finite": "eagle3_jax.generation",
+    "KVCache": "eagle3_jax.kv_cache",
+    "convert_draft": "eagle3_jax.loading",
+    "convert_target": "eagle3_jax.loading",
+    "load_draft": "eagle3_jax.loading",
+    "load_target": "eagle3_jax.loading",
+    "save_draft": "eagle3_jax.loading",
+    "Eagle3DraftHead": "eagle3_jax.models.eagle3",
+    "Qwen3ForCausalLM": "eagle3_jax.models.qwen3",
+    "SamplingParams": "eagle3_jax.sampling",
+}
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "Eagle3Config",
-    "Eagle3DraftHead",
-    "Eagle3Error",
-    "GenerationOutput",
-    "Generator",
-    "InputError",
-    "KVCache",
-    "NumericsError",
-    "Qwen3Config",
-    "Qwen3ForCausalLM",
-    "SamplingParams",
-    "convert_draft",
-    "convert_target",
-    "generate",
-    "load_draft",
-    "load_target",
-    "require_finite",
-    "save_draft",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eagle3_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from eagle3_jax.config import Eagle3Config, Qwen3Config
+    from eagle3_jax.errors import CheckpointError, ConfigError, Eagle3Error, InputError, NumericsError
+    from eagle3_jax.generation import GenerationOutput, Generator, generate, require_finite
+    from eagle3_jax.kv_cache import KVCache
+    from eagle3_jax.loading import convert_draft, convert_target, load_draft, load_target, save_draft
+    from eagle3_jax.models.eagle3 import Eagle3DraftHead
+    from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+    from eagle3_jax.sampling import SamplingParams

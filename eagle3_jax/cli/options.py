@@ -1,0 +1,237 @@
+"""Option types, shared option groups and helpers of the ``eagle3-jax`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from eagle3_jax.checks import MAX_SEED
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # a bug: an exception the project did not anticipate
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: not when it is None or False, nor when the help already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS \
+                or "default" in text or not text:
+            return text
+        return super()._get_help_string(action)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def int_type(what: str, minimum: int, maximum: int | None = None):
+    """An argparse type for integers in [minimum, maximum], described as ``what`` in its errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_type("a positive integer", 1)
+
+
+non_negative_int = int_type("a non-negative integer", 0)
+
+
+seed_type = int_type(f"an integer seed in [0, {MAX_SEED}]", 0, MAX_SEED)
+
+
+def finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def knob_triple(text: str) -> tuple[int, int, int]:
+    try:
+        d, k, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected num_steps,topk,num_draft_tokens (e.g. 3,1,4), got {text!r}") from None
+    return d, k, n
+
+
+def bench_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
+    return name, path
+
+
+def add_sampling_options(p) -> None:
+    """--temperature, --top-p, --top-k and --seed: the sampling knobs of every generating command."""
+    p.add_argument("--temperature", type=finite_float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 means greedy decoding")
+    p.add_argument("--top-p", type=finite_float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                   help="sample among the K most likely tokens (0 = off)")
+    p.add_argument("--seed", type=seed_type, default=0, metavar="S", help="PRNG seed for sampling (0 to 2**32-1)")
+
+
+def add_runtime_options(p) -> None:
+    """--max-cache-len and --dtype."""
+    p.add_argument("--max-cache-len", type=positive_int, default=None, metavar="S",
+                   help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to 128)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="load weights that hold NaN or Inf instead of refusing them (generation still stops a row "
+                        "on non-finite logits, with finish_reason 'nonfinite')")
+
+
+def add_tree_options(p) -> None:
+    """--num-steps, --topk, --num-draft-tokens: the static tree shape (SGLang's knobs)."""
+    p.add_argument("--num-steps", type=positive_int, default=None, metavar="D",
+                   help="tree depth: draft steps per cycle (default 3)")
+    p.add_argument("--topk", type=positive_int, default=None, metavar="K",
+                   help="children kept per tree node and beam width (default 1: a chain)")
+    p.add_argument("--num-draft-tokens", type=positive_int, default=None, metavar="N",
+                   help="tree tokens verified per cycle, root included (default D+1 for a chain; required for K>1)")
+
+
+def add_head_overrides(p) -> None:
+    """--draft-rope-theta and --feature-layers: the pitfalls of published heads."""
+    p.add_argument("--draft-rope-theta", type=finite_float, default=None, metavar="THETA",
+                   help="override the head's RoPE base (some published heads were trained with 10000)")
+    p.add_argument("--feature-layers", type=int_list, default=None, metavar="L1,L2,L3",
+                   help="override the target layers feeding the head (HF hidden_states indices, e.g. 2,18,33)")
+
+
+def head_overrides(args) -> dict:
+    """--draft-rope-theta and --feature-layers as the keyword arguments of ``with_overrides``/``load_draft``."""
+    return dict(rope_theta=args.draft_rope_theta,
+                feature_layers=tuple(args.feature_layers) if args.feature_layers else None)
+
+
+def check_configs(target: str, draft: str | None = None, **overrides):
+    """Resolves and checks the target's (and the head's) config.json before any tokenizer or weights are read.
+
+    Returns (target dir, target config, draft dir, draft config).
+    """
+    from eagle3_jax.config import Eagle3Config, Qwen3Config
+    from eagle3_jax.hub import resolve_model_dir
+
+    target_dir = resolve_model_dir(target)
+    target_config = Qwen3Config.from_pretrained(target_dir)
+    draft_dir = draft_config = None
+    if draft is not None:
+        draft_dir = resolve_model_dir(draft)
+        draft_config = Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides)
+        draft_config.check_target(target_config, where=f"draft head {draft_dir}")
+    return target_dir, target_config, draft_dir, draft_config
+
+
+def load_tokenizer(model_dir: str, required: bool):
+    """The model directory's tokenizer; None when it has none and ``required`` is off.
+
+    A tokenizer that fails to load is an error when it is required (text
+    prompts), else a warning: token ids are printed instead of text.
+    """
+    from eagle3_jax.errors import InputError
+
+    has_files = any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_files:
+        if required:
+            raise InputError(f"{model_dir} has no tokenizer files; pass --prompt-ids instead of --prompt")
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers and tokenizers raise anything from JSON, Rust and I/O errors
+        reason = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
+        message = f"{model_dir}: the tokenizer files could not be loaded ({type(e).__name__}: {reason})"
+        if required:
+            raise InputError(message + "; fix them, or pass --prompt-ids instead of --prompt") from None
+        print(f"warning: {message}; printing token ids instead of text", file=sys.stderr)
+        return None
+
+
+def check_text(text: str, what: str) -> str:
+    """Text from the command line must be valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
+    from eagle3_jax.errors import InputError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 text (undecodable byte at position {e.start})") from None
+    return text
+
+
+def encode(tokenizer, text: str, chat: bool) -> list[int]:
+    from eagle3_jax.errors import InputError
+    from eagle3_jax.text import render_chat, token_ids
+
+    check_text(text, "--prompt")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("--chat: the tokenizer has no chat template")
+        text = render_chat(tokenizer, [{"role": "user", "content": text}], where="--chat")
+    return token_ids(tokenizer, text, where="--prompt")
+
+
+def decode(tokenizer, token_ids: list[int]) -> str | None:
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
+    except Exception:  # a broken vocabulary: the ids are still printed
+        return None
+
+
+def check_tree(steps, topk, num_draft_tokens):
+    """The tree shape from --num-steps/--topk/--num-draft-tokens, with the CLI's defaults."""
+    from eagle3_jax.decoding.tree import TreeSpec
+
+    steps, topk = steps or 3, topk or 1
+    if num_draft_tokens is None and topk > 1:
+        raise usage("--num-draft-tokens is required with --topk > 1")
+    return TreeSpec(steps, topk, num_draft_tokens or steps + 1)
+
+
+class UsageError(Exception):
+    pass
+
+
+def usage(message: str) -> UsageError:
+    return UsageError(message)
+
+
+def end_progress_lines() -> None:
+    """Closes progress bars still on screen, so that an error message starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    bars = list(getattr(tqdm, "_instances", []))
+    for bar in bars:
+        bar.close()
+    if bars:
+        sys.stderr.write("\n")
