@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @dataclasses.dataclass
@@ -121,19 +121,27 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int]
     return out[0, len(prompt):].tolist()
 
 
-QWEN3_TOKENIZER = SHARED / "data" / "qwen3-tokenizer"
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """The real Qwen3 tokenizer (tests/data/qwen3-tokenizer, shipped compressed), decompressed into a directory."""
+    import lzma
+
+    src = DATA / "qwen3-tokenizer"
+    path = tmp_path_factory.mktemp("qwen3_tokenizer")
+    (path / "tokenizer.json").write_bytes(lzma.decompress((src / "tokenizer.json.xz").read_bytes()))
+    shutil.copy(src / "tokenizer_config.json", path / "tokenizer_config.json")
+    return path
 
 
 @pytest.fixture(scope="session")
-def hf_qwen3_real_vocab(tmp_path_factory) -> HFModel:
+def hf_qwen3_real_vocab(tmp_path_factory, qwen3_tokenizer_dir) -> HFModel:
     """A tiny Qwen3 with the full 151,936-token vocabulary and the real Qwen3 tokenizer beside it."""
-    assert QWEN3_TOKENIZER.is_dir(), f"the offline Qwen3 tokenizer is expected at {QWEN3_TOKENIZER}"
     path = tmp_path_factory.mktemp("qwen3_real_vocab")
     hf = make_hf_model(path, seed=4, vocab_size=151936, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
                        eos_token_id=151645, bos_token_id=None, pad_token_id=151643)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(QWEN3_TOKENIZER / name, path / name)
+        shutil.copy(qwen3_tokenizer_dir / name, path / name)
     return hf
 
 
