@@ -1,10 +1,11 @@
 """XLA flags that eagle3-jax sets by default (before JAX starts a backend).
 
 On NVIDIA GPUs the skinny matrix products of decoding stream weights much
-faster through cuBLAS than through XLA's default Triton GEMM (DESIGN.md §4:
-2.7 vs 1.1 TB/s on an H200), so Triton GEMM is turned off. The flag is
-ignored on CPU and TPU. Set ``EAGLE3_JAX_KEEP_XLA_FLAGS=1`` to leave
-``XLA_FLAGS`` untouched; a flag already present in ``XLA_FLAGS`` always wins.
+faster through cuBLAS than through XLA's default Triton GEMM (2.7 vs 1.1
+TB/s on an H200; docs/architecture.md#performance), so Triton GEMM is
+turned off. The flag is ignored on CPU and TPU. Set
+``EAGLE3_JAX_KEEP_XLA_FLAGS=1`` to leave ``XLA_FLAGS`` untouched; a flag
+already present in ``XLA_FLAGS`` always wins.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""EAGLE-3 speculative decoding as pure, jittable functions (DESIGN.md §2).
+"""EAGLE-3 speculative decoding as pure, jittable functions (docs/architecture.md#the-loop).
 
 One cycle of the ``lax.while_loop``:
 

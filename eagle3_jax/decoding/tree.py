@@ -1,6 +1,6 @@
 """Fixed-shape token-tree drafting (EAGLE-2/3 with SGLang's knobs).
 
-Static shapes, per batch row (DESIGN.md §3 "Fixed-shape tree"):
+Static shapes, per batch row (docs/architecture.md#draft-tree):
 
     step 1:    the root's draft logits -> top K tokens, scores = log-probs    # beam [K]
     step d>1:  the K beam nodes go through the draft (one forward of K

@@ -1,6 +1,6 @@
 """The EAGLE-3 draft head in Flax NNX (SpecForge ``LlamaForCausalLMEagle3``).
 
-Forward (DESIGN.md §3):
+Forward (docs/architecture.md#draft-head):
 
     h = fc(concat(f_low, f_mid, f_high))        # only where the input is target features
     u = concat(input_layernorm(emb), hidden_norm(h))   # embedding first, 2H wide

@@ -1,6 +1,6 @@
 """Building blocks shared by the Qwen3 target and the EAGLE-3 draft head.
 
-Numerics follow HF ``modeling_qwen3.py`` (DESIGN.md §3): RMSNorm in float32
+Numerics follow HF ``modeling_qwen3.py`` (docs/architecture.md#numerics): RMSNorm in float32
 then cast back before the weight multiply; RoPE with the ``rotate_half``
 convention, its tables in float32 cast to the activation dtype; softmax in
 float32; scale ``head_dim ** -0.5``.
