@@ -18,6 +18,7 @@ The functions are plain Python; what they time is up to the caller (a
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from typing import Callable, Sequence
@@ -81,7 +82,11 @@ def paired_speedup(baseline: Sequence[tuple[int, float]], candidate: Sequence[tu
         raise ValueError("the two methods need the same number of repeats")
     ratios = []
     for (n_base, s_base), (n_cand, s_cand) in zip(baseline, candidate):
-        if n_base <= 0 or s_base <= 0 or s_cand <= 0:
+        # A repeat with no baseline tokens, or a time that is not a positive finite number, gives no ratio.
+        if not (n_base > 0 and 0 < s_base < math.inf and 0 < s_cand < math.inf and 0 <= n_cand < math.inf):
             continue
         ratios.append((n_cand / s_cand) / (n_base / s_base))
+    if not ratios:
+        raise ValueError("no repeat gave a ratio: a speedup needs at least one sample with baseline tokens and "
+                         "positive, finite times")
     return Ratio.of(ratios)

@@ -308,9 +308,16 @@ def test_train_cli_end_to_end(hf_qwen3_real_vocab, tmp_path, capsys):
             str(run), "--max-steps", "3", "--batch-size", "2", "--ttt-length", "2", "--max-length", "64",
             "--draft-vocab-size", "300", "--save-every", "2", "--feature-layers", "0,1,1", "--json"]
     assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # --json: one line per step as it happens, then the summary
+    assert [line["event"] for line in lines] == ["step", "step", "step", "summary"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3
+    for line, row in zip(lines, metrics):
+        assert line == {"event": "step", "total_steps": 3, **row}
+    summary = lines[-1]
     assert summary["finished"] and summary["steps"] == 3 and summary["draft_vocab_size"] == 300
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert summary == {"event": "summary", **json.loads((run / "summary.json").read_text())}
     cfg = Qwen3Config.from_pretrained(hf_qwen3_real_vocab.path)
     head = load_draft(run / "head", cfg, progress=False)
     assert head.config.draft_vocab_size == 300
@@ -318,7 +325,9 @@ def test_train_cli_end_to_end(hf_qwen3_real_vocab, tmp_path, capsys):
     assert main(argv) == 1 and "not empty (pass --resume" in capsys.readouterr().err
     argv[argv.index("--max-steps") + 1] = "4"
     assert main(argv + ["--resume"]) == 0
-    assert json.loads(capsys.readouterr().out)["steps"] == 4
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["event"], line["step" if line["event"] == "step" else "steps"]) for line in lines] == [
+        ("step", 4), ("summary", 4)]
     assert main(argv[:-1] + ["--resume", "--devices", "9"]) == 1
     assert "asked for 9 devices" in capsys.readouterr().err
 
@@ -346,6 +355,54 @@ def test_regenerate_answers_with_the_target(hf_qwen3_real_vocab, tokenizer, tmp_
     rows = [json.loads(line)["messages"] for line in dst.read_text().splitlines()]
     assert rows == out
     assert main(["regenerate", "--target", hf_qwen3_real_vocab.path, "--data", str(src), "--output", str(dst)]) == 1
+
+
+def test_regenerate_progress_moves_with_the_tokens(tokenizer, monkeypatch):
+    """The bar advances as tokens stream in within a batch, not once per batch (issue 11)."""
+    import types
+
+    from tqdm import tqdm
+
+    import eagle3_jax.training.regenerate as regen
+
+    eos = 151645
+    seen = []
+
+    class Bar(tqdm):
+        def update(self, n=1):
+            super().update(n)
+            seen.append(round(self.n, 6))
+
+    class Stub:
+        config = types.SimpleNamespace(eos_token_ids=(eos,))
+        calls = []
+
+        def generate(self, prompts, *, max_new_tokens, stream=None, stream_every=4, **_):
+            self.calls.append((len(prompts), stream is not None, stream_every))
+            tokens = [[], []]
+            for _ in range(max_new_tokens // 2):
+                for row in range(len(prompts)):
+                    if row == 1 and len(tokens[1]) == 2:
+                        continue  # row 1 has stopped
+                    new = [5, eos] if row == 1 else [5, 6]
+                    tokens[row] += new
+                    if stream is not None:
+                        stream(row, new)
+                seen.append("chunk")
+            return [types.SimpleNamespace(token_ids=t, finish_reason="length") for t in tokens[:len(prompts)]]
+
+    monkeypatch.setattr(regen, "tqdm", Bar)
+    convs = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    out = regenerate(Stub(), tokenizer, convs, max_new_tokens=8, batch_size=2, stream_every=3)
+    assert Stub.calls == [(2, True, 3)]
+    # row 0 moves by a quarter reply a chunk; row 1 ended (a stop token) after its first chunk: one whole reply
+    assert seen == [0.25, 1.25, "chunk", 1.5, "chunk", 1.75, "chunk", 2.0, "chunk"]
+    assert [m["role"] for m in out[1]] == ["user", "assistant"]
+    Stub.calls.clear()
+    seen.clear()
+    assert regenerate(Stub(), tokenizer, convs, max_new_tokens=8, batch_size=2, progress=False) == out
+    assert "chunk" in seen and 0.25 not in seen  # no bar
+    assert Stub.calls == [(2, False, 8)]
 
 
 def test_directories_expand_to_their_files(tmp_path, tokenizer):

@@ -238,7 +238,8 @@ def test_kill_9_then_resume_with_a_corrupt_checkpoint(setup, compilation_cache, 
     done = subprocess.run(cli + _cli_args(setup, out, steps) + ["--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"warning: skipping checkpoint {newest}" in done.stderr
-    assert json.loads(done.stdout)["steps"] == steps
+    summary = json.loads(done.stdout.splitlines()[-1])  # --json: a line per step, the summary last
+    assert summary["event"] == "summary" and summary["steps"] == steps
     # the same, bit for bit, as a run that was never killed (run here, in this process)
     straight = tmp_path / "straight"
     assert main(_cli_args(setup, straight, steps)) == 0

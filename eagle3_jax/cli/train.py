@@ -63,8 +63,18 @@ def add_parser(sub) -> None:
                    help="data-parallel devices (default: all local devices)")
     p.add_argument("--no-export-embedding", action="store_true",
                    help="do not copy the target's embedding into the exported head")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines on stdout instead of progress bars: one per training step as it "
+                        "finishes, {\"event\": \"step\", \"step\": S, \"total_steps\": T, ...} with the "
+                        "step's metrics.jsonl fields (epoch, loss, loss_steps, kl_steps, acc_steps, lr, grad_norm, "
+                        "tokens_per_second); the last line is the run summary, {\"event\": \"summary\", ...} "
+                        "with the fields of summary.json (steps, total_steps, finished, last, head, ...)")
     p.set_defaults(func=run)
+
+
+def _print_step(step: int, row: dict) -> None:
+    """One ``--json`` line per step, printed as the step finishes."""
+    print(json.dumps({"event": "step", "step": step, "total_steps": row["total_steps"], **row}), flush=True)
 
 
 def run(args) -> int:
@@ -84,9 +94,9 @@ def run(args) -> int:
                    precompute=args.precompute, resume=args.resume, devices=args.devices,
                    dtype=None if args.dtype == "auto" else args.dtype,
                    export_embedding=not args.no_export_embedding)
-    summary = run_training(job, progress=not args.json)
+    summary = run_training(job, progress=not args.json, on_step=_print_step if args.json else None)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({"event": "summary", **summary}), flush=True)
     else:
         last = summary["last"] or {}
         accs = ", ".join(f"{a:.2f}" for a in last.get("acc_steps", []))

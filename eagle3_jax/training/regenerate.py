@@ -11,6 +11,7 @@ Replies are generated in batches, turn by turn, with :class:`Generator`.
 from __future__ import annotations
 
 import json
+import time
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -31,14 +32,21 @@ def _turn_plan(conversation: Sequence[dict]) -> tuple[list[dict], int]:
 
 def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int,
                sampling: SamplingParams | None = None, batch_size: int = 8, seed: int = 0,
-               progress: bool = True) -> list[list[dict]]:
-    """Returns the conversations with every assistant turn written by the target."""
+               progress: bool = True, stream_every: int = 8) -> list[list[dict]]:
+    """Returns the conversations with every assistant turn written by the target.
+
+    With ``progress`` a bar counts the replies, advancing as their tokens are
+    generated (every ``stream_every`` decoding iterations), not once per batch:
+    a reply in progress counts as the share of ``max_new_tokens`` it has
+    generated, and as one reply when it ends; the bar's postfix gives the tokens
+    generated so far and their rate. The replies are the same with or without it.
+    """
     sampling = sampling or SamplingParams()
     stop_ids = generator.config.eos_token_ids
     state = [([], list(conv)) for conv in conversations]  # (messages so far, source turns left)
     pending = list(range(len(conversations)))
     total = sum(_turn_plan(c)[1] for c in conversations)
-    bar = tqdm(total=total, desc="regenerating", unit="reply", disable=not progress)
+    bar = _ReplyProgress(total, max_new_tokens, stop_ids) if progress else None
     while pending:
         prompts, rows = [], []
         for i in pending:
@@ -54,17 +62,63 @@ def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence
             rows.append(i)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
+            live = bar.batch(len(chunk)) if bar is not None else None
             outs = generator.generate(chunk, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start,
-                                      stop_token_ids=stop_ids)
+                                      stop_token_ids=stop_ids, stream=live, stream_every=stream_every)
+            if bar is not None:
+                bar.end_batch()
             require_finite(outs, f"conversations {rows[start]}..{rows[min(start + batch_size, len(rows)) - 1]}")
             for i, o in zip(rows[start:start + batch_size], outs):
                 tokens = [t for t in o.token_ids if t not in stop_ids]
                 state[i][0].append({"role": "assistant",
                                     "content": tokenizer.decode(tokens, skip_special_tokens=True)})
-                bar.update(1)
         pending = [i for i in pending if state[i][1]]
-    bar.close()
+    if bar is not None:
+        bar.close()
     return [messages for messages, _ in state]
+
+
+class _ReplyProgress:
+    """A bar over replies that moves with the tokens: the ``stream`` callback of one batch at a time."""
+
+    def __init__(self, total: int, max_new_tokens: int, stop_ids: Sequence[int]):
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = set(stop_ids)
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total, desc="regenerating", unit="reply",
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total} replies [{elapsed}<{remaining}{postfix}]")
+        self.credit: list[float] = []
+        self.counts: list[int] = []
+
+    def batch(self, rows: int):
+        """Starts a batch of ``rows`` replies; returns the callback for :meth:`Generator.generate`'s ``stream``."""
+        self.credit, self.counts = [0.0] * rows, [0] * rows
+        return self._on_tokens
+
+    def _on_tokens(self, row: int, new_tokens: list[int]) -> None:
+        self.counts[row] += len(new_tokens)
+        self.tokens += len(new_tokens)
+        done = self.counts[row] >= self.max_new_tokens or any(t in self.stop_ids for t in new_tokens)
+        self._credit(row, 1.0 if done else self.counts[row] / self.max_new_tokens)
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens} tokens, {self.tokens / seconds:.1f} tok/s", refresh=False)
+
+    def _credit(self, row: int, value: float) -> None:
+        value = max(self.credit[row], min(value, 1.0))
+        if value > self.credit[row]:
+            self.bar.update(value - self.credit[row])
+            self.credit[row] = value
+
+    def end_batch(self) -> None:
+        """Every reply of the batch is done (some may have ended without a stop token, e.g. on a full cache)."""
+        for row in range(len(self.credit)):
+            self._credit(row, 1.0)
+        self.bar.n = round(self.bar.n)  # whole replies again (the shares' float sum may be off by an ulp)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def write_jsonl(conversations: Sequence[Sequence[dict]], path: str) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -214,24 +215,28 @@ def make_mesh(devices: int | None):
     return jax.sharding.Mesh(np.array(available[:n]), ("data",))
 
 
-def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None = None) -> dict:
+def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None = None,
+                 on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Runs (or resumes) a training job; returns its summary (also written to ``summary.json``).
 
     The run directory is checked (and created) before anything is loaded. With
     ``job.resume`` the run continues from its newest readable checkpoint
     (:meth:`Trainer.restore_latest`), or from step 0 when it was stopped before
-    its first one.
+    its first one. ``on_step(step, metrics)``, if given, is called after every
+    step, as it happens, with that step's line of ``metrics.jsonl`` (as a dict)
+    and ``total_steps``.
     """
     mesh = make_mesh(job.devices)  # what needs no model is checked before anything is written
     out = prepare_run_directory(job.output, job.resume)
     lock = lock_run_directory(out)
     try:
-        return _run(job, out, mesh, progress=progress, stop_after=stop_after)
+        return _run(job, out, mesh, progress=progress, stop_after=stop_after, on_step=on_step)
     finally:
         os.close(lock)
 
 
-def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | None) -> dict:
+def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | None,
+         on_step: Callable[[int, dict], None] | None = None) -> dict:
     cfg = job.config
     write_run_file(out, job)
     target_dir = resolve_model_dir(job.target)
@@ -267,7 +272,9 @@ def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | Non
     if job.precompute:  # after the restore, which refuses a checkpoint made for other data before this costs anything
         trainer.teacher_store = prepare_teacher(target, examples, out, trainer.layers, trainer.fingerprint,
                                                 cfg.max_length, progress=progress)
-    history = trainer.run(progress=progress, log_path=os.path.join(out, "metrics.jsonl"), stop_after=stop_after)
+    hook = None if on_step is None else (lambda step, row: on_step(step, {**row, "total_steps": trainer.total_steps}))
+    history = trainer.run(progress=progress, log_path=os.path.join(out, "metrics.jsonl"), stop_after=stop_after,
+                          on_step=hook)
     if history and all(row.get("loss") == 0 for row in history):
         warn("every step's loss was 0: no position had a next token inside the draft vocabulary, so the head "
              "learned nothing (raise --draft-vocab-size, or check the data's loss masks)")
