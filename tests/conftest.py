@@ -12,10 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit
+import shutil
+import tempfile
+
+# JAX's persistent compilation cache (eagle3_jax.compile_cache) in a directory of this session's own, never
+# the user's ~/.cache: isolated, and still a cache (a program dropped after its module, or compiled again by a
+# CLI subprocess, is loaded instead of compiled). EAGLE3_JAX_TEST_COMPILE_CACHE=off runs the suite without it.
+if os.environ.get("EAGLE3_JAX_TEST_COMPILE_CACHE", "").lower() in ("0", "off", "none", "false", "no"):
+    os.environ["EAGLE3_JAX_COMPILE_CACHE"] = "off"
+else:
+    _compile_cache = tempfile.mkdtemp(prefix="eagle3-jax-test-compile-cache-")
+    os.environ["EAGLE3_JAX_COMPILE_CACHE"] = _compile_cache
+    atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # a user's own JAX cache would win over ours
+
 import dataclasses
 import gc
 import pathlib
-import shutil
 
 import pytest
 import torch

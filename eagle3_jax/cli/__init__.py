@@ -7,6 +7,11 @@ bad command line (with the subcommand's own usage), 3 for an exception the
 project did not anticipate (a bug; ``EAGLE3_JAX_DEBUG=1`` shows its
 traceback). ``--json`` prints JSON on stdout, for scripts.
 
+Every command keeps its compiled programs in JAX's persistent compilation
+cache (:mod:`eagle3_jax.compile_cache`; ``--no-compile-cache`` or
+``EAGLE3_JAX_COMPILE_CACHE=off`` turn it off) and says on stderr when it
+compiles, and how long that took.
+
 Building the parser imports nothing heavy (no JAX, no transformers), so
 ``--help`` and usage errors answer at once; each command imports what it needs
 when it runs.
@@ -46,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_parser(sub)
     for subparser in sub.choices.values():  # usage errors found after parsing show the command's own usage
         subparser.set_defaults(_parser=subparser)
+        subparser.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                               help="do not keep compiled programs on disk for the next run (by default they are kept "
+                                    "in $EAGLE3_JAX_COMPILE_CACHE, else ~/.cache/eagle3-jax/jax-compile; "
+                                    "EAGLE3_JAX_COMPILE_CACHE=off has the effect of this flag)")
     return parser
 
 
@@ -56,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     from eagle3_jax.errors import Eagle3Error
 
+    saved_env = os.environ.get(_CACHE_ENV)
+    remove_listener = None
     try:
+        remove_listener = _start_compile_cache(args)
         return args.func(args)
     except UsageError as e:
         end_progress_lines()
@@ -76,10 +88,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _report(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in "
                        "eagle3-jax, please report it with the traceback that EAGLE3_JAX_DEBUG=1 shows", EXIT_INTERNAL)
+    finally:
+        if remove_listener is not None:
+            remove_listener()
+        _compile_messages.end_line()
+        if saved_env is None:
+            os.environ.pop(_CACHE_ENV, None)
+        else:
+            os.environ[_CACHE_ENV] = saved_env
+
+
+_CACHE_ENV = "EAGLE3_JAX_COMPILE_CACHE"  # eagle3_jax.compile_cache.ENV, without importing JAX for --help
+
+
+def _start_compile_cache(args):
+    """Turns the persistent compilation cache on (unless --no-compile-cache) and the compile messages on.
+
+    Returns the function that stops the messages.
+    """
+    import warnings
+
+    from eagle3_jax import compile_cache
+    from eagle3_jax.compiled import add_compile_listener
+
+    if not getattr(args, "compile_cache", True):
+        os.environ[_CACHE_ENV] = "off"  # for the Generators the command makes (restored when it returns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_cache.enable()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return add_compile_listener(_compile_messages)
+
+
+class _CompileMessages:
+    """Prints 'compiling the speculative loop (...)... done in 12.3 s' on stderr, one line per compilation."""
+
+    def __init__(self):
+        self.open = False
+
+    def __call__(self, event) -> None:
+        if not event.done:
+            self.end_line()
+            sys.stderr.write(f"compiling {event.what}... ")
+            self.open = True
+        else:
+            if not self.open:
+                sys.stderr.write(f"{event.what}: ")
+            how = "loaded from the compilation cache" if event.from_cache else "done"
+            sys.stderr.write(f"{how} in {event.seconds:.1f} s\n")
+            self.open = False
+        sys.stderr.flush()
+
+    def end_line(self) -> None:
+        """Ends a 'compiling ...' line left open (by an error, or an interruption)."""
+        if self.open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open = False
+
+
+_compile_messages = _CompileMessages()
 
 
 def _report(line: str, code: int) -> int:
     """Prints ``line`` on stderr, on a line of its own, and returns the exit status ``code``."""
+    _compile_messages.end_line()
     end_progress_lines()
     print(line, file=sys.stderr)
     return code
