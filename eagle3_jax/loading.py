@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,21 @@ def parse_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+# The directory each loaded target came from, so that a Generator can find its tokenizer
+# (a registry rather than an attribute: an attribute would become part of the module's
+# graph definition, and two targets loaded from different directories would compile apart).
+_TARGET_DIRS: weakref.WeakKeyDictionary[Qwen3ForCausalLM, str] = weakref.WeakKeyDictionary()
+
+
+def target_directory(model: Qwen3ForCausalLM) -> str | None:
+    """The local directory :func:`load_target` read ``model`` from (a Hub id resolved to its
+    snapshot), or None for a model built otherwise. Its tokenizer is the target's own."""
+    try:
+        return _TARGET_DIRS.get(model)
+    except TypeError:  # not weakly referenceable: not one of ours
+        return None
+
+
 def abstract_target(cfg: Qwen3Config, dtype) -> Qwen3ForCausalLM:
     """The target's structure with shapes and dtypes but no memory."""
     return nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -77,6 +93,10 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
         (about 0.1-0.3 s per GB on a CPU) and also catches values that
         overflow the requested dtype; generation separately stops a row on
         non-finite logits (finish_reason 'nonfinite').
+
+    The model remembers its directory (:func:`target_directory`): a
+    :class:`~eagle3_jax.generation.Generator` takes the tokenizer there for
+    text prompts and text outputs.
     """
     model_dir = resolve_model_dir(name_or_path)
     dtype = parse_dtype(dtype)
@@ -84,9 +104,12 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
     abstract = abstract_target(cfg, dtype)
     if converted.is_converted(model_dir):
         converted.read_marker(model_dir)
-        return converted.restore_into(abstract, model_dir, check_finite=check_finite)
-    return load_safetensors_into(abstract, checkpoint_files(model_dir), qwen3_rules(cfg.tie_word_embeddings),
-                                 source=model_dir, progress=progress, check_finite=check_finite)
+        model = converted.restore_into(abstract, model_dir, check_finite=check_finite)
+    else:
+        model = load_safetensors_into(abstract, checkpoint_files(model_dir), qwen3_rules(cfg.tie_word_embeddings),
+                                      source=model_dir, progress=progress, check_finite=check_finite)
+    _TARGET_DIRS[model] = os.path.abspath(model_dir)
+    return model
 
 
 def convert_target(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,

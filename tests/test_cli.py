@@ -11,7 +11,10 @@ import pytest
 from eagle3_jax import Generator, load_target
 from eagle3_jax.cli import main
 
-JSON_KEYS = {"token_ids", "text", "finish_reason", "num_target_forwards", "tokens_per_second"}
+JSON_KEYS = {"token_ids", "text", "reasoning", "answer", "finish_reason", "num_target_forwards",
+             "tokens_per_second"}
+BATCH_KEYS = {"prompts", "generated_tokens", "prefill_seconds", "decode_seconds", "compile_seconds",
+              "tokens_per_second"}
 
 
 def run_cli(capsys, *argv):
@@ -20,17 +23,29 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def json_rows(out: str) -> list[dict]:
+    """The per-prompt rows of ``generate --json``; checks the final batch line, which holds the batch's timings."""
+    lines = [json.loads(line) for line in out.splitlines()]
+    *rows, batch = lines
+    assert set(batch) == {"batch"} and set(batch["batch"]) == BATCH_KEYS, batch
+    assert batch["batch"]["prompts"] == len(rows)
+    assert batch["batch"]["generated_tokens"] == sum(len(r["token_ids"]) for r in rows)
+    for r in rows:  # the batch's timings are not repeated on every row
+        assert not {"prefill_seconds", "decode_seconds", "compile_seconds"} & set(r)
+    return rows
+
+
 def test_generate_prompt_ids_json(capsys, hf_qwen3):
     code, out, _ = run_cli(capsys, "generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8,9",
                            "--prompt-ids", "10, 11", "--max-new-tokens", "6", "--no-stop", "--json",
                            "--dtype", "float32")
     assert code == 0
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json_rows(out)
     assert len(rows) == 2 and all(JSON_KEYS <= set(r) for r in rows)
     expected = Generator(load_target(hf_qwen3.path, dtype="float32", progress=False)).generate(
         [[7, 8, 9], [10, 11]], max_new_tokens=6, stop_token_ids=())
     for r, e in zip(rows, expected):
-        assert r["token_ids"] == e.token_ids and r["text"] is None
+        assert r["token_ids"] == e.token_ids and r["text"] is None and r["reasoning"] is None
         assert r["finish_reason"] == "length" and r["num_target_forwards"] == 5
         assert r["tokens_per_second"] > 0
 
@@ -41,7 +56,7 @@ def test_generate_text_with_chat_template(capsys, hf_qwen3_real_vocab):
     code, out, _ = run_cli(capsys, "generate", "--target", hf_qwen3_real_vocab.path, "--prompt", "Hello there",
                            "--chat", "--max-new-tokens", "5", "--json")
     assert code == 0
-    row = json.loads(out)
+    [row] = json_rows(out)
     tok = AutoTokenizer.from_pretrained(hf_qwen3_real_vocab.path)
     assert isinstance(row["text"], str)
     assert row["text"] == tok.decode(row["token_ids"], skip_special_tokens=True)
@@ -93,8 +108,11 @@ def test_help_explains_every_option(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--target", "--prompt", "--prompt-ids", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
-                "--seed", "--max-cache-len", "--dtype", "--json", "--chat"):
+                "--seed", "--max-cache-len", "--dtype", "--json", "--chat", "--stop"):
         assert opt in text
+    flat = " ".join(text.split())
+    for key in ("prompt_index", "reasoning", "answer", '{"batch": {...}}', "prefill_seconds", "compile_seconds"):
+        assert key in flat, key
 
 
 def test_convert_cli(capsys, hf_qwen3, tmp_path):
@@ -105,7 +123,7 @@ def test_convert_cli(capsys, hf_qwen3, tmp_path):
     assert code == 1 and "already exists" in err
     code, out, _ = run_cli(capsys, "generate", "--target", str(dst), "--prompt-ids", "7,8", "--json",
                            "--max-new-tokens", "2")
-    assert code == 0 and len(json.loads(out)["token_ids"]) <= 2
+    assert code == 0 and len(json_rows(out)[0]["token_ids"]) <= 2
 
 
 def test_console_script_and_convert_script(hf_qwen3, tmp_path):
@@ -137,11 +155,11 @@ def test_speculative_generate_json(capsys, hf_qwen3, head_dir):
     base = ["generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8,9", "--prompt-ids", "20,21,22,23,24",
             "--max-new-tokens", "12", "--no-stop", "--json"]
     code, out, _ = run_cli(capsys, *base)
-    plain_rows = [json.loads(line) for line in out.splitlines()]
+    plain_rows = json_rows(out)
     code, out, _ = run_cli(capsys, *base, "--draft", head_dir, "--num-steps", "3", "--topk", "2",
                            "--num-draft-tokens", "5")
     assert code == 0
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json_rows(out)
     for p, r in zip(plain_rows, rows):
         assert r["token_ids"] == p["token_ids"]
         assert p["acceptance_length"] == 1.0 and p["accept_lengths"] == [1] * 11
@@ -180,3 +198,58 @@ def test_speculative_usage_errors(capsys, hf_qwen3, head_dir, argv):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8", *argv])
     assert e.value.code == 2
+
+
+def test_generate_stop_strings(capsys, hf_qwen3_real_vocab):
+    base = ["generate", "--target", hf_qwen3_real_vocab.path, "--prompt", "Stop here", "--prompt", "And here",
+            "--max-new-tokens", "8", "--no-stop", "--json"]
+    code, out, _ = run_cli(capsys, *base)
+    free = json_rows(out)
+    text = free[0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    code, out, _ = run_cli(capsys, *base, "--stop", stop, "--stop", "\u2603 never")
+    assert code == 0
+    rows = json_rows(out)
+    assert rows[0]["finish_reason"] == "stop" and rows[0]["text"] == text[: text.index(stop)]
+    assert rows[0]["token_ids"] == free[0]["token_ids"][: len(rows[0]["token_ids"])]
+    if stop not in free[1]["text"]:
+        assert rows[1]["token_ids"] == free[1]["token_ids"]
+    code, streamed, _ = run_cli(capsys, *base[:5], *base[7:-1], "--stop", stop, "--stream")
+    assert code == 0 and streamed == rows[0]["text"] + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "7,8", "--stop", "x"], "--stop needs the target's tokenizer"),
+    (["--prompt-ids", "7,8", "--stop", ""], "stop strings must not be empty"),
+])
+def test_stop_user_errors(capsys, hf_qwen3, argv, message):
+    code, out, err = run_cli(capsys, "generate", "--target", hf_qwen3.path, *argv)
+    assert code == 1 and out == "" and message in err
+
+
+class _Pieces:
+    """A tokenizer whose token i decodes to pieces[i]."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize("opened", [False, True])
+def test_streamed_reply_shows_reasoning_and_answer_apart(capsys, opened):
+    """Streaming prints, piece by piece, what the whole reply prints: thinking tags as headings, cut at a stop."""
+    from eagle3_jax.cli.generate import StreamPrinter, shown
+
+    pieces = (["<think>", "\n"] if not opened else []) + ["Two", " and", " two", ".\n", "</", "think", ">\n", "\n",
+                                                         "Four", ".\n", "\n", "Obs", "erv", "ation:", " x"]
+    tok = _Pieces(pieces)
+    printer = StreamPrinter(tok, 1, ("\n\nObservation:",), opened)
+    for i in range(len(pieces)):
+        printer(0, [i])
+    final = "".join(pieces).split("\n\nObservation:")[0]  # GenerationOutput.text
+    printer.finish(final)
+    out = capsys.readouterr().out
+    assert out == shown(final, opened) + "\n"
+    assert out == "[reasoning]\nTwo and two.\n\n[answer]\nFour.\n"

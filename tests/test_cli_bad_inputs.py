@@ -337,7 +337,7 @@ def test_broken_tokenizer_is_not_needed_for_token_ids(demo_pair, tmp_path, capsy
     code = main(["generate", "--target", t, "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--json", "--no-stop"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    row = json.loads(out)
+    row = json.loads(out.splitlines()[0])
     assert row["text"] is None and len(row["token_ids"]) == 3
     assert "warning:" in err and "tokenizer" in err and "Traceback" not in err
 

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
 
 from eagle3_jax import Generator, load_draft, load_target
 from eagle3_jax.cli import main
@@ -69,16 +68,41 @@ def test_demo_command(capsys):
     figures = json.loads(capsys.readouterr().out)
     assert figures["identical_to_plain"] and figures["new_tokens"] == 48
     assert figures["acceptance_length"] > 1.5 and figures["speedup"] > 0
-    assert main(["demo", "--max-new-tokens", "16", "--knobs", "3,2,5"]) == 0
+    # the speedup is the median of 5 interleaved paired repeats, with its spread
+    assert figures["repeats"] == 5 and len(figures["speedup_samples"]) == 5
+    assert figures["speedup_low"] <= figures["speedup"] <= figures["speedup_high"]
+    assert figures["speedup"] == sorted(figures["speedup_samples"])[2]
+    assert figures["speedup_noise"] == (figures["speedup_low"] < 1.0 < figures["speedup_high"])
+    assert main(["demo", "--max-new-tokens", "16", "--knobs", "3,2,5", "--repeats", "3"]) == 0
     text = capsys.readouterr().out
-    assert "acceptance length" in text and "speedup" in text
+    assert "acceptance length" in text and "speedup" in text and "median of 3 interleaved repeats" in text
+    # the prompt and the completion are marked apart
+    prompt_at, completion_at = text.index("--- prompt"), text.index("--- completion")
+    assert prompt_at < text.index("def list_python_files(root):") < completion_at < text.index("acceptance length")
+
+
+def test_demo_report_says_when_the_speedup_is_noise():
+    from eagle3_jax.cli.demo import format_figures
+
+    figures = dict(prompt="def f(x):", completion="\n    return x", new_tokens=4, knobs=[4, 1, 5],
+                   acceptance_length=2.3, plain_tokens_per_second=100.0, speculative_tokens_per_second=150.0,
+                   repeats=5, speedup=1.5, speedup_low=1.3, speedup_high=1.7, speedup_noise=False)
+    clear = format_figures(figures)
+    assert "1.50x (median of 5 interleaved repeats, lowest 1.30x, highest 1.70x)" in clear
+    assert "noise" not in clear and "slower" not in clear
+    assert "--- completion (4 new tokens, speculative decoding) ---" in clear and "\n    return x\n" in clear
+    noisy = format_figures(dict(figures, speedup=1.02, speedup_low=0.9, speedup_high=1.2, speedup_noise=True))
+    assert "noise: the repeats do not agree which method is faster" in noisy
+    slower = format_figures(dict(figures, speedup=0.7, speedup_low=0.5, speedup_high=0.9))
+    assert "slower than plain decoding in every repeat" in slower and "noise" not in slower
+    single = format_figures(dict(figures, repeats=1, speedup_low=1.5, speedup_high=1.5, speedup_noise=True))
+    assert "one repeat: noise" in single
 
 
 def test_eval_on_the_demo_pair(tmp_path, capsys):
     target_dir, head_dir = demo_paths()
-    code = main(["eval", "--target", target_dir, "--draft", head_dir, "--bench", "humaneval",
-                 "--bench-dir", str(SHARED / "data" / "bench"), "--num-prompts", "3", "--knobs", "3,1,4",
-                 "--max-new-tokens", "32", "--output", str(tmp_path)])
+    code = main(["eval", "--target", target_dir, "--draft", head_dir, "--bench", "humaneval",  # the shipped slice
+                 "--num-prompts", "3", "--knobs", "3,1,4", "--max-new-tokens", "32", "--output", str(tmp_path)])
     assert code == 0
     table = (tmp_path / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| humaneval"))

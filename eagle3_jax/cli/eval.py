@@ -7,6 +7,7 @@ import json
 import sys
 
 from eagle3_jax.cli.options import (
+    EXIT_INTERNAL,
     HelpFormatter,
     add_head_overrides,
     add_runtime_options,
@@ -21,15 +22,22 @@ from eagle3_jax.cli.options import (
 
 
 def add_parser(sub) -> None:
-    from eagle3_jax.evaluation import BENCHMARKS
+    from eagle3_jax.bench_prompts import BENCHMARKS
 
     p = sub.add_parser(
         "eval",
         help="acceptance length per benchmark for a target, a head and tree shapes",
         description="Generate the prompts of each benchmark with speculative decoding for each tree shape and "
                     "report the acceptance length (generated tokens / verify forwards) as the model cards do. "
-                    "Writes OUTPUT/results.md (a table, one column per tree shape), OUTPUT/results.json and "
-                    "OUTPUT/accept_lengths.png (histograms of accept lengths).",
+                    "Prompts of a benchmark come from --bench-file NAME=FILE, else --bench-dir/NAME.jsonl, else "
+                    "the slice shipped with eagle3-jax (the first prompts of gsm8k, humaneval, math500 and "
+                    "mtbench), else the Hugging Face Hub (online, with the datasets package); a benchmark no "
+                    "source has is skipped and named. Writes OUTPUT/results.md (a table, one column per tree "
+                    "shape), OUTPUT/results.json (with the generated tokens of every prompt) and "
+                    "OUTPUT/accept_lengths.png (histograms of accept lengths). With --speed, plain decoding and "
+                    "the tree shapes run interleaved batch by batch, --repeats times, and the speedup is the "
+                    "median with its spread; greedy speculative tokens are checked against plain decoding's "
+                    "(a difference is a bug: the report is written and the exit status is 3).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
@@ -38,10 +46,10 @@ def add_parser(sub) -> None:
                    help="tree shapes: num_steps,topk,num_draft_tokens (default: 3,1,4 7,10,60)")
     p.add_argument("--bench", nargs="+", default=None, metavar="NAME",
                    help=f"benchmarks ({', '.join(BENCHMARKS)}; default: all of them, or only the --bench-file "
-                        "names when some are given)")
+                        "names when some are given); those no source has are skipped with a warning")
     p.add_argument("--bench-dir", metavar="DIR", default=None,
-                   help="directory of NAME.jsonl prompt files (e.g. ../shared/data/bench); benchmarks without a "
-                        "file are read from the Hugging Face Hub (needs network and the datasets package)")
+                   help="directory of NAME.jsonl prompt files (the full sets); a benchmark without a file here "
+                        "uses the shipped slice, else the Hugging Face Hub when online")
     p.add_argument("--bench-file", type=bench_file, action="append", default=[], metavar="NAME=FILE",
                    help="a prompt file for one benchmark (repeatable)")
     p.add_argument("--num-prompts", type=positive_int, default=None, metavar="N", help="first N prompts each")
@@ -50,25 +58,31 @@ def add_parser(sub) -> None:
     add_sampling_options(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the tokenizer's chat template (default: when it has one)")
-    p.add_argument("--speed", action="store_true", help="also run plain decoding and report tokens/s and speedups")
+    p.add_argument("--speed", action="store_true",
+                   help="also run plain decoding, interleaved with the tree shapes, and report tokens/s and "
+                        "speedups (median and spread over --repeats)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="R",
+                   help="with --speed: timed repeats of every batch per method, after one untimed (compiling) run")
     add_runtime_options(p)
     add_head_overrides(p)
     p.add_argument("--output", required=True, metavar="DIR",
                    help="where the table, JSON and PNG go: a new or empty directory (or an earlier report with "
                         "--overwrite); checked before any work")
     p.add_argument("--overwrite", action="store_true", help="replace the earlier report in --output")
-    p.add_argument("--json", action="store_true", help="print the results JSON (without per-step lists)")
+    p.add_argument("--json", action="store_true",
+                   help="print the results JSON (without the per-step accept lengths and per-prompt tokens)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from eagle3_jax.decoding.tree import TreeSpec
     from eagle3_jax.evaluation import (
-        BENCHMARKS,
         check_report_destination,
         evaluate,
-        load_benchmarks,
+        greedy_mismatches,
         markdown_table,
+        model_name,
+        slim_results,
         write_report,
     )
     from eagle3_jax.loading import load_draft, load_target
@@ -80,22 +94,62 @@ def run(args) -> int:
     check_report_destination(args.output, overwrite=args.overwrite)  # before hours of work, not after
     overrides = head_overrides(args)
     model_dir, _, draft_dir, _ = check_configs(args.target, args.draft, **overrides)
-    files = dict(args.bench_file)
-    names = args.bench or (list(files) if files else list(BENCHMARKS))
-    benchmarks = load_benchmarks(names, files=files, bench_dir=args.bench_dir, limit=args.num_prompts)
+    benchmarks = find_prompts(args)
     tokenizer = load_tokenizer(model_dir, required=True)
     target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
     draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
                        check_finite=args.check_finite, **overrides)
     results = evaluate(target, draft, tokenizer, benchmarks, args.knobs, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
-                       use_chat=args.chat, max_cache_len=args.max_cache_len, progress=not args.json)
+                       repeats=args.repeats, use_chat=args.chat, max_cache_len=args.max_cache_len,
+                       progress=not args.json, target_name=model_name(args.target),
+                       draft_name=model_name(args.draft))
     paths = write_report(results, args.output, overwrite=args.overwrite)
     if args.json:
-        slim = {**results, "benchmarks": {b: {k: {kk: vv for kk, vv in v.items() if kk != "accept_lengths"}
-                                              for k, v in row.items()} for b, row in results["benchmarks"].items()}}
-        print(json.dumps({**slim, "files": paths}))
+        print(json.dumps({**slim_results(results), "files": paths}))
     else:
         print(markdown_table(results), end="")
         print(f"wrote {paths['markdown']}, {paths['json']}, {paths['png']}", file=sys.stderr)
-    return 0
+    exact = str(target.dtype) == "float32"
+    return report_mismatches(greedy_mismatches(results), exact=exact)
+
+
+def find_prompts(args):
+    """The prompts of the benchmarks asked for; warns on stderr about the skipped ones, fails if none is left."""
+    from eagle3_jax.bench_prompts import BENCHMARKS, find_benchmarks
+    from eagle3_jax.errors import InputError
+
+    files = dict(args.bench_file)
+    names = args.bench or (list(files) if files else list(BENCHMARKS))
+    found = find_benchmarks(names, files=files, bench_dir=args.bench_dir, limit=args.num_prompts)
+    for note in found.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not found.prompts:
+        raise InputError("no benchmark has prompts:\n" + "\n".join(f"  {n}: {r}" for n, r in found.skipped.items()))
+    for name, reason in found.skipped.items():
+        print(f"warning: skipping {name}: {reason}", file=sys.stderr)
+    return found
+
+
+def report_mismatches(lines: list[str], exact: bool = True) -> int:
+    """Reports greedy speculative tokens that differ from plain decoding's; returns the exit status.
+
+    In float32 (``exact``) a difference is a bug: a loud message and exit
+    status 3. In bfloat16 the tree's verify forward and the plain decode
+    step multiply matrices of different shapes, so a near-tie between two
+    tokens can round either way: a warning, exit status 0.
+    """
+    if not lines:
+        return 0
+    if not exact:
+        print("warning: greedy speculative decoding produced different tokens from plain decoding; in bfloat16 a "
+              "near-tie between two tokens can round differently in the tree's verify forward and in a plain decode "
+              "step. Run with --dtype float32 to check (there they must be identical):", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        return 0
+    print("ERROR: greedy speculative decoding produced different tokens from plain decoding; this is a bug in "
+          "eagle3-jax, please report it (the report was written, with the tokens of both):", file=sys.stderr)
+    for line in lines:
+        print(f"  {line}", file=sys.stderr)
+    return EXIT_INTERNAL

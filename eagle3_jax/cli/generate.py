@@ -14,8 +14,8 @@ from eagle3_jax.cli.options import (
     add_sampling_options,
     add_tree_options,
     check_configs,
+    check_text,
     check_tree,
-    decode,
     encode,
     head_overrides,
     int_list,
@@ -25,12 +25,26 @@ from eagle3_jax.cli.options import (
 )
 
 
+JSON_EPILOG = (
+    "--json output: one JSON object per line. First one per prompt, in order: prompt_index, text (the generated "
+    "text, special tokens and a final stop token left out, cut before a stop string; null without a tokenizer), "
+    "reasoning and answer (text split at </think> for thinking models, stripped; reasoning is null when the "
+    "reply has no </think> and the prompt opened no <think>), token_ids (the generated tokens; with "
+    "finish_reason stop, those covering text), finish_reason (eos, stop, length or nonfinite), "
+    "num_target_forwards (after the prefill), accept_lengths (tokens committed per target forward), "
+    "acceptance_length (1.0 for plain decoding), prompt_length, tokens_per_second. Then one line "
+    '{"batch": {...}} with what the batch shares: prompts, generated_tokens, prefill_seconds, decode_seconds, '
+    "compile_seconds and tokens_per_second (all generated tokens over prefill and decode time)."
+)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text with a target model",
         description="Generate continuations of one or more prompts with a Qwen3/Qwen2 target. "
                     "Several --prompt (or --prompt-ids) options form one batch.",
+        epilog=JSON_EPILOG,
         formatter_class=HelpFormatter,
     )
     p.add_argument("--target", required=True, metavar="DIR",
@@ -48,6 +62,10 @@ def add_parser(sub) -> None:
     p.add_argument("--stop-ids", type=int_list, default=None, metavar="IDS",
                    help="comma-separated token ids that end generation (default: the model's eos ids)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at eos; generate max-new-tokens")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="a stop string: a prompt's generation ends once its text holds it, and the text is cut "
+                        "before it (finish_reason stop); repeat for several; needs the target's tokenizer "
+                        "(in bash, $'\\n\\n' is two newlines)")
     add_runtime_options(p)
     spec = p.add_argument_group("speculative decoding (EAGLE-3)")
     spec.add_argument("--draft", metavar="DIR", default=None,
@@ -57,7 +75,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are committed (default: on for one prompt without --json)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt instead of text (with accept_lengths and acceptance_length)")
+                   help="print one JSON object per prompt, then one for the batch, instead of text (see below)")
     p.set_defaults(func=run)
 
 
@@ -73,9 +91,11 @@ def weights_bytes(config, dtype) -> int:
 
 
 def run(args) -> int:
+    from eagle3_jax.errors import InputError
     from eagle3_jax.generation import Generator, check_memory, plan_batch
     from eagle3_jax.loading import load_draft, load_target, parse_dtype
     from eagle3_jax.sampling import SamplingParams
+    from eagle3_jax.text import check_stop_strings
 
     if args.chat and not args.prompt:
         raise usage("--chat needs --prompt")
@@ -86,9 +106,12 @@ def run(args) -> int:
         raise usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
     spec = check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    stop_strings = check_stop_strings([check_text(t, "--stop") for t in args.stop or []])
     overrides = head_overrides(args)
     model_dir, target_config, draft_dir, draft_config = check_configs(args.target, args.draft, **overrides)
     tokenizer = load_tokenizer(model_dir, required=bool(args.prompt))
+    if stop_strings and tokenizer is None:
+        raise InputError(f"--stop needs the target's tokenizer, and {model_dir} has none that loads")
     prompts = [encode(tokenizer, t, args.chat) for t in args.prompt] if args.prompt else args.prompt_ids
     stops = () if args.no_stop else args.stop_ids
     dtype = parse_dtype(args.dtype)
@@ -104,24 +127,62 @@ def run(args) -> int:
         draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
                            check_finite=args.check_finite, **overrides)
     gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
-                    num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len)
+                    num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len,
+                    tokenizer=tokenizer if tokenizer is not None else False)
+    opened = [thinking_opened(tokenizer, p) for p in prompts]
     stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)
-    printer = StreamPrinter(tokenizer, len(prompts)) if stream else None
+    printer = StreamPrinter(tokenizer, len(prompts), stop_strings, opened[0]) if stream else None
     outputs = gen.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                           stop_token_ids=stops, stream=printer)
+                           stop_token_ids=stops, stop=stop_strings or None, stream=printer)
+    if args.json:
+        print_json(outputs)
+    else:
+        print_text(outputs, printer, opened, speculative=draft is not None)
+    return check_finite_outputs(outputs)
+
+
+def thinking_opened(tokenizer, prompt: list[int]) -> bool:
+    """Whether the prompt ends inside an open <think> block (the reply then starts with reasoning)."""
+    from eagle3_jax.text import prompt_opens_thinking
+
+    return tokenizer is not None and prompt_opens_thinking(tokenizer, prompt)
+
+
+def print_json(outputs) -> None:
+    """One line per prompt, then one ``{"batch": ...}`` line with the timings the batch shares (see JSON_EPILOG)."""
+    from eagle3_jax.generation import batch_summary
+
     for i, out in enumerate(outputs):
-        text = decode(tokenizer, out.token_ids)
-        if args.json:
-            print(json.dumps({"prompt_index": i, "text": text, **out.to_json()}), flush=True)
-            continue
+        print(json.dumps({"prompt_index": i, **out.to_json(batch_fields=False)}), flush=True)
+    print(json.dumps({"batch": batch_summary(outputs)}), flush=True)
+
+
+def print_text(outputs, printer, opened: list[bool], *, speculative: bool) -> None:
+    """Each reply (a thinking model's reasoning and answer under their own headings) and a stats line on stderr."""
+    for i, out in enumerate(outputs):
         if printer is not None and i == 0:
-            printer.finish()  # row 0 was streamed; the others print when done
+            printer.finish(out.text)  # row 0 was streamed; the others print when done
+        elif out.text is not None:
+            print(shown(out.text, opened[i]), flush=True)
         else:
-            print(text if text is not None else ",".join(map(str, out.token_ids)), flush=True)
-        spec_note = f", acceptance {out.acceptance_length:.2f}" if draft is not None else ""
+            print(",".join(map(str, out.token_ids)), flush=True)
+        spec_note = f", acceptance {out.acceptance_length:.2f}" if speculative else ""
         print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, {out.tokens_per_second:.1f} tok/s, "
               f"forwards={out.num_target_forwards}{spec_note}, compile {out.compile_seconds:.1f}s]", file=sys.stderr)
-    return check_finite_outputs(outputs)
+
+
+# How a reply is printed: a thinking model's tags become headings (longest patterns first).
+SHOWN_TAGS = (("<think>\n", "[reasoning]\n"), ("<think>", "[reasoning]\n"), ("</think>\n\n", "\n[answer]\n"),
+              ("</think>", "\n[answer]\n"))
+
+
+def shown(text: str, opened: bool) -> str:
+    """``text`` as printed: ``<think>`` and ``</think>`` replaced by [reasoning] and [answer] headings,
+    and [reasoning] first when the prompt opened the thinking block. Printing the shown text of a
+    growing reply piece by piece gives the shown text of the whole (see :class:`StreamPrinter`)."""
+    for tag, heading in SHOWN_TAGS:
+        text = text.replace(tag, heading)
+    return SHOWN_TAGS[0][1] + text if opened else text
 
 
 def check_finite_outputs(outputs) -> int:
@@ -136,31 +197,52 @@ def check_finite_outputs(outputs) -> int:
 
 
 class StreamPrinter:
-    """Prints each row's tokens as they are committed (decoded text when a tokenizer is known)."""
+    """Prints row 0's tokens as they are committed (decoded text when a tokenizer is known).
 
-    def __init__(self, tokenizer, rows: int):
+    Text that could be the beginning of a stop string or of a thinking tag is
+    held back until the next tokens tell, so the printed text is the final
+    text (:func:`shown`), cut before a stop string.
+    """
+
+    def __init__(self, tokenizer, rows: int, stops: tuple[str, ...] = (), opened: bool = False):
         self.tokenizer = tokenizer
-        self.tokens = [[] for _ in range(rows)]
-        self.printed = [""] * rows
+        self.tokens: list[int] = []
+        self.stops = tuple(stops)
+        self.opened = opened
+        self.printed = ""  # what was written, in the shown form (or token ids without a tokenizer)
 
     def __call__(self, row: int, new_tokens: list[int]) -> None:
-        self.tokens[row].extend(new_tokens)
+        if row != 0:
+            return
+        self.tokens.extend(new_tokens)
         if self.tokenizer is None:
-            sep = "," if self.printed[row] else ""
-            chunk = sep + ",".join(map(str, new_tokens))
-            self.printed[row] += chunk
-        else:
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                return
-            chunk, self.printed[row] = text[len(self.printed[row]):], text
-        if row == 0:
+            chunk = ("," if self.printed else "") + ",".join(map(str, new_tokens))
+            self.printed += chunk
             sys.stdout.write(chunk)
             sys.stdout.flush()
+            return
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        self._write(text, final=False)
 
-    def finish(self) -> None:
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(self.tokens[0], skip_special_tokens=True)
-            sys.stdout.write(text[len(self.printed[0]):])
+    def _write(self, text: str, final: bool) -> None:
+        from eagle3_jax.text import cut_at_stop, partial_stop_length
+
+        cut = cut_at_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            text = cut
+        elif not final:
+            text = text[: len(text) - partial_stop_length(text, self.stops + tuple(t for t, _ in SHOWN_TAGS))]
+        now = shown(text, self.opened)
+        if now.startswith(self.printed):
+            sys.stdout.write(now[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = now
+
+    def finish(self, final_text: str | None) -> None:
+        """Prints what is left of the final text (``GenerationOutput.text``) and ends the line."""
+        if self.tokenizer is not None and final_text is not None:
+            self._write(final_text, final=True)
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -197,13 +197,6 @@ def encode(tokenizer, text: str, chat: bool) -> list[int]:
     return token_ids(tokenizer, text, where="--prompt")
 
 
-def decode(tokenizer, token_ids: list[int]) -> str | None:
-    if tokenizer is None:
-        return None
-    try:
-        return tokenizer.decode(token_ids, skip_special_tokens=True)
-    except Exception:  # a broken vocabulary: the ids are still printed
-        return None
 
 
 def check_tree(steps, topk, num_draft_tokens):

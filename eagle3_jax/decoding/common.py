@@ -13,11 +13,15 @@ from eagle3_jax.kv_cache import KVCache, causal_mask
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
 
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
-_REASON_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length", FINISH_NONFINITE: "nonfinite"}
+# Set by the host between chunks of the loop, never inside it: the row's decoded text holds a stop
+# string (eagle3_jax/generation.py). Any code but RUNNING ends a row in the loop.
+FINISH_STOP_STRING = 4
+_REASON_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length", FINISH_NONFINITE: "nonfinite",
+                 FINISH_STOP_STRING: "stop"}
 
 
 def finish_reasons(codes) -> list[str | None]:
-    """Finish codes -> 'eos' / 'length' / 'nonfinite' (None for a row still running)."""
+    """Finish codes -> 'eos' / 'length' / 'nonfinite' / 'stop' (None for a row still running)."""
     return [_REASON_NAMES.get(int(c)) for c in np.asarray(codes)]
 
 
