@@ -1,5 +1,13 @@
 """Small helpers for the Colab notebooks in ``notebooks/`` (kept here so the
-notebooks stay short and the helpers are tested with the package)."""
+notebooks stay short and the helpers are tested with the package).
+
+The notebooks read one switch, ``EAGLE3_JAX_DEMO`` (:data:`DEMO_ENV`):
+``1`` runs them on the embedded demo pair with small sizes (offline, a few
+minutes at most on a 2-core CPU), ``0`` on the Hub models, ``auto`` (the
+default) on the Hub models unless huggingface.co can not be reached.
+Notebook 03 also reads ``EAGLE3_JAX_BENCH_DIR`` (a folder of ``NAME.jsonl``
+prompt files, read before the slices shipped in the package).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ import socket
 import jax
 
 from eagle3_jax.demo import demo_paths
+
+DEMO_ENV = "EAGLE3_JAX_DEMO"
 
 
 def accelerator() -> str:
@@ -20,7 +30,7 @@ def accelerator() -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether huggingface.co answers (False when offline or HF_HUB_OFFLINE is set)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
@@ -29,23 +39,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def pick_models(target: str, draft: str, use_demo: str | bool = "auto") -> tuple[str, str, bool]:
+def pick_models(target: str, draft: str, use_demo: str | bool | None = None) -> tuple[str, str, bool]:
     """(target, draft, is_demo): the Hub models, or the embedded demo pair.
 
     ``use_demo`` is True/"1" (always the demo pair), False/"0" (always the
-    Hub ids) or "auto" (the demo pair when the Hub can not be reached).
+    Hub ids) or "auto" (the demo pair when the Hub can not be reached);
+    None reads ``$EAGLE3_JAX_DEMO`` (default "auto").
     """
-    choice = str(use_demo).lower()
-    demo = choice in ("1", "true", "yes") or (choice == "auto" and not hub_reachable())
+    if use_demo is None:
+        use_demo = os.environ.get(DEMO_ENV, "auto")
+    choice = str(use_demo).strip().lower()
+    if choice not in ("1", "true", "yes", "0", "false", "no", "auto", ""):
+        raise ValueError(f"{DEMO_ENV} must be 1, 0 or auto, got {use_demo!r}")
+    demo = choice in ("1", "true", "yes") or (choice in ("auto", "") and not hub_reachable())
     if demo:
         t, d = demo_paths()
         return t, d, True
     return target, draft, False
 
 
-def split_thinking(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of a thinking model's reply: the text before and after ``</think>``."""
-    if "</think>" not in text:
-        return "", text.strip()
-    reasoning, answer = text.split("</think>", 1)
-    return reasoning.replace("<think>", "").strip(), answer.strip()
+# The splitter of thinking replies lives with the other text helpers (Generator outputs use it too).
+from eagle3_jax.text import split_thinking  # noqa: F401
