@@ -12,12 +12,13 @@ Two parts, both printed as tables and written to JSON:
    each tree shape in --knobs: tokens/s, acceptance length, speedup.
 
 Models: --target/--draft directories (real checkpoints; prompts from a JSONL
-file of ../shared/data/bench with the target's tokenizer and chat template)
+file, or the name of a benchmark slice shipped in eagle3_jax/data/bench, with the target's tokenizer and chat
+template)
 or --random-init PRESET (random weights of a known shape, random prompts;
 a random head accepts almost nothing, so part 2 then measures the overhead).
 
     python benchmarks/bench_decode.py --random-init qwen3-4b --dtype bfloat16 --out bench_out/decode_4b.json
-    python benchmarks/bench_decode.py --target T --draft D --prompts ../shared/data/bench/humaneval.jsonl
+    python benchmarks/bench_decode.py --target T --draft D --prompts humaneval
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from flax import nnx
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
 from eagle3_jax.kv_cache import causal_mask
 from eagle3_jax.loading import load_draft, load_target, parse_dtype
+from eagle3_jax.timing import interleaved, paired_speedup
 
 PRESETS = {
     "qwen3-4b": Qwen3Config.qwen3_4b_thinking_2507(),
@@ -114,49 +116,60 @@ def step_costs(target, draft, *, context: int, batch: int, verify_sizes, topk: i
 
 
 def bench_prompts(args, target_dir, vocab_size):
+    """Token-id prompts: random ones, or the first turns of a benchmark (a shipped slice's name or a JSONL file)."""
     rng = np.random.default_rng(0)
     if args.prompts is None:
         return [rng.integers(10, vocab_size, size=args.prompt_len).tolist() for _ in range(args.num_prompts)]
-    from transformers import AutoTokenizer
+    from eagle3_jax.bench_prompts import read_benchmark_file, shipped_path
+    from eagle3_jax.text import load_tokenizer, render_chat, token_ids
 
-    tok = AutoTokenizer.from_pretrained(target_dir)
-    rows = [json.loads(line) for line in open(args.prompts, encoding="utf-8") if line.strip()][: args.num_prompts]
+    path = args.prompts if os.path.exists(args.prompts) else shipped_path(args.prompts)
+    if path is None:
+        raise SystemExit(f"--prompts: {args.prompts} is neither a file nor a shipped benchmark slice")
+    tok = load_tokenizer(target_dir)
     out = []
-    for row in rows:
-        turns = row.get("turns") or [row.get("prompt") or row.get("question")]
-        text = turns[0]
+    for prompt in read_benchmark_file(path, args.num_prompts):
+        text = prompt.turns[0]
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
+            text = render_chat(tok, [{"role": "user", "content": text}], where=path)
+        out.append(token_ids(tok, text, where=path))
     return out
 
 
 def end_to_end(target, draft, prompts, knob_list, *, max_new_tokens, batch, repeats):
-    """Plain and speculative generation on the same prompts; tokens/s over the whole set."""
-    def run(gen):
-        total_tokens, total_time, taus = 0, 0.0, []
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            gen.generate(chunk, max_new_tokens=max_new_tokens)  # compile and warm up this shape
-            best = None
-            for _ in range(repeats):
-                outs = gen.generate(chunk, max_new_tokens=max_new_tokens)
-                seconds = outs[0].prefill_seconds + outs[0].decode_seconds
-                best = (outs, seconds) if best is None or seconds < best[1] else best
-            outs, seconds = best
-            total_tokens += sum(len(o.token_ids) for o in outs)
-            total_time += seconds
-            taus += [o.acceptance_length for o in outs]
-        return total_tokens / total_time, float(np.mean(taus)), total_tokens
+    """Plain and speculative generation on the same prompts, interleaved (eagle3_jax/timing.py).
 
-    plain_tps, _, plain_tokens = run(Generator(target))
-    rows = [{"knobs": "plain", "tokens_per_second": plain_tps, "acceptance_length": 1.0, "speedup": 1.0,
-             "tokens": plain_tokens}]
+    Every method generates each batch once untimed (compilation), then all
+    methods run ``repeats`` times in alternating order, batch by batch; a
+    repeat's tokens/s is its tokens over its seconds summed over the batches,
+    and the speedup is the median of the per-repeat ratios with its spread.
+    """
+    methods = {"plain": Generator(target)}
     for d, k, n in knob_list:
-        tps, tau, tokens = run(Generator(target, draft, num_steps=d, topk=k, num_draft_tokens=n))
-        rows.append({"knobs": f"({d},{k},{n})", "tokens_per_second": tps, "acceptance_length": tau,
-                     "speedup": tps / plain_tps, "tokens": tokens})
+        methods[f"({d},{k},{n})"] = Generator(target, draft, num_steps=d, topk=k, num_draft_tokens=n)
+    per_repeat = {name: [[0, 0.0] for _ in range(repeats)] for name in methods}
+    taus = {name: [] for name in methods}
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        runs = {}
+        for name, gen in methods.items():
+            outs = gen.generate(chunk, max_new_tokens=max_new_tokens)  # compile and warm up this shape
+            taus[name] += [o.acceptance_length for o in outs]
+            runs[name] = functools.partial(gen.generate, chunk, max_new_tokens=max_new_tokens)
+        for name, results in interleaved(runs, repeats).items():
+            for r, (outs, seconds) in enumerate(results):
+                per_repeat[name][r][0] += sum(len(o.token_ids) for o in outs)
+                per_repeat[name][r][1] += seconds
+    rows = []
+    for name in methods:
+        reps = per_repeat[name]
+        tps = statistics.median(n / s for n, s in reps)
+        ratio = paired_speedup(per_repeat["plain"], reps)
+        rows.append({"knobs": name, "tokens_per_second": tps, "acceptance_length": float(np.mean(taus[name])),
+                     "speedup": ratio.median, "speedup_low": ratio.low, "speedup_high": ratio.high,
+                     "speedup_noise": ratio.noise if name != "plain" else False,
+                     "speedup_text": ratio.describe() if name != "plain" else "1.00x",
+                     "tokens": reps[0][0]})
     return rows
 
 
@@ -180,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--verify-sizes", default="1,4,8,16,32,64", help="N values for the verify-step costs")
     p.add_argument("--knobs", type=_knobs, nargs="+", default=[(3, 1, 4)], metavar="D,K,N",
                    help="tree shapes for the end-to-end runs (num_steps,topk,num_draft_tokens)")
-    p.add_argument("--prompts", default=None, help="JSONL prompts (../shared/data/bench schema); default random")
+    p.add_argument("--prompts", default=None, help="a JSONL prompt file ({'turns': [...]} per line) or a shipped slice's name "
+                        "(gsm8k, humaneval, math500, mtbench); default random")
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64, help="length of random prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -225,10 +239,10 @@ def main(argv=None) -> int:
         prompts = bench_prompts(args, args.target, target.config.vocab_size)
         rows = end_to_end(target, draft, prompts, args.knobs, max_new_tokens=args.max_new_tokens,
                           batch=args.batch, repeats=args.repeats)
-        print(f"\n{'decoding':>12s} {'tok/s':>9s} {'accept len':>11s} {'speedup':>8s}")
+        print(f"\n{'decoding':>12s} {'tok/s':>9s} {'accept len':>11s}  speedup (median of {args.repeats} interleaved "
+              "repeats, lowest-highest)")
         for r in rows:
-            print(f"{r['knobs']:>12s} {r['tokens_per_second']:9.1f} {r['acceptance_length']:11.2f} "
-                  f"{r['speedup']:8.2f}")
+            print(f"{r['knobs']:>12s} {r['tokens_per_second']:9.1f} {r['acceptance_length']:11.2f}  {r['speedup_text']}")
         result["end_to_end"] = rows
         result["max_new_tokens"] = args.max_new_tokens
         result["num_prompts"] = len(prompts)

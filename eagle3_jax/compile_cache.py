@@ -127,10 +127,36 @@ def enable(path: str | os.PathLike | bool | None = None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         if _config("jax_compilation_cache_max_size") == -1 and _has_filelock():  # unbounded: JAX's default
+            _add_missing_access_times(wanted)
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
         _enabled_dir = wanted
         logger.debug("persistent compilation cache at %s", wanted)
         return cache_dir()
+
+
+def _add_missing_access_times(path: str) -> None:
+    """Gives every program in ``path`` the access-time file JAX's size-bounded cache expects.
+
+    A process that ran with an unbounded cache (JAX's default) writes programs
+    without one; JAX's eviction then fails on them, and with it every later
+    write to the cache. Each program missing one gets its file's mtime.
+    """
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return
+    for name in names:
+        if not name.endswith("-cache"):
+            continue
+        atime = name[: -len("-cache")] + "-atime"
+        if atime in names:
+            continue
+        try:
+            stamp = os.stat(os.path.join(path, name)).st_mtime_ns
+            with open(os.path.join(path, atime), "xb") as f:
+                f.write(int(stamp).to_bytes(8, "little"))
+        except OSError:  # removed meanwhile, or written by another process first
+            continue
 
 
 def _has_filelock() -> bool:

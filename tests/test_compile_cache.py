@@ -148,3 +148,17 @@ def test_the_cli_flag_turns_the_cache_off(tmp_path, hf_qwen3):
     [json.loads(line) for line in done.stdout.splitlines()]
     assert MESSAGE.search(done.stderr) and "loaded from" not in done.stderr, done.stderr
     assert not cache.exists()
+
+
+def test_programs_written_without_a_size_bound_do_not_break_the_cache(tmp_path):
+    """JAX's size-bounded cache fails every write when a program lacks its access-time file (one written by a
+    process with JAX's default, unbounded cache); enabling the cache gives them one."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "jit_foreign-0123456789abcdef-cache").write_bytes(b"a program written without a size bound")
+    first = run_script(tmp_path, str(cache))
+    assert "Error writing persistent compilation cache entry" not in first["stderr"], first["stderr"]
+    assert len(entries(cache)) > 1  # our program was written beside the foreign one
+    assert (cache / "jit_foreign-0123456789abcdef-atime").is_file()
+    second = run_script(tmp_path, str(cache))
+    assert second["events"][-1]["from_cache"] is True
