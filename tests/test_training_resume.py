@@ -42,23 +42,6 @@ def _make_tokenizer(path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's runs (the environment passes it on to subprocesses)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    knobs = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax-cache")),
-             "jax_persistent_cache_min_compile_time_secs": 0.0}
-    saved = {k: jax.config.values[k] for k in knobs}
-    cc.reset_cache()
-    for k, v in knobs.items():
-        jax.config.update(k, v)
-    yield {k.upper(): str(v) for k, v in knobs.items()}
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(target directory, data file): a tiny target with a tokenizer, and ~10 windows of 64 words."""
@@ -214,11 +197,11 @@ def _cli_args(setup, out, steps) -> list[str]:
             "--dtype", "float32", "--compute-dtype", "float32", "--no-export-embedding", "--json"]
 
 
-def test_kill_9_then_resume_with_a_corrupt_checkpoint(setup, compilation_cache, tmp_path):
+def test_kill_9_then_resume_with_a_corrupt_checkpoint(setup, tmp_path):
     steps = 30
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "eagle3_jax.cli"]
-    env = dict(os.environ, **compilation_cache)
+    env = dict(os.environ)  # with the session's compilation cache (tests/conftest.py): the runs share programs
     log = tmp_path / "killed.err"
     with open(log, "w") as err:
         proc = subprocess.Popen(cli + _cli_args(setup, out, steps), stdout=subprocess.DEVNULL, stderr=err, env=env)
