@@ -217,8 +217,14 @@ def greedy_mismatches(results: dict) -> list[str]:
 
 
 def model_name(path: str | None) -> str | None:
-    """The base name of a model directory or Hub id (``/x/Qwen3-8B/`` -> ``Qwen3-8B``)."""
-    return os.path.basename(os.path.normpath(path)) if path else None
+    """A model's name for reports: a Hub id as it is, a directory by its last two components
+    (``/x/models/Qwen3-8B/`` -> ``models/Qwen3-8B``; ``.../assets/target`` -> ``assets/target``)."""
+    if not path:
+        return None
+    if not os.path.exists(path):  # a Hub id (owner/name)
+        return path
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return "/".join(p for p in parts[-2:] if p)
 
 
 def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
@@ -364,7 +370,7 @@ def accept_histogram(results: dict, path: str) -> str:
 
 def figure_title(results: dict) -> str:
     """The histogram figure's title: the models (directory base names)."""
-    return f"Accept lengths: target {results.get('target') or '?'}, draft {results.get('draft') or '?'}"
+    return f"Accept lengths. Target: {results.get('target') or '?'}; draft: {results.get('draft') or '?'}"
 
 
 def panel_title(name: str, knobs: str, res: dict) -> str:

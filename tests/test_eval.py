@@ -31,6 +31,7 @@ from eagle3_jax.evaluation import (
     figure_title,
     greedy_mismatches,
     markdown_table,
+    model_name,
     panel_title,
     slim_results,
 )
@@ -101,8 +102,12 @@ def test_eval_runs_offline_on_the_shipped_slices_and_names_the_skipped(hf_qwen3_
     table = (out / "results.md").read_text()
     assert "Skipped:" in table and "- ceval: " in table and "- gsm8k: 2 from shipped slice" in table
     assert (out / "accept_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert figure_title(results) == f"Accept lengths: target {os.path.basename(hf_qwen3_real_vocab.path)}, " \
-                                    f"draft {os.path.basename(head_dir)}"
+    def last_two(path):
+        return "/".join(pathlib.Path(path).resolve().parts[-2:])
+
+    assert figure_title(results) == (f"Accept lengths. Target: {last_two(hf_qwen3_real_vocab.path)}; "
+                                     f"draft: {last_two(head_dir)}")
+    assert model_name("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"  # a Hub id as it is
     title = panel_title("gsm8k", "(2,1,3)", results["benchmarks"]["gsm8k"]["(2,1,3)"])
     assert title.startswith("gsm8k, tree (2,1,3): 2 prompts, acc. length ")
 
