@@ -40,6 +40,7 @@ logger = logging.getLogger("eagle3_jax.compile_cache")
 _lock = threading.Lock()
 _enabled_dir: str | None = None  # the directory this module gave JAX
 _failed: set[str] = set()  # directories found unwritable (warned about once)
+_bounded = False  # whether this module set JAX's cache size bound
 
 
 def default_cache_dir() -> str | None:
@@ -96,7 +97,7 @@ def enable(path: str | os.PathLike | bool | None = None) -> str | None:
     Idempotent and cheap: call it before compiling. A directory configured in
     JAX beforehand (not by this function) wins over ``path``.
     """
-    global _enabled_dir
+    global _enabled_dir, _bounded
     if path is False:
         return cache_dir()
     import jax
@@ -127,8 +128,10 @@ def enable(path: str | os.PathLike | bool | None = None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
         if _config("jax_compilation_cache_max_size") == -1 and _has_filelock():  # unbounded: JAX's default
-            _add_missing_access_times(wanted)
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+            _bounded = True
+        if _bounded:  # the bound is ours: every directory we point JAX at must suit it
+            _add_missing_access_times(wanted)
         _enabled_dir = wanted
         logger.debug("persistent compilation cache at %s", wanted)
         return cache_dir()

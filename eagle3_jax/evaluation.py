@@ -97,6 +97,7 @@ class _Tally:
         self.tokens: list[list[list[int]]] = [[] for _ in prompts]
         self.repeat_tokens = [0] * repeats
         self.repeat_seconds = [0.0] * repeats
+        self.repeats_identical = True  # every timed repeat gave the tokens of the untimed run
 
     def add(self, rows: Sequence[int], outs: Sequence[GenerationOutput]) -> None:
         self.seconds += outs[0].prefill_seconds + outs[0].decode_seconds
@@ -108,10 +109,13 @@ class _Tally:
             self.per_prompt[i][1] += o.num_target_forwards
             self.tokens[i].append(list(o.token_ids))
 
-    def add_timed(self, runs: Sequence[tuple[Sequence[GenerationOutput], float]]) -> None:
+    def add_timed(self, runs: Sequence[tuple[Sequence[GenerationOutput], float]],
+                  first: Sequence[GenerationOutput]) -> None:
+        expected = [o.token_ids for o in first]
         for r, (outs, seconds) in enumerate(runs):
             self.repeat_tokens[r] += sum(len(o.token_ids) for o in outs)
             self.repeat_seconds[r] += seconds
+            self.repeats_identical &= [o.token_ids for o in outs] == expected  # same seed: same tokens
 
     def summary(self) -> dict:
         per = [a / f for a, f in self.per_prompt if f]
@@ -130,6 +134,7 @@ class _Tally:
                 n / s if s else 0.0 for n, s in zip(self.repeat_tokens, self.repeat_seconds))
             out["repeat_tokens"] = self.repeat_tokens
             out["repeat_seconds"] = self.repeat_seconds
+            out["repeats_identical"] = self.repeats_identical
         return out
 
 
@@ -165,7 +170,7 @@ def run_methods(generators: Mapping[str, Generator], formatter: PromptFormatter,
                 require_finite(outs, f"{desc or 'benchmark'} {m}, turn {turn + 1}")
             if repeats:
                 for m, runs in interleaved(calls, repeats).items():
-                    tallies[m].add_timed(runs)
+                    tallies[m].add_timed(runs, first[m])
             for m, outs in first.items():
                 tallies[m].add(chunk, outs)
                 for i, o in zip(chunk, outs):
@@ -207,12 +212,16 @@ def first_difference(plain: dict, spec: dict) -> str | None:
 
 
 def greedy_mismatches(results: dict) -> list[str]:
-    """One line per benchmark and tree shape whose greedy output differs from plain decoding (a bug)."""
+    """One line per benchmark and method whose greedy output differs from plain decoding, or whose timed
+    repeats gave other tokens than its first run (the same prompts and seed must give the same tokens)."""
     lines = []
     for name, row in results["benchmarks"].items():
         for k in results["knobs"]:
             if row.get(k, {}).get("identical_to_plain") is False:
                 lines.append(f"{name} {k}: {row[k].get('first_difference', 'outputs differ')}")
+        for k, res in row.items():
+            if isinstance(res, dict) and res.get("repeats_identical") is False:
+                lines.append(f"{name} {k}: a timed repeat gave other tokens than the first run")
     return lines
 
 
@@ -250,10 +259,11 @@ def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | 
     found = benchmarks if isinstance(benchmarks, BenchmarkSet) else BenchmarkSet(prompts=dict(benchmarks))
     formatter = PromptFormatter(tokenizer, use_chat)
     knob_list = list(dict.fromkeys(tuple(k) for k in knob_list))
-    generators = {PLAIN: Generator(target, max_cache_len=max_cache_len)} if measure_plain else {}
+    generators = {PLAIN: Generator(target, max_cache_len=max_cache_len, tokenizer=False)} if measure_plain else {}
     for knobs in knob_list:
         generators[knob_label(knobs)] = Generator(target, draft, num_steps=knobs[0], topk=knobs[1],
-                                                  num_draft_tokens=knobs[2], max_cache_len=max_cache_len)
+                                                  num_draft_tokens=knobs[2], max_cache_len=max_cache_len,
+                                                  tokenizer=False)  # ids only: no decoding inside the timed runs
     results = {"knobs": [knob_label(k) for k in knob_list], "benchmarks": {}, "target": target_name,
                "draft": draft_name, "chat_template": formatter.chat, "max_new_tokens": max_new_tokens,
                "batch_size": batch_size, "sampling": dataclasses.asdict(sampling), "seed": seed,

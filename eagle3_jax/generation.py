@@ -86,9 +86,11 @@ class GenerationOutput:
         is involved (token-id prompts and a target without one).
       reasoning, answer: ``text`` split at ``</think>`` for thinking models,
         both stripped (:func:`eagle3_jax.text.reasoning_and_answer`). Without
-        ``</think>``: reasoning None and answer the whole text, except when
-        the prompt ended inside an open ``<think>`` (as Qwen3-Thinking-2507's
-        template does): then the reply is all reasoning and answer is "".
+        ``</think>``: reasoning None and answer the whole text, except when a
+        thinking block is open -- the prompt ended inside ``<think>`` (as
+        Qwen3-Thinking-2507's template does) or the reply opened it (hybrid
+        Qwen3 models) -- and was cut short: then the reply is all reasoning
+        and answer is "".
         None when ``text`` is None.
     """
 

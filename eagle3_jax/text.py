@@ -152,13 +152,14 @@ def reasoning_and_answer(text: str, opened: bool = False) -> tuple[str | None, s
     """(reasoning, answer) of a reply, both stripped.
 
     With ``</think>`` in ``text``: the text before it (``<think>`` removed)
-    and after it. Without: (None, the whole text), or, when the prompt
-    ``opened`` a thinking block, (the whole text, "") -- a reply cut before it
-    finished thinking.
+    and after it. Without: (None, the whole text), or, when a thinking block
+    was opened -- by the prompt (``opened``, as Qwen3-Thinking-2507's template
+    does) or by the reply itself (hybrid Qwen3 models write ``<think>``) --
+    (the whole text, ""): a reply cut before it finished thinking.
     """
     if THINK_END in text:
         return split_thinking(text)
-    if opened:
+    if opened or text.lstrip().startswith(THINK_START):
         return text.replace(THINK_START, "").strip(), ""
     return None, text.strip()
 

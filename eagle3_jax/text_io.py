@@ -106,12 +106,22 @@ def _holds_text(batch: Any) -> bool:
             and any(isinstance(p, str) or is_messages(p) for p in batch))
 
 
+# Arguments of apply_chat_template (and of render_chat) that the Generator sets itself.
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "add_generation_prompt", "tokenize", "return_dict",
+                                      "return_tensors", "continue_final_message", "where"})
+
+
 def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise InputError(f"chat_template_kwargs must be a dict of keyword arguments for the chat template "
                          f"(e.g. {{'enable_thinking': False}}), got {type(kwargs).__name__}")
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise InputError(f"chat_template_kwargs can not set {', '.join(reserved)}: the Generator renders chats "
+                         "itself (the generation prompt added, then tokenized); pass only the template's own "
+                         "options, e.g. {'enable_thinking': False}")
     return dict(kwargs)
 
 
@@ -175,6 +185,7 @@ class StopWatcher:
         self.lookback = 4 * max(len(s) for s in text.stops) + 8  # a character is at most 4 byte-level tokens
         self.checked = [0] * rows
         self.kept: list[int | None] = [None] * rows
+        self.unreadable: set[int] = set()  # rows the tokenizer could not decode: no stop strings checked
 
     def check(self, state):
         """The loop state with newly stopped running rows marked finished (FINISH_STOP_STRING)."""
@@ -184,13 +195,19 @@ class StopWatcher:
         reasons = finish_reasons(codes)
         ended = False
         for row, n in enumerate(int(c) for c in counts):
-            if self.kept[row] is not None or n <= self.checked[row]:
+            if self.kept[row] is not None or row in self.unreadable or n <= self.checked[row]:
                 continue
             start, self.checked[row] = max(0, self.checked[row] - self.lookback), n
             ids = tokens[row, :n].tolist()
-            if find_stop(self.text.decode(ids[start:]), self.text.stops) is None:
+            try:
+                if find_stop(self.text.decode(ids[start:]), self.text.stops) is None:
+                    continue
+                kept, _, reason = self.text.row(ids, reasons[row])
+            except Exception as e:  # a broken vocabulary: the row runs on without its stop strings
+                warnings.warn(f"the tokenizer could not decode row {row} ({type(e).__name__}: {e}); its stop "
+                              "strings are not checked", stacklevel=3)
+                self.unreadable.add(row)
                 continue
-            kept, _, reason = self.text.row(ids, reasons[row])
             if reason != "stop":
                 continue
             self.kept[row] = len(kept)

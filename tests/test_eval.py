@@ -158,6 +158,7 @@ def test_eval_speed_interleaves_and_records_the_tokens(hf_qwen3_real_vocab, head
             assert r["speedup_low"] <= r["speedup"] <= r["speedup_high"] and len(r["speedup_samples"]) == 2
             assert isinstance(r["speedup_noise"], bool) and "over 2 repeats" in r["speedup_text"]
             assert r["identical_to_plain"] is True and r["outputs"] == plain["outputs"]  # greedy: lossless
+            assert r["repeats_identical"] is True and plain["repeats_identical"] is True
             slim = printed["benchmarks"][name][knobs]
             assert "accept_lengths" not in slim and "outputs" not in slim and slim["speedup"] == r["speedup"]
         assert "outputs" not in printed["benchmarks"][name]["plain"]

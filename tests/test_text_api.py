@@ -143,6 +143,7 @@ def test_outputs_json_has_text_and_batch_fields_apart(tiny):
     ("</think>42", False, ("", "42")),
     ("just an answer ", False, (None, "just an answer")),
     ("thinking, cut short", True, ("thinking, cut short", "")),
+    ("<think>\nhybrid Qwen3 opened it, cut short", False, ("hybrid Qwen3 opened it, cut short", "")),
     ("", False, (None, "")),
 ])
 def test_reasoning_and_answer(text, opened, expected):
@@ -312,6 +313,8 @@ def test_messages_without_a_chat_template_is_an_error(tiny):
     (dict(stop={"a": 1}), "stop must be a string or a list of strings, got dict"),
     (dict(include_stop_str_in_output=1), "include_stop_str_in_output must be True or False"),
     (dict(chat_template_kwargs=["enable_thinking"]), "chat_template_kwargs must be a dict"),
+    (dict(chat_template_kwargs={"add_generation_prompt": False}), "chat_template_kwargs can not set add_"),
+    (dict(chat_template_kwargs={"where": "x", "tokenize": True}), "can not set tokenize, where"),
 ])
 def test_bad_text_arguments(tiny, kwargs, message):
     with pytest.raises(InputError, match=message):

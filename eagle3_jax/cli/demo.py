@@ -79,7 +79,7 @@ def run(args) -> int:
     TreeSpec(*knobs)
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
-    figures = run_demo(args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens, knobs=knobs,
+    figures = run_demo(DEFAULT_PROMPT if args.prompt is None else args.prompt, max_new_tokens=args.max_new_tokens, knobs=knobs,
                        repeats=args.repeats or DEFAULT_REPEATS, log=lambda line: print(line + " ...", file=sys.stderr))
     if args.json:
         print(json.dumps(figures))

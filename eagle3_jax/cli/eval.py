@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
                         "names when some are given); those no source has are skipped with a warning")
     p.add_argument("--bench-dir", metavar="DIR", default=None,
                    help="directory of NAME.jsonl prompt files (the full sets); a benchmark without a file here "
-                        "uses the shipped slice, else the Hugging Face Hub when online")
+                        "uses the shipped slice, else the Hugging Face Hub when online (a benchmark of another name "
+                        "needs --bench-file NAME=FILE)")
     p.add_argument("--bench-file", type=bench_file, action="append", default=[], metavar="NAME=FILE",
                    help="a prompt file for one benchmark (repeatable)")
     p.add_argument("--num-prompts", type=positive_int, default=None, metavar="N", help="first N prompts each")

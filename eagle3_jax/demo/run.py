@@ -69,8 +69,9 @@ def run_demo(prompt: str = DEFAULT_PROMPT, *, max_new_tokens: int = 128, knobs: 
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise InputError("the prompt is empty")
-    plain = Generator(target)
-    spec = Generator(target, head, num_steps=knobs[0], topk=knobs[1], num_draft_tokens=knobs[2])
+    # Token ids in and out (tokenizer=False): the timed runs decode no text; the completion is decoded once below.
+    plain = Generator(target, tokenizer=False)
+    spec = Generator(target, head, num_steps=knobs[0], topk=knobs[1], num_draft_tokens=knobs[2], tokenizer=False)
 
     def once(gen):
         return lambda: gen.generate([ids], max_new_tokens=max_new_tokens)[0]
