@@ -236,6 +236,15 @@ def _mapping(raw: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any] 
     return value
 
 
+def _eos_in_vocabulary(ids: tuple[int, ...], vocab_size: int, where: str) -> tuple[int, ...]:
+    """``ids`` (eos ids read from ``where``), refused when one lies outside the vocabulary (generation would never
+    stop on it)."""
+    outside = [t for t in ids if t >= vocab_size]
+    if outside:
+        raise ConfigError(f"{where}: eos_token_id {outside[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 def _check_feature_layers(layers: Any, key: str) -> tuple[int, ...]:
     """HF hidden_states indices (inputs of layers): ints (or numpy ints) from 0 to MAX_LAYERS - 1."""
     expected = f"a list of layer indices (integers from 0 to {MAX_LAYERS - 1})"
@@ -468,10 +477,12 @@ class Qwen3Config:
                                   f"got layer_types={_show(sorted(set(layer_types)))}")
 
         hidden, heads, head_dim = _attention_sizes(raw, where)
-        eos = _ids(raw, "eos_token_id", where)
+        vocab_size = _int(raw, "vocab_size", where)
+        eos = _eos_in_vocabulary(_ids(raw, "eos_token_id", where), vocab_size, where)
         if generation_config is not None:
             _check_object(generation_config, generation_where)
-            for t in _ids(generation_config, "eos_token_id", generation_where):
+            extra = _ids(generation_config, "eos_token_id", generation_where)
+            for t in _eos_in_vocabulary(extra, vocab_size, generation_where):
                 if t not in eos:
                     eos = eos + (t,)
         if model_type == "qwen3":
@@ -482,7 +493,7 @@ class Qwen3Config:
         try:
             return cls(
                 model_type=model_type,
-                vocab_size=_int(raw, "vocab_size", where),
+                vocab_size=vocab_size,
                 hidden_size=hidden,
                 intermediate_size=_int(raw, "intermediate_size", where),
                 num_hidden_layers=_int(raw, "num_hidden_layers", where),

@@ -35,6 +35,17 @@ def test_generation_config_adds_eos(tmp_path):
     assert Qwen3Config.from_pretrained(tmp_path).eos_token_ids == (5, 9)
 
 
+def test_an_eos_outside_the_vocabulary_names_its_file(tmp_path):
+    vocab = BASE["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "eos_token_id": 5}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, vocab]}))
+    with pytest.raises(ConfigError, match=f"generation_config.json: eos_token_id {vocab} is outside the vocabulary"):
+        Qwen3Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "eos_token_id": vocab}))
+    with pytest.raises(ConfigError, match=f"config.json: eos_token_id {vocab} is outside the vocabulary"):
+        Qwen3Config.from_pretrained(tmp_path)
+
+
 def test_qwen2_flags():
     raw = {**BASE, "model_type": "qwen2"}
     raw.pop("head_dim")
