@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from eagle3_jax.checks import MAX_SEED
@@ -155,22 +154,19 @@ def load_tokenizer(model_dir: str, required: bool):
     prompts), else a warning: token ids are printed instead of text.
     """
     from eagle3_jax.errors import InputError
+    from eagle3_jax.text import has_tokenizer_files
+    from eagle3_jax.text import load_tokenizer as load
 
-    has_files = any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    if not has_files:
+    if not has_tokenizer_files(model_dir):
         if required:
             raise InputError(f"{model_dir} has no tokenizer files; pass --prompt-ids instead of --prompt")
         return None
     try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # transformers and tokenizers raise anything from JSON, Rust and I/O errors
-        reason = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
-        message = f"{model_dir}: the tokenizer files could not be loaded ({type(e).__name__}: {reason})"
+        return load(model_dir)
+    except InputError as e:
         if required:
-            raise InputError(message + "; fix them, or pass --prompt-ids instead of --prompt") from None
-        print(f"warning: {message}; printing token ids instead of text", file=sys.stderr)
+            raise InputError(f"{e}; fix them, or pass --prompt-ids instead of --prompt") from None
+        print(f"warning: {e}; printing token ids instead of text", file=sys.stderr)
         return None
 
 
