@@ -1,44 +1,35 @@
-"""Model configs: frozen, hashable dataclasses parsed from Hugging Face config.json.
+"""Model configs: the schema. Frozen, hashable dataclasses with their checks.
 
 A config is a static argument of every jitted function, so it must be hashable
-and immutable; every field that changes a compiled shape lives here.
+and immutable; every field that changes a compiled shape lives here. Reading
+and writing Hugging Face ``config.json`` files is ``eagle3_jax/hf_config.py``;
+the ``from_hf_dict`` / ``from_pretrained`` / ``to_hf_dict`` methods here call it.
 
-A config.json is untrusted input. Every key is read by one of the small typed
-readers below (``_int``, ``_float``, ``_bool``, ``_ids``, ``_mapping``), shared
-by both parsers, so that a value of the wrong type or out of range is a
-:class:`ConfigError` naming the file and the key, never a ``TypeError`` deep
-in model building. The rules:
+The constructors check types and ranges, so a config built from Python is held
+to the same rules as one read from a file (with the field names in the message).
 
-* ``null`` is the same as an absent key: a required key is then missing, an
-  optional one takes its default (as ``transformers`` treats it).
-* Integers must be JSON integers: ``true`` (a bool is an int in Python), ``256.0``
-  and ``"256"`` are refused, not coerced.
-* Floats must be finite (Python's ``json`` accepts ``NaN`` and ``Infinity``).
-* Booleans must be ``true`` or ``false`` (``"no"`` is not false).
-* Unknown keys are ignored: HF configs carry many that do not matter here.
-
-The dataclass constructors check the same types and ranges again, so a config
-built from Python is held to the same rules (with the field names in the message).
+Targets: :class:`TargetConfig` is what every decoder-only target shares;
+:class:`Qwen3Config` (``qwen3``, ``qwen2``) and :class:`LlamaConfig` (``llama``)
+are the architectures the registry (``eagle3_jax/models/registry.py``) knows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import operator
 import os
 import reprlib
-import stat
-from typing import Any, Iterable, Mapping, NoReturn
+from typing import Any, ClassVar, Mapping, NoReturn
 
 from eagle3_jax.errors import ConfigError
 
+# model_type values of the Qwen family (Qwen3Config); every target type is in the registry.
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 
 # RoPE variants implemented by ``eagle3_jax.models.layers.rope_inv_freq``.
-SUPPORTED_ROPE_TYPES = ("default",)
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 # ------------------------------------------------------------------ limits
 #
@@ -89,7 +80,8 @@ _SIZE_LIMITS = {
 
 # ------------------------------------------------------ value checks and readers
 
-_REQUIRED = object()  # the ``default`` of a reader whose key must be present
+_REQUIRED = object()  # the ``default`` of a reader whose key must be present (eagle3_jax/hf_config.py)
+
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
@@ -180,71 +172,6 @@ def _check_ids(value: Any, key: str, where: str | None = None, *, lo: int = 0, h
     _fail(where, key, f"{what} from {lo} to {hi}", value)
 
 
-def _check_object(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a JSON object, got {_describe(value)}")
-    return value
-
-
-def _get(raw: Mapping[str, Any], key: str, where: str, default: Any) -> Any:
-    """``raw[key]``; null counts as absent: ``default``, or an error if the key is required."""
-    value = raw.get(key)
-    if value is None and default is _REQUIRED:
-        raise ConfigError(f"{where}: missing required key(s): {key}")
-    return value
-
-
-def _int(raw: Mapping[str, Any], key: str, where: str, *, lo: int = 1, hi: int | None = None,
-         default: Any = _REQUIRED) -> Any:
-    """An integer ``raw[key]`` in ``[lo, hi]`` (``hi`` defaults to the key's size limit)."""
-    value = _get(raw, key, where, default)
-    if value is None:
-        return default
-    return _check_int(value, key, lo, _SIZE_LIMITS[key] if hi is None else hi, where)
-
-
-def _float(raw: Mapping[str, Any], key: str, where: str, lo: float, hi: float, *, lo_open: bool = True,
-           hi_open: bool = False, default: Any = _REQUIRED) -> Any:
-    value = _get(raw, key, where, default)
-    if value is None:
-        return default
-    return _check_float(value, key, lo, hi, lo_open=lo_open, hi_open=hi_open, where=where)
-
-
-def _bool(raw: Mapping[str, Any], key: str, where: str, default: bool = False) -> bool:
-    value = raw.get(key)
-    return default if value is None else _check_bool(value, key, where)
-
-
-def _ids(raw: Mapping[str, Any], key: str, where: str, *, name: str | None = None, lo: int = 0,
-         hi: int = MAX_TOKEN_ID) -> tuple[int, ...]:
-    """Token ids (or layer ids): an int or a list of ints; null or absent is ()."""
-    return _check_ids(raw.get(key), name or key, where, lo=lo, hi=hi)
-
-
-def _id(raw: Mapping[str, Any], key: str, where: str) -> int | None:
-    """One token id, or None."""
-    value = raw.get(key)
-    return None if value is None else _check_int(value, key, 0, MAX_TOKEN_ID, where)
-
-
-def _mapping(raw: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any] | None:
-    """A JSON object ``raw[key]``, or None if it is null or absent."""
-    value = raw.get(key)
-    if value is not None and not isinstance(value, Mapping):
-        _fail(where, key, "a JSON object", value)
-    return value
-
-
-def _eos_in_vocabulary(ids: tuple[int, ...], vocab_size: int, where: str) -> tuple[int, ...]:
-    """``ids`` (eos ids read from ``where``), refused when one lies outside the vocabulary (generation would never
-    stop on it)."""
-    outside = [t for t in ids if t >= vocab_size]
-    if outside:
-        raise ConfigError(f"{where}: eos_token_id {outside[0]} is outside the vocabulary [0, {vocab_size})")
-    return ids
-
-
 def _check_feature_layers(layers: Any, key: str) -> tuple[int, ...]:
     """HF hidden_states indices (inputs of layers): ints (or numpy ints) from 0 to MAX_LAYERS - 1."""
     expected = f"a list of layer indices (integers from 0 to {MAX_LAYERS - 1})"
@@ -264,69 +191,6 @@ def _check_feature_layers(layers: Any, key: str) -> tuple[int, ...]:
             _fail(None, key, expected, items)
         out.append(index)
     return tuple(out)
-
-
-def _check_act(raw: Mapping[str, Any], where: str) -> None:
-    act = raw.get("hidden_act")
-    if act is not None and act != "silu":
-        raise ConfigError(f"{where}: hidden_act {_show(act)} is not supported (only 'silu')")
-
-
-def _rope_settings(raw: Mapping[str, Any], where: str) -> float:
-    """Returns rope_theta from either the transformers-4 or -5 spelling.
-
-    transformers 4 writes ``rope_theta`` (and ``rope_scaling``) at the top level;
-    transformers 5 writes ``rope_parameters: {rope_theta, rope_type}``.
-    """
-    params = _mapping(raw, "rope_parameters", where)
-    key, theta = "rope_theta", raw.get("rope_theta")
-    if theta is None and params is not None:
-        key, theta = "rope_parameters.rope_theta", params.get("rope_theta")
-    if theta is None:
-        raise ConfigError(f"{where}: missing rope_theta (neither 'rope_theta' nor 'rope_parameters.rope_theta' is set)")
-    theta = _check_float(theta, key, MIN_ROPE_THETA, MAX_ROPE_THETA, where=where)
-    for key in ("rope_scaling", "rope_parameters"):
-        scaling = _mapping(raw, key, where)
-        if not scaling:
-            continue
-        rope_type = scaling.get("rope_type")
-        if rope_type is None:
-            rope_type = scaling.get("type")
-        if rope_type is None:
-            rope_type = "default"
-        if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"{where}: {key} asks for rope type {_show(rope_type)}, which is not implemented "
-                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)}). Remove the scaling from config.json "
-                "to run at the model's native context length."
-            )
-    return theta
-
-
-def _derived_head_dim(hidden: int, heads: int, where: str) -> int:
-    """hidden_size // num_attention_heads, for a config without head_dim (as transformers derives it)."""
-    head_dim = hidden // heads
-    if not 1 <= head_dim <= MAX_HEAD_DIM or head_dim % 2:
-        raise ConfigError(f"{where}: head_dim is not set and hidden_size ({hidden}) // num_attention_heads ({heads}) "
-                          f"= {head_dim} is not a usable head_dim (an even integer from 2 to {MAX_HEAD_DIM}); "
-                          "set head_dim")
-    return head_dim
-
-
-def _attention_sizes(raw: Mapping[str, Any], where: str) -> tuple[int, int, int]:
-    """(hidden_size, num_attention_heads, head_dim); head_dim defaults to hidden_size // heads."""
-    hidden = _int(raw, "hidden_size", where)
-    heads = _int(raw, "num_attention_heads", where)
-    head_dim = _int(raw, "head_dim", where, default=None)
-    if head_dim is None:
-        head_dim = _derived_head_dim(hidden, heads, where)
-    return hidden, heads, head_dim
-
-
-def _require(raw: Mapping[str, Any], where: str, keys: Iterable[str]) -> None:
-    missing = [k for k in keys if raw.get(k) is None]
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
 
 
 def _check_shapes(cfg, size_fields: tuple[str, ...]) -> None:
@@ -351,46 +215,52 @@ def _check_optional_id(value: Any, name: str) -> None:
         _check_int(value, name, 0, MAX_TOKEN_ID)
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a JSON object from ``path``; a missing, unreadable or broken file is a ConfigError naming it."""
-    path = os.fspath(path)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ConfigError(f"{path}: not a regular file")
-        with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: can not be read ({e.strerror or e})") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, which is not a config file")
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is tolerated
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text: {e})") from None
-    if not text.strip():
-        raise ConfigError(f"{path}: not valid JSON (the file is empty)")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except ValueError:  # an integer literal longer than Python's int parsing limit (4300 digits)
-        raise ConfigError(f"{path}: not valid JSON (a number with too many digits)") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {_describe(obj)}")
-    return obj
+
+def _check_rope_scaling(scaling: Any) -> None:
+    if scaling is not None and not isinstance(scaling, RopeScaling):
+        _fail(None, "rope_scaling", "a RopeScaling or None", scaling)
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3Config:
-    """Architecture of a Qwen3 (or Qwen2) causal LM, as in HF ``config.json``.
+class RopeScaling:
+    """RoPE frequency scaling (``rope_scaling`` / ``rope_parameters`` in config.json).
 
-    Qwen2 is the same network with biases on q/k/v and without the per-head
-    q/k RMSNorm, expressed by ``qkv_bias=True, qk_norm=False``.
+    Only ``llama3`` (Llama 3.1 and later) is implemented: wavelengths longer
+    than ``original_max_position_embeddings / low_freq_factor`` are divided by
+    ``factor``, those shorter than ``.../ high_freq_factor`` are kept, and the
+    band between is interpolated smoothly (``eagle3_jax/models/layers.py: rope_inv_freq``).
     """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        if self.rope_type != "llama3":
+            raise ConfigError(f"rope_scaling: rope type {_show(self.rope_type)} is not implemented (supported: llama3)")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            object.__setattr__(self, name, _check_float(getattr(self, name), f"rope_scaling.{name}", 0.0, 1e6))
+        _check_int(self.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings", 1,
+                   MAX_POSITIONS)
+        if not self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(f"rope_scaling: low_freq_factor ({self.low_freq_factor:g}) must be less than "
+                              f"high_freq_factor ({self.high_freq_factor:g})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """Architecture of a decoder-only target (pre-norm, grouped-query attention,
+    RoPE, SwiGLU MLP, RMSNorm), as in HF ``config.json``.
+
+    The architectures differ in flags: Qwen3 has a per-head RMSNorm on q and k
+    (``qk_norm``); Qwen2 has biases on q/k/v (``qkv_bias``); Llama has
+    ``attention_bias`` on q/k/v/o (usually off) and ``llama3`` RoPE scaling.
+    Subclasses name the ``model_type`` values they accept (``MODEL_TYPES``).
+    """
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
 
     vocab_size: int
     hidden_size: int
@@ -410,15 +280,16 @@ class Qwen3Config:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         _check_shapes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"):
             _check_bool(getattr(self, name), name)
-        if not isinstance(self.model_type, str) or self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"unknown model_type {_show(self.model_type)}; "
-                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if not isinstance(self.model_type, str) or self.model_type not in self.MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {_show(self.model_type)} for {type(self).__name__}; "
+                              f"supported: {', '.join(self.MODEL_TYPES)}")
         if not isinstance(self.eos_token_ids, (tuple, list)):
             _fail(None, "eos_token_ids", f"a tuple of ints from 0 to {MAX_TOKEN_ID}", self.eos_token_ids)
         object.__setattr__(self, "eos_token_ids", _check_ids(self.eos_token_ids, "eos_token_ids", scalar=False))
@@ -428,11 +299,7 @@ class Qwen3Config:
                               "(config.json or generation_config.json)")
         _check_optional_id(self.bos_token_id, "bos_token_id")
         _check_optional_id(self.pad_token_id, "pad_token_id")
-
-    @property
-    def num_kv_groups(self) -> int:
-        """Query heads per KV head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
+        _check_rope_scaling(self.rope_scaling)
 
     @property
     def default_feature_layers(self) -> tuple[int, int, int]:
@@ -440,118 +307,51 @@ class Qwen3Config:
         n = self.num_hidden_layers
         return (2, n // 2, n - 3)
 
-    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "TargetConfig":
+        """Reads ``config.json`` (and ``generation_config.json`` if present) from a model directory.
+
+        On :class:`TargetConfig` itself the parser is chosen by ``model_type``
+        (the registry); on a subclass, only that subclass's types are accepted.
+        """
+        from eagle3_jax import hf_config
+
+        model_dir = os.fspath(model_dir)
+        path = os.path.join(model_dir, "config.json")
+        raw = hf_config.read_json(path)
+        gen, gen_path = hf_config.read_generation_config(model_dir)
+        return cls.from_hf_dict(raw, where=path, generation_config=gen, generation_where=gen_path)
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json",
                      generation_config: Mapping[str, Any] | None = None, *,
-                     generation_where: str = "generation_config.json") -> "Qwen3Config":
-        """Parses an HF ``config.json`` dict of a ``qwen3`` or ``qwen2`` model.
-
-        ``generation_config`` (the model's generation_config.json, if any) adds
-        its ``eos_token_id`` entries to the stop ids. ``where`` and
-        ``generation_where`` name the two files in error messages.
+                     generation_where: str = "generation_config.json") -> "TargetConfig":
+        """Parses an HF ``config.json`` dict with the parser of its ``model_type`` (the registry).
 
         Raises:
-          ConfigError: a key is missing, of the wrong type, out of range (see
-            the ``MAX_*`` limits of this module) or asks for something unsupported.
+          ConfigError: an unknown ``model_type``, or what the parser refuses.
         """
-        _check_object(raw, where)
-        model_type = raw.get("model_type")
-        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{where}: unknown model_type {_show(model_type)}; eagle3-jax supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} targets"
-            )
-        _require(raw, where, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                              "num_attention_heads"))
-        _check_act(raw, where)
-        if _bool(raw, "use_sliding_window", where):
-            raise ConfigError(f"{where}: use_sliding_window=true is not supported (sliding-window attention)")
-        layer_types = raw.get("layer_types")
-        if layer_types is not None:
-            if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-                _fail(where, "layer_types", "a list of strings", layer_types)
-            if any(t != "full_attention" for t in layer_types):
-                raise ConfigError(f"{where}: only full_attention layers are supported, "
-                                  f"got layer_types={_show(sorted(set(layer_types)))}")
+        from eagle3_jax.models.registry import target_architecture
 
-        hidden, heads, head_dim = _attention_sizes(raw, where)
-        vocab_size = _int(raw, "vocab_size", where)
-        eos = _eos_in_vocabulary(_ids(raw, "eos_token_id", where), vocab_size, where)
-        if generation_config is not None:
-            _check_object(generation_config, generation_where)
-            extra = _ids(generation_config, "eos_token_id", generation_where)
-            for t in _eos_in_vocabulary(extra, vocab_size, generation_where):
-                if t not in eos:
-                    eos = eos + (t,)
-        if model_type == "qwen3":
-            bias = _bool(raw, "attention_bias", where)
-            qkv_bias, o_bias, qk_norm = bias, bias, True
-        else:  # qwen2: q/k/v biases, no o bias, no q/k norm
-            qkv_bias, o_bias, qk_norm = True, False, False
-        try:
-            return cls(
-                model_type=model_type,
-                vocab_size=vocab_size,
-                hidden_size=hidden,
-                intermediate_size=_int(raw, "intermediate_size", where),
-                num_hidden_layers=_int(raw, "num_hidden_layers", where),
-                num_attention_heads=heads,
-                num_key_value_heads=_int(raw, "num_key_value_heads", where, default=heads),
-                head_dim=head_dim,
-                rope_theta=_rope_settings(raw, where),
-                rms_norm_eps=_float(raw, "rms_norm_eps", where, 0.0, MAX_RMS_NORM_EPS, hi_open=True, default=1e-6),
-                max_position_embeddings=_int(raw, "max_position_embeddings", where, default=32768),
-                tie_word_embeddings=_bool(raw, "tie_word_embeddings", where),
-                qkv_bias=qkv_bias,
-                o_bias=o_bias,
-                qk_norm=qk_norm,
-                eos_token_ids=eos,
-                bos_token_id=_id(raw, "bos_token_id", where),
-                pad_token_id=_id(raw, "pad_token_id", where),
-            )
-        except ConfigError as e:
-            if str(e).startswith(f"{where}: "):
-                raise
-            raise ConfigError(f"{where}: {e}") from None
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Qwen3Config":
-        """Reads ``config.json`` (and ``generation_config.json`` if present) from a model directory."""
-        model_dir = os.fspath(model_dir)
-        path = os.path.join(model_dir, "config.json")
-        gen_path = os.path.join(model_dir, "generation_config.json")
-        gen = read_json(gen_path) if os.path.exists(gen_path) else None
-        return cls.from_hf_dict(read_json(path), where=path, generation_config=gen, generation_where=gen_path)
+        arch = target_architecture(raw, where, among=cls.MODEL_TYPES or None)
+        return arch.parse_config(raw, where, generation_config, generation_where=generation_where)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config as an HF ``config.json`` dict that ``transformers`` can load."""
-        arch = "Qwen3ForCausalLM" if self.model_type == "qwen3" else "Qwen2ForCausalLM"
-        out: dict[str, Any] = {
-            "architectures": [arch],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "use_sliding_window": False,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
-        }
-        if self.model_type == "qwen3":
-            out["attention_bias"] = self.qkv_bias
-        if self.pad_token_id is not None:
-            out["pad_token_id"] = self.pad_token_id
-        return out
+        from eagle3_jax.hf_config import target_to_hf
+
+        return target_to_hf(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config(TargetConfig):
+    """A Qwen3 (``qwen3``) or Qwen2 / Qwen2.5 (``qwen2``) target.
+
+    Qwen2 is the same network with biases on q/k/v and without the per-head
+    q/k RMSNorm, expressed by ``qkv_bias=True, qk_norm=False``.
+    """
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES
 
     # ------------------------------------------------------- known checkpoints
 
@@ -575,12 +375,52 @@ class Qwen3Config:
         )
 
 
-EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(TargetConfig):
+    """A Llama target (``llama``: Llama 2, 3, 3.1, 3.2, 3.3): no q/k norm,
+    ``attention_bias`` on q/k/v/o, ``llama3`` RoPE scaling for 3.1 and later."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("llama",)
+
+    qk_norm: bool = False
+    model_type: str = "llama"
+
+    @classmethod
+    def llama_3_1_8b_instruct(cls) -> "LlamaConfig":
+        """meta-llama/Llama-3.1-8B-Instruct (the target of the first published EAGLE-3 heads)."""
+        return cls(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=131072,
+            tie_word_embeddings=False,
+            eos_token_ids=(128001, 128008, 128009),
+            bos_token_id=128000,
+            rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192),
+        )
+
+
+def __getattr__(name: str):
+    # read_json lives with the rest of the file I/O; kept importable from here.
+    if name == "read_json":
+        from eagle3_jax.hf_config import read_json
+
+        return read_json
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Eagle3Config:
-    """An EAGLE-3 draft head (SpecForge ``LlamaForCausalLMEagle3`` config.json).
+    """An EAGLE-3 draft head, whatever format it was published in (SpecForge /
+    SGLang ``LlamaForCausalLMEagle3``, the EAGLE authors' checkpoints, or
+    ``speculators`` ``Eagle3Speculator``; ``eagle3_jax/hf_config.py: parse_eagle3``).
 
     One Llama decoder layer whose attention reads ``[input_layernorm(emb),
     hidden_norm(h)]`` (2H wide), ``fc`` from the target's three concatenated
@@ -594,6 +434,11 @@ class Eagle3Config:
       rope_theta: the draft's RoPE base. Some published heads were trained
         with 10000 whatever their config says; override it when loading
         (``rope_theta=`` / ``--draft-rope-theta``) if acceptance is poor.
+      rope_scaling: the head's RoPE scaling (``llama3`` for heads of Llama
+        3.1 targets), or None.
+      norm_before_residual: the residual around the head's attention is
+        ``hidden_norm(h)`` instead of ``h`` (``speculators``' flag; False for
+        SpecForge and the EAGLE authors' heads).
     """
 
     hidden_size: int
@@ -610,11 +455,15 @@ class Eagle3Config:
     aux_layer_ids: tuple[int, ...] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    rope_scaling: RopeScaling | None = None
+    norm_before_residual: bool = False
 
     def __post_init__(self):
         _check_shapes(self, ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                              "head_dim", "vocab_size", "draft_vocab_size", "target_hidden_size",
                              "max_position_embeddings"))
+        _check_rope_scaling(self.rope_scaling)
+        _check_bool(self.norm_before_residual, "norm_before_residual")
         if self.draft_vocab_size > self.vocab_size:
             raise ConfigError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
         if self.aux_layer_ids is not None:
@@ -625,7 +474,7 @@ class Eagle3Config:
         _check_optional_id(self.bos_token_id, "bos_token_id")
         _check_optional_id(self.eos_token_id, "eos_token_id")
 
-    def feature_layers(self, target: Qwen3Config) -> tuple[int, ...]:
+    def feature_layers(self, target: TargetConfig) -> tuple[int, ...]:
         """The target layers whose inputs feed ``fc`` (HF hidden_states indices)."""
         if self.aux_layer_ids is None:
             return target.default_feature_layers
@@ -652,10 +501,10 @@ class Eagle3Config:
             cfg = dataclasses.replace(cfg, aux_layer_ids=tuple(i - 1 for i in layers))
         return cfg
 
-    def check_target(self, target: Qwen3Config, *, where: str = "draft") -> None:
+    def check_target(self, target: TargetConfig, *, where: str = "draft") -> None:
         """Raises ConfigError unless this head can run on ``target``."""
-        if not isinstance(target, Qwen3Config):
-            raise ConfigError(f"{where}: the target config must be a Qwen3Config, got {type(target).__name__}")
+        if not isinstance(target, TargetConfig):
+            raise ConfigError(f"{where}: the target config must be a TargetConfig, got {type(target).__name__}")
         problems = []
         if self.target_hidden_size != target.hidden_size:
             problems.append(f"the head reads features of width {self.target_hidden_size} (target_hidden_size) "
@@ -677,92 +526,27 @@ class Eagle3Config:
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json") -> "Eagle3Config":
-        """Parses a SpecForge / SGLang EAGLE-3 head ``config.json`` dict.
+        """Parses an EAGLE-3 head's ``config.json`` dict (``eagle3_jax.hf_config.parse_eagle3``)."""
+        from eagle3_jax.hf_config import parse_eagle3
 
-        Raises:
-          ConfigError: as :meth:`Qwen3Config.from_hf_dict`, or the head is not a
-            single-layer EAGLE-3 Llama head without biases.
-        """
-        _check_object(raw, where)
-        archs = raw.get("architectures")
-        if not isinstance(archs, list) or not any(isinstance(a, str) and a in EAGLE3_ARCHITECTURES for a in archs):
-            raise ConfigError(f"{where}: not an EAGLE-3 draft head (architectures={_show(archs)}; "
-                              f"expected one of {', '.join(EAGLE3_ARCHITECTURES)})")
-        _require(raw, where, ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"))
-        layers = _int(raw, "num_hidden_layers", where, default=1)
-        if layers != 1:
-            raise ConfigError(f"{where}: only single-layer EAGLE-3 heads are supported (num_hidden_layers={layers})")
-        _check_act(raw, where)
-        for flag in ("fc_norm", "attention_bias", "bias", "mlp_bias", "tie_word_embeddings"):
-            if _bool(raw, flag, where):
-                raise ConfigError(f"{where}: {flag}=true is not supported for EAGLE-3 heads")
-        eagle = _mapping(raw, "eagle_config", where) or {}
-        ids = eagle.get("eagle_aux_hidden_state_layer_ids")
-        if ids is not None:
-            ids = _ids(eagle, "eagle_aux_hidden_state_layer_ids", where,
-                       name="eagle_config.eagle_aux_hidden_state_layer_ids", lo=MIN_AUX_LAYER_ID, hi=MAX_LAYERS - 2)
-        hidden, heads, head_dim = _attention_sizes(raw, where)
-        vocab = _int(raw, "vocab_size", where)
-        eos = _ids(raw, "eos_token_id", where)
-        try:
-            return cls(
-                hidden_size=hidden,
-                intermediate_size=_int(raw, "intermediate_size", where),
-                num_attention_heads=heads,
-                num_key_value_heads=_int(raw, "num_key_value_heads", where, default=heads),
-                head_dim=head_dim,
-                vocab_size=vocab,
-                draft_vocab_size=_int(raw, "draft_vocab_size", where, default=vocab),
-                target_hidden_size=_int(raw, "target_hidden_size", where, default=hidden),
-                rope_theta=_rope_settings(raw, where),
-                rms_norm_eps=_float(raw, "rms_norm_eps", where, 0.0, MAX_RMS_NORM_EPS, hi_open=True, default=1e-6),
-                max_position_embeddings=_int(raw, "max_position_embeddings", where, default=32768),
-                aux_layer_ids=ids,
-                bos_token_id=_id(raw, "bos_token_id", where),
-                eos_token_id=eos[0] if eos else None,
-            )
-        except ConfigError as e:
-            if str(e).startswith(f"{where}: "):
-                raise
-            raise ConfigError(f"{where}: {e}") from None
+        return parse_eagle3(raw, where)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "Eagle3Config":
         """Reads a draft head's ``config.json`` from its directory."""
+        from eagle3_jax.hf_config import read_json
+
         path = os.path.join(os.fspath(model_dir), "config.json")
         return cls.from_hf_dict(read_json(path), where=path)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json in the format SpecForge, SGLang and vLLM load."""
-        out: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLMEagle3"],
-            "model_type": "llama",
-            "num_hidden_layers": 1,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "max_position_embeddings": self.max_position_embeddings,
-            "vocab_size": self.vocab_size,
-            "draft_vocab_size": self.draft_vocab_size,
-            "target_hidden_size": self.target_hidden_size,
-            "tie_word_embeddings": False,
-            "attention_bias": False,
-            "torch_dtype": "bfloat16",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-        }
-        if self.aux_layer_ids is not None:
-            out["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)}
-        return out
+        from eagle3_jax.hf_config import eagle3_to_hf
+
+        return eagle3_to_hf(self)
 
     @classmethod
-    def for_target(cls, target: Qwen3Config, *, draft_vocab_size: int = 32000,
+    def for_target(cls, target: TargetConfig, *, draft_vocab_size: int = 32000,
                    feature_layers: tuple[int, ...] | None = None) -> "Eagle3Config":
         """A new head shaped like SpecForge's default for ``target`` (for training)."""
         if feature_layers is not None:
@@ -777,7 +561,7 @@ class Eagle3Config:
                    num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
                    head_dim=target.head_dim, vocab_size=target.vocab_size,
                    draft_vocab_size=min(draft_vocab_size, target.vocab_size), target_hidden_size=target.hidden_size,
-                   rope_theta=target.rope_theta, rms_norm_eps=target.rms_norm_eps,
+                   rope_theta=target.rope_theta, rope_scaling=target.rope_scaling, rms_norm_eps=target.rms_norm_eps,
                    max_position_embeddings=target.max_position_embeddings,
                    aux_layer_ids=tuple(i - 1 for i in layers), bos_token_id=target.bos_token_id,
                    eos_token_id=target.eos_token_ids[0] if target.eos_token_ids else None)

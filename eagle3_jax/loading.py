@@ -1,9 +1,17 @@
-"""Loading targets from HF checkpoints or converted directories, and converting them."""
+"""Loading targets and draft heads from HF checkpoints or converted directories, converting and exporting them.
+
+Targets of every registered architecture (``eagle3_jax/models/registry.py``:
+Qwen3, Qwen2, Llama) load through the same path: the registry gives the config
+parser, the module and the weight-name rules for the config's ``model_type``.
+Draft heads load in each format they are published in
+(``eagle3_jax/hf_config.py: parse_eagle3``, ``eagle3_jax/weights/rules.py: eagle3_rules``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import weakref
 
 import jax
@@ -12,14 +20,16 @@ import numpy as np
 from flax import nnx
 
 from eagle3_jax.atomic import atomic_directory, check_destination
-from eagle3_jax.config import Eagle3Config, Qwen3Config
+from eagle3_jax.config import Eagle3Config, TargetConfig
 from eagle3_jax.errors import CheckpointError, ConfigError
+from eagle3_jax.hf_config import head_format, read_json
 from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
-from eagle3_jax.weights import converted
+from eagle3_jax.models.registry import abstract_target, target_rules
+from eagle3_jax.models.target import TargetModel
+from eagle3_jax.weights import converted, torch_bin
 from eagle3_jax.weights.params import export_safetensors, load_safetensors_into
-from eagle3_jax.weights.rules import eagle3_rules, qwen3_rules
+from eagle3_jax.weights.rules import eagle3_rules
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, checkpoint_files
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,10 +70,10 @@ def parse_dtype(dtype) -> jnp.dtype:
 # The directory each loaded target came from, so that a Generator can find its tokenizer
 # (a registry rather than an attribute: an attribute would become part of the module's
 # graph definition, and two targets loaded from different directories would compile apart).
-_TARGET_DIRS: weakref.WeakKeyDictionary[Qwen3ForCausalLM, str] = weakref.WeakKeyDictionary()
+_TARGET_DIRS: weakref.WeakKeyDictionary[TargetModel, str] = weakref.WeakKeyDictionary()
 
 
-def target_directory(model: Qwen3ForCausalLM) -> str | None:
+def target_directory(model: TargetModel) -> str | None:
     """The local directory :func:`load_target` read ``model`` from (a Hub id resolved to its
     snapshot), or None for a model built otherwise. Its tokenizer is the target's own."""
     try:
@@ -72,14 +82,9 @@ def target_directory(model: Qwen3ForCausalLM) -> str | None:
         return None
 
 
-def abstract_target(cfg: Qwen3Config, dtype) -> Qwen3ForCausalLM:
-    """The target's structure with shapes and dtypes but no memory."""
-    return nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-
-
 def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool = True,
-                check_finite: bool = True) -> Qwen3ForCausalLM:
-    """Loads a Qwen3/Qwen2 target.
+                check_finite: bool = True) -> TargetModel:
+    """Loads a target: Qwen3, Qwen2 or Llama (any ``model_type`` of the registry).
 
     Args:
       name_or_path: a local HF directory (config.json + model.safetensors or a
@@ -100,13 +105,13 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
     """
     model_dir = resolve_model_dir(name_or_path)
     dtype = parse_dtype(dtype)
-    cfg = Qwen3Config.from_pretrained(model_dir)
+    cfg = TargetConfig.from_pretrained(model_dir)
     abstract = abstract_target(cfg, dtype)
     if converted.is_converted(model_dir):
         converted.read_marker(model_dir)
         model = converted.restore_into(abstract, model_dir, check_finite=check_finite)
     else:
-        model = load_safetensors_into(abstract, checkpoint_files(model_dir), qwen3_rules(cfg.tie_word_embeddings),
+        model = load_safetensors_into(abstract, checkpoint_files(model_dir), target_rules(cfg),
                                       source=model_dir, progress=progress, check_finite=check_finite)
     _TARGET_DIRS[model] = os.path.abspath(model_dir)
     return model
@@ -127,7 +132,7 @@ def convert_target(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None
                                     extra={"source": os.fspath(src)})
 
 
-def save_target(model: Qwen3ForCausalLM, output_dir: str | os.PathLike, *, dtype="bfloat16",
+def save_target(model: TargetModel, output_dir: str | os.PathLike, *, dtype="bfloat16",
                 tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
     """Writes a target as an HF checkpoint (config.json, generation_config.json,
     model.safetensors, and the tokenizer files of ``tokenizer_dir``) that
@@ -147,7 +152,7 @@ def save_target(model: Qwen3ForCausalLM, output_dir: str | os.PathLike, *, dtype
             generation["bos_token_id"] = cfg.bos_token_id
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump(generation, f, indent=2)
-        export_safetensors(model, qwen3_rules(cfg.tie_word_embeddings), os.path.join(tmp, "model.safetensors"),
+        export_safetensors(model, target_rules(cfg), os.path.join(tmp, "model.safetensors"),
                            dtype=parse_dtype(dtype), metadata={"format": "pt", EXPORT_MARKER_KEY: "target"})
         if tokenizer_dir:
             for name in os.listdir(tokenizer_dir):
@@ -177,13 +182,20 @@ def check_vocab_map(d2t: np.ndarray, t2d: np.ndarray, *, source: str) -> None:
                               f"({draft_vocab} draft ids)")
 
 
-def load_draft(name_or_path: str | os.PathLike, target_config: Qwen3Config | None = None, *, dtype=None,
+def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | None = None, *, dtype=None,
                rope_theta: float | None = None, feature_layers: tuple[int, ...] | None = None,
                keep_embedding: bool = False, progress: bool = True, check_finite: bool = True) -> Eagle3DraftHead:
-    """Loads an EAGLE-3 draft head (SpecForge / SGLang ``LlamaForCausalLMEagle3`` format).
+    """Loads an EAGLE-3 draft head in any of the formats heads are published in.
+
+    The format is read from config.json (``eagle3_jax.hf_config.head_format``):
+    SpecForge / SGLang ``LlamaForCausalLMEagle3`` (model.safetensors), the
+    EAGLE authors' checkpoints (``yuhuili/EAGLE3-*``: a LlamaForCausalLM config
+    with draft_vocab_size, weights in pytorch_model.bin, read with PyTorch's
+    restricted unpickler), or ``speculators`` ``Eagle3Speculator``
+    (``transformer_layer_config``, ``norm_before_residual``, ``layers.0.*``).
 
     Args:
-      name_or_path: a local directory (config.json + model.safetensors), a
+      name_or_path: a local directory (config.json + weights), a
         directory written by :func:`convert_draft`, or a Hub id.
       target_config: when given, the head is checked against the target
         (hidden sizes, vocabulary, feature layers) and a mismatch is an error.
@@ -200,7 +212,11 @@ def load_draft(name_or_path: str | os.PathLike, target_config: Qwen3Config | Non
     """
     model_dir = resolve_model_dir(name_or_path)
     dtype = parse_dtype(dtype)
-    cfg = Eagle3Config.from_pretrained(model_dir).with_overrides(rope_theta=rope_theta, feature_layers=feature_layers)
+    config_path = os.path.join(model_dir, "config.json")
+    raw = read_json(config_path)
+    fmt = head_format(raw, config_path)
+    cfg = Eagle3Config.from_hf_dict(raw, where=config_path).with_overrides(rope_theta=rope_theta,
+                                                                          feature_layers=feature_layers)
     if target_config is not None:
         cfg.check_target(target_config, where=f"draft head {model_dir}")
     if converted.is_converted(model_dir):
@@ -210,9 +226,15 @@ def load_draft(name_or_path: str | os.PathLike, target_config: Qwen3Config | Non
         head = converted.restore_into(abstract_draft(cfg, dtype), model_dir,  # converted heads hold no embedding
                                       check_finite=check_finite)
     else:
-        files = checkpoint_files(model_dir)
-        head = load_safetensors_into(abstract_draft(cfg, dtype, keep_embedding), files, eagle3_rules(keep_embedding),
-                                     source=model_dir, progress=progress, check_finite=check_finite)
+        rules = eagle3_rules(keep_embedding, fmt, full_vocabulary=cfg.draft_vocab_size == cfg.vocab_size)
+        pickled = torch_bin.find_bin(model_dir) if fmt == "eagle" else None
+        with tempfile.TemporaryDirectory(prefix="eagle3-jax-bin-") as tmp:
+            if pickled is not None:  # the EAGLE authors' pytorch_model.bin, read with the restricted unpickler
+                files = [torch_bin.bin_to_safetensors(pickled, os.path.join(tmp, "model.safetensors"))]
+            else:
+                files = checkpoint_files(model_dir)
+            head = load_safetensors_into(abstract_draft(cfg, dtype, keep_embedding), files, rules, source=model_dir,
+                                         progress=progress, check_finite=check_finite)
     check_vocab_map(np.asarray(head.d2t[...]), np.asarray(head.t2d[...]), source=model_dir)
     return head
 

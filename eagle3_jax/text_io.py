@@ -22,7 +22,7 @@ import numpy as np
 from eagle3_jax.decoding.common import FINISH_STOP_STRING, RUNNING, finish_reasons
 from eagle3_jax.errors import InputError
 from eagle3_jax.loading import target_directory
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.models.target import TargetModel
 from eagle3_jax.text import (check_messages, covering_prefix, cut_at_stop, decode, find_stop, has_chat_template,
                              has_tokenizer_files, is_messages, is_tokenizer, load_tokenizer, render_chat, token_ids)
 
@@ -44,7 +44,7 @@ class TokenizerSource:
 
     _UNSET = object()
 
-    def __init__(self, tokenizer: Any, target: Qwen3ForCausalLM):
+    def __init__(self, tokenizer: Any, target: TargetModel):
         self.directory = None
         self.disabled = tokenizer is False
         self._failure = None

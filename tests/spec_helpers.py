@@ -16,20 +16,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
-from eagle3_jax.models import qwen3
-from eagle3_jax.models.eagle3 import ttt_mask
+from eagle3_jax.training.ttt_attention import ttt_mask
 
 
 def tiny_target(seed=0, vocab=97, init_std=0.2, layers=4, max_pos=512) -> Qwen3ForCausalLM:
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=40, intermediate_size=56, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=1e4,
                       max_position_embeddings=max_pos, eos_token_ids=(5,))
-    saved, qwen3.INIT_STD = qwen3.INIT_STD, init_std
-    try:
-        return Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(seed))
-    finally:
-        qwen3.INIT_STD = saved
+    return Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(seed), init_std=init_std)
 
 
 def random_head(target, seed=1, draft_vocab=None) -> Eagle3DraftHead:
@@ -75,8 +71,7 @@ def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4,
         base = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
         total = 0.0
         for step in range(ttt):
-            out = model(embeds[:, 1 + step: 1 + step + seq_len], hidden, base + step, cache, base + step * seq_len,
-                        jnp.broadcast_to(ttt_mask(seq_len, step, ttt), (b, seq_len, ttt * seq_len)),
+            out = model(embeds[:, 1 + step: 1 + step + seq_len], hidden, cache, AttentionMetadata.dense(base + step, base + step * seq_len, jnp.broadcast_to(ttt_mask(seq_len, step, ttt), (b, seq_len, ttt * seq_len))),
                         hidden_is_features=step == 0)
             labels = jnp.asarray(seqs[:, 2 + step: 2 + step + seq_len])
             total = total + (0.8 ** step) * optax.softmax_cross_entropy_with_integer_labels(out.logits, labels).mean()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax import KVCache, load_target
 from eagle3_jax.kv_cache import append_slots, causal_mask
 
@@ -26,8 +27,7 @@ def full_forward(model, ids, capacity=64, **kw):
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     zeros = jnp.zeros((b,), jnp.int32)
-    return model(jnp.asarray(ids, jnp.int32), pos, new_cache(model, b, capacity), pos,
-                 causal_mask(zeros, t, capacity), **kw)
+    return model(jnp.asarray(ids, jnp.int32), new_cache(model, b, capacity), AttentionMetadata.dense(pos, pos, causal_mask(zeros, t, capacity)), **kw)
 
 
 def hf_forward(hf, ids):
@@ -84,15 +84,14 @@ def test_incremental_decode_with_ragged_prompts_matches_hf(hf_any):
         tokens[i, :n] = seqs[i][:n]
     pos = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (2, bucket))
     zeros = jnp.zeros((2,), jnp.int32)
-    out = model(jnp.asarray(tokens), pos, new_cache(model, 2, capacity), pos, causal_mask(zeros, bucket, capacity),
+    out = model(jnp.asarray(tokens), new_cache(model, 2, capacity), AttentionMetadata.dense(pos, pos, causal_mask(zeros, bucket, capacity)),
                 logits_indices=jnp.asarray(prompt_lens - 1)[:, None])
     got = [[out.logits[i, 0]] for i in range(2)]
     cache = out.cache.with_lengths(jnp.asarray(prompt_lens, jnp.int32))
     for step in range(6):
         lengths = cache.lengths
         nxt = np.array([seqs[i][int(lengths[i])] for i in range(2)], np.int32)[:, None]
-        out = model(jnp.asarray(nxt), lengths[:, None], cache, append_slots(lengths, 1),
-                    causal_mask(lengths, 1, capacity))
+        out = model(jnp.asarray(nxt), cache, AttentionMetadata.dense(lengths[:, None], append_slots(lengths, 1), causal_mask(lengths, 1, capacity)))
         cache = out.cache.with_lengths(lengths + 1)
         for i in range(2):
             got[i].append(out.logits[i, 0])
@@ -113,7 +112,7 @@ def test_tree_mask_verification_matches_each_branch(hf_qwen3):
     n, capacity = len(prefix), 32
     cache = new_cache(model, 1, capacity)
     p = jnp.arange(n, dtype=jnp.int32)[None]
-    out = model(jnp.asarray(prefix[None], jnp.int32), p, cache, p, causal_mask(jnp.zeros(1, jnp.int32), n, capacity))
+    out = model(jnp.asarray(prefix[None], jnp.int32), cache, AttentionMetadata.dense(p, p, causal_mask(jnp.zeros(1, jnp.int32), n, capacity)))
     cache = out.cache.with_lengths(jnp.array([n], jnp.int32))
     anc = np.eye(5, dtype=bool)
     for i in range(5):
@@ -124,8 +123,7 @@ def test_tree_mask_verification_matches_each_branch(hf_qwen3):
     mask = np.zeros((1, 5, capacity), bool)
     mask[0, :, :n] = True
     mask[0, :, n:n + 5] = anc
-    out = model(jnp.asarray(tree[None], jnp.int32), jnp.asarray(np.array(depth)[None] + n, jnp.int32), cache,
-                append_slots(cache.lengths, 5), jnp.asarray(mask))
+    out = model(jnp.asarray(tree[None], jnp.int32), cache, AttentionMetadata.dense(jnp.asarray(np.array(depth)[None] + n, jnp.int32), append_slots(cache.lengths, 5), jnp.asarray(mask)))
     for i in range(5):
         path, j = [], i
         while j >= 0:
@@ -153,6 +151,6 @@ def test_bfloat16_model_and_cache_stay_close_to_float32(hf_qwen3):
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = KVCache.create(num_layers=4, batch=b, capacity=64, kv_heads=2, head_dim=12, dtype=jnp.bfloat16)
-    out = bf16(jnp.asarray(ids, jnp.int32), pos, cache, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 64))
+    out = bf16(jnp.asarray(ids, jnp.int32), cache, AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 64)))
     assert out.logits.dtype == jnp.float32 and out.cache.k.dtype == jnp.bfloat16
     assert rel_err(out.logits, ref) < 3e-2

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from spec_helpers import fit_head, random_head, tiny_target
 
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax import Generator, InputError, SamplingParams
 from eagle3_jax.decoding import speculative
 from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
@@ -88,8 +89,7 @@ def reference_tree(target, head, prompt, knobs):
         cache, g = state.draft_cache, state.root_hidden[:, None]
         for i, tok in enumerate(path):
             lengths = jnp.asarray([n + i])
-            out = head(target.embed(jnp.asarray([[tok]])), g, jnp.asarray([[n + i]]), cache, lengths[:, None],
-                       causal_mask(lengths, 1, cache.capacity), hidden_is_features=False)
+            out = head(target.embed(jnp.asarray([[tok]])), g, cache, AttentionMetadata.dense(jnp.asarray([[n + i]]), lengths[:, None], causal_mask(lengths, 1, cache.capacity)), hidden_is_features=False)
             cache, g = out.cache.with_lengths(lengths + 1), out.hidden
         return np.asarray(jax.nn.log_softmax(out.logits[0, 0]))
 
@@ -241,10 +241,8 @@ def exact_joint(target, prompt, sampling, depth=3):
     for _ in range(depth):
         batch = np.array([prompt + s for s in seqs], np.int32)
         b, t = batch.shape
-        out = target(jnp.asarray(batch), jnp.broadcast_to(jnp.arange(t), (b, t)),
-                     speculative.KVCache.create(num_layers=target.config.num_hidden_layers, batch=b, capacity=t,
-                                                kv_heads=2, head_dim=12, dtype=jnp.float32),
-                     jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(jnp.zeros(b, jnp.int32), t, t),
+        out = target(jnp.asarray(batch), speculative.KVCache.create(num_layers=target.config.num_hidden_layers, batch=b, capacity=t,
+                                                kv_heads=2, head_dim=12, dtype=jnp.float32), AttentionMetadata.dense(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(jnp.zeros(b, jnp.int32), t, t)),
                      logits_indices=jnp.full((b, 1), t - 1, jnp.int32))
         p = np.asarray(jax.nn.softmax(filter_logits(out.logits[:, 0], jnp.float32(sampling.temperature),
                                                      jnp.float32(sampling.top_p), sampling.top_k), axis=-1),

@@ -1,5 +1,6 @@
 """What plain and speculative decoding share: static settings, the result
-buffers with their stop rules, and the prompt prefill."""
+buffers with their stop rules, and the prompt prefill. (The loop driver they
+share is ``eagle3_jax/decoding/loop.py``.)"""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.kv_cache import KVCache, causal_mask
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata, check_backend
+from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.models.target import TargetModel, new_cache
 
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
 # Set by the host between chunks of the loop, never inside it: the row's decoded text holds a stop
@@ -45,6 +47,7 @@ class DecodeSettings:
       greedy: argmax decoding (else sampling with the traced temperature/top_p).
       top_k: top-k filter for sampling (0 = off).
       cache_dtype: KV cache storage dtype.
+      attention: the attention backend's name (``eagle3_jax.attention.BACKENDS``).
     """
 
     max_new_tokens: int
@@ -52,6 +55,10 @@ class DecodeSettings:
     greedy: bool = True
     top_k: int = 0
     cache_dtype: jnp.dtype = jnp.dtype(jnp.float32)
+    attention: str = DEFAULT_BACKEND
+
+    def __post_init__(self):
+        check_backend(self.attention)
 
 
 STOP_SLOTS = 8
@@ -94,6 +101,9 @@ class DecodeResult:
       num_forwards: [batch] int32, target forwards after prefill (a forward
         whose logits were not finite is not counted).
       prompt_lengths: [batch] int32.
+      accept_lengths: [batch, max_new_tokens] int32, tokens appended by each
+        counted forward, in order (1 each in plain decoding, 1..D+1 per
+        speculative cycle, bonus included); 0 past ``num_forwards``.
     """
 
     tokens: jax.Array
@@ -101,6 +111,7 @@ class DecodeResult:
     finish_reason: jax.Array
     num_forwards: jax.Array
     prompt_lengths: jax.Array
+    accept_lengths: jax.Array
 
     @classmethod
     def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array,
@@ -110,7 +121,8 @@ class DecodeResult:
         batch = first_token.shape[0]
         zeros = jnp.zeros((batch,), jnp.int32)
         empty = cls(tokens=jnp.full((batch, settings.max_new_tokens), -1, jnp.int32), num_generated=zeros,
-                    finish_reason=zeros, num_forwards=zeros, prompt_lengths=prompt_lengths.astype(jnp.int32))
+                    finish_reason=zeros, num_forwards=zeros, prompt_lengths=prompt_lengths.astype(jnp.int32),
+                    accept_lengths=jnp.zeros((batch, settings.max_new_tokens), jnp.int32))
         return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings, stop_ids,
                             nonfinite=nonfinite)
 
@@ -152,16 +164,20 @@ class DecodeResult:
         reason = jnp.where(has_stop & (through_stop <= room), FINISH_EOS, jnp.where(full, FINISH_LENGTH, RUNNING))
         reason = jnp.where(bad, FINISH_NONFINITE, reason)
         reason = jnp.where(running, reason, self.finish_reason)
-        num_forwards = (self.num_forwards if forwards is None
-                        else self.num_forwards + jnp.where(running & ~bad, forwards, 0))
+        num_forwards, accept_lengths = self.num_forwards, self.accept_lengths
+        if forwards is not None:
+            counted = running & ~bad & (forwards > 0)
+            num_forwards = self.num_forwards + jnp.where(counted, forwards, 0)
+            at = jnp.where(counted, self.num_forwards, settings.max_new_tokens)
+            accept_lengths = self.accept_lengths.at[jnp.arange(batch), at].set(take, mode="drop")
         return dataclasses.replace(self, tokens=tokens, num_generated=num_generated, finish_reason=reason,
-                                   num_forwards=num_forwards)
+                                   num_forwards=num_forwards, accept_lengths=accept_lengths)
 
 
 PREFILL_CHUNK = 512
 
 
-def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, settings: DecodeSettings,
+def prefill(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, settings: DecodeSettings,
             feature_layers: tuple[int, ...] = (), chunk: int = PREFILL_CHUNK
             ) -> tuple[jax.Array, KVCache, jax.Array | None]:
     """Runs right-padded prompts through the target into a fresh cache.
@@ -179,8 +195,7 @@ def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Arra
     """
     cfg = model.config
     batch, bucket = tokens.shape
-    cache = KVCache.create(num_layers=cfg.num_hidden_layers, batch=batch, capacity=settings.capacity,
-                           kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype)
+    cache = new_cache(cfg, batch, settings.capacity, settings.cache_dtype)
     last = prompt_lengths - 1
     chunk = min(chunk, bucket)  # a prompt that fits is one chunk
     num_chunks = -(-bucket // chunk)
@@ -191,10 +206,9 @@ def prefill(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Arra
         cache, logits = carry
         toks, index = xs
         start = index * chunk
-        positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
-        out = model(toks, positions, cache, positions,
-                    causal_mask(jnp.full((batch,), start, jnp.int32), chunk, settings.capacity),
-                    feature_layers=feature_layers, logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None])
+        meta = AttentionMetadata.causal(jnp.full((batch,), start, jnp.int32), chunk, backend=settings.attention)
+        out = model(toks, cache, meta, feature_layers=feature_layers,
+                    logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None])
         here = (last >= start) & (last < start + chunk)
         logits = jnp.where(here[:, None], out.logits[:, 0], logits)
         return (out.cache, logits), out.features

@@ -1,7 +1,7 @@
 """Plain (one token per target forward) decoding as pure, jittable functions.
 
-``prefill`` runs the prompt through the target and picks the first token;
-``decode_loop`` is one ``lax.while_loop`` that feeds each new token back until
+``start`` prefills the prompts and picks the first token; ``decode_loop``
+feeds each new token back (one ``lax.while_loop``, ``decoding/loop.py``) until
 every row is done. A row whose logits are not finite (NaN / inf: broken
 weights or a numeric blow-up) finishes with 'nonfinite' without the token
 chosen from them. Both take the model as an NNX module (merge it from
@@ -16,10 +16,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.decoding.common import (DecodeResult, DecodeSettings, RuntimeParams, finish_reasons, nonfinite_rows,
                                         prefill)
-from eagle3_jax.kv_cache import KVCache, causal_mask
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.decoding.loop import run_loop
+from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.models.target import TargetModel
 from eagle3_jax.sampling import select_tokens
 
 
@@ -44,7 +46,7 @@ class PlainLoopState:
     iterations: jax.Array
 
 
-def start(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
+def start(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
           params: RuntimeParams, settings: DecodeSettings) -> PlainLoopState:
     """Prefills the prompts and selects the first token of every row.
 
@@ -59,7 +61,7 @@ def start(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array,
     return PlainLoopState(cache=cache, last_token=first, result=result, rng=rng, iterations=jnp.zeros((), jnp.int32))
 
 
-def step(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams,
+def step(model: TargetModel, state: PlainLoopState, params: RuntimeParams,
          settings: DecodeSettings) -> PlainLoopState:
     """One target forward for every unfinished row; finished rows are left untouched.
 
@@ -67,10 +69,8 @@ def step(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams,
     """
     cache, result = state.cache, state.result
     active = result.finish_reason == 0
-    capacity = cache.capacity
-    slots = jnp.where(active, cache.lengths, capacity)[:, None]  # finished rows write nothing
-    out = model(state.last_token[:, None], cache.lengths[:, None], cache, slots,
-                causal_mask(cache.lengths, 1, capacity))
+    meta = AttentionMetadata.causal(cache.lengths, 1, write=active[:, None], backend=settings.attention)
+    out = model(state.last_token[:, None], cache, meta)  # finished rows write nothing
     rng, sub = jax.random.split(state.rng)
     token = select_tokens(out.logits[:, 0], sub, params.temperature, params.top_p, greedy=settings.greedy,
                           top_k=settings.top_k)
@@ -81,19 +81,13 @@ def step(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams,
                           iterations=state.iterations + 1)
 
 
-def decode_loop(model: Qwen3ForCausalLM, state: PlainLoopState, params: RuntimeParams, settings: DecodeSettings,
+def decode_loop(model: TargetModel, state: PlainLoopState, params: RuntimeParams, settings: DecodeSettings,
                 max_iterations: jax.Array | None = None) -> PlainLoopState:
-    """Runs :func:`step` in a ``lax.while_loop`` until every row has finished
-    (or ``max_iterations`` more steps ran, for streaming)."""
-    stop_at = state.iterations + (jnp.iinfo(jnp.int32).max // 2 if max_iterations is None else max_iterations)
-
-    def cond(s):
-        return jnp.any(s.result.finish_reason == 0) & (s.iterations < stop_at)
-
-    return jax.lax.while_loop(cond, lambda s: step(model, s, params, settings), state)
+    """Runs :func:`step` until every row has finished (or ``max_iterations`` more steps ran, for streaming)."""
+    return run_loop(lambda s: step(model, s, params, settings), state, max_iterations)
 
 
-def generate(model: Qwen3ForCausalLM, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
+def generate(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
              params: RuntimeParams, settings: DecodeSettings) -> DecodeResult:
     """Prefill plus the decode loop: the whole plain generation as one pure function."""
     state = start(model, tokens, prompt_lengths, rng, params, settings)

@@ -1,14 +1,19 @@
 """EAGLE-3 speculative decoding as pure, jittable functions (docs/architecture.md#the-loop).
 
-One cycle of the ``lax.while_loop``:
+One cycle of the ``lax.while_loop`` (:func:`step`) runs five phases, each a
+function under a ``jax.named_scope`` of its name, so a profile reads like
+this list:
 
     draft:   a fixed-shape tree of N tokens from the draft head (tree.py)
     verify:  ONE target forward over the N tree tokens at positions n + depth,
              K/V written provisionally at slots n .. n+N-1, tree attention
     accept:  greedy or lossless sampling (verify.py) -> path, bonus token
-    commit:  the path's K/V gathered into slots n .. n+L-1; the draft extends
-             over the accepted tokens with their target features
+    commit:  the path's K/V gathered into slots n .. n+L-1, the tokens
+             appended to the result (stop rules)
+    extend:  the draft runs over the accepted tokens with their target
+             features, giving the next root's children
 
+:func:`start` prefills the target and runs the same *extend* over the prompt.
 Rejected branches leave no trace: their target K/V sit past the committed
 length and are overwritten by the next cycle, and the draft's tree K/V are
 overwritten by the extend. Both caches are allocated with headroom past the
@@ -32,12 +37,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimeParams, nonfinite_rows, prefill
-from eagle3_jax.decoding.tree import TreeSpec, draft_tree, root_candidates, tree_attention_mask
-from eagle3_jax.decoding.verify import accept_greedy, accept_sampling
-from eagle3_jax.kv_cache import KVCache, causal_mask
+from eagle3_jax.decoding.loop import run_loop
+from eagle3_jax.decoding.tree import Tree, TreeSpec, draft_tree, root_candidates, verify_attention
+from eagle3_jax.decoding.verify import Acceptance, accept_greedy, accept_sampling
+from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.models.target import ForwardOutput, TargetModel
 from eagle3_jax.sampling import select_tokens
 
 
@@ -52,9 +59,7 @@ class SpecLoopState:
       root_children, root_logp: [batch, K] the draft's top-K continuations of
         the root (target ids) and their log-probs.
       root_hidden: [batch, hidden] the draft's ``g`` at position n-1.
-      result: tokens and counters.
-      accept_lengths: [batch, max_new_tokens] int32 tokens appended at each
-        verify step (bonus included); 0 past ``result.num_forwards``.
+      result: tokens, counters and accept lengths.
       rng: PRNG key.
       iterations: int32 loop iterations run so far (for chunked streaming).
     """
@@ -66,9 +71,30 @@ class SpecLoopState:
     root_logp: jax.Array
     root_hidden: jax.Array
     result: DecodeResult
-    accept_lengths: jax.Array
     rng: jax.Array
     iterations: jax.Array
+
+    @property
+    def accept_lengths(self) -> jax.Array:
+        """[batch, max_new_tokens] tokens appended per cycle (``result.accept_lengths``)."""
+        return self.result.accept_lengths
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftRoot:
+    """What an extend leaves for the next tree: the root's top-K children.
+
+    Attributes:
+      children, logp: [batch, K] target ids and draft log-probs.
+      hidden: [batch, hidden] the draft's ``g`` at the last extended position.
+      cache: the draft cache with the extend's K/V, lengths advanced.
+    """
+
+    children: jax.Array
+    logp: jax.Array
+    hidden: jax.Array
+    cache: KVCache
 
 
 def cache_headroom(spec: TreeSpec) -> int:
@@ -76,126 +102,163 @@ def cache_headroom(spec: TreeSpec) -> int:
     return spec.num_draft_tokens + spec.draft_slots
 
 
-def embedder(target: Qwen3ForCausalLM, draft: Eagle3DraftHead):
+def embedder(target: TargetModel, draft: Eagle3DraftHead):
     """Token ids -> embeddings for the draft: its own table if it kept one, else the target's."""
     if draft.embed_tokens is not None:
         return draft.embed_tokens
     return target.embed
 
 
-def start(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, tokens: jax.Array, prompt_lengths: jax.Array,
+# ------------------------------------------------------------------ phases
+
+def extend(target: TargetModel, head: Eagle3DraftHead, cache: KVCache, next_tokens: jax.Array,
+           features: jax.Array, counts: jax.Array, spec: TreeSpec, settings: DecodeSettings) -> DraftRoot:
+    """Runs the draft over newly committed positions n .. n+count-1 (n = ``cache.lengths``).
+
+    Position n+j pairs the target feature f_{n+j} with the token after it,
+    ``next_tokens[:, j]``; its K/V go to draft slot n+j (for j < count). The
+    root's children come from the logits at the last position, n+count-1.
+
+    Args:
+      next_tokens: [batch, T] int32 x_{n+j+1}; features: [batch, T, 3 * target_hidden].
+      counts: [batch] int32 positions to commit per row (0 writes nothing; that
+        row's children are then meaningless and must not be used).
+    """
+    with jax.named_scope("extend"):
+        n = cache.lengths
+        width = next_tokens.shape[1]
+        j = jnp.arange(width, dtype=jnp.int32)[None, :]
+        meta = AttentionMetadata.causal(n, width, write=j < counts[:, None], backend=settings.attention)
+        last = jnp.maximum(counts - 1, 0)[:, None]
+        out = head(embedder(target, head)(next_tokens), features, cache, meta, hidden_is_features=True,
+                   logits_indices=last)
+        children, logp = root_candidates(out.logits[:, 0], head, spec.topk)
+        hidden = jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0]
+        return DraftRoot(children=children, logp=logp, hidden=hidden, cache=out.cache.with_lengths(n + counts))
+
+
+def draft(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, active: jax.Array, spec: TreeSpec,
+          settings: DecodeSettings) -> tuple[Tree, KVCache]:
+    """Drafts a tree per row from the root (``decoding/tree.py: draft_tree``)."""
+    with jax.named_scope("draft"):
+        return draft_tree(head, embedder(target, head), state.draft_cache, state.root, state.root_children,
+                          state.root_logp, state.root_hidden, active, spec, backend=settings.attention)
+
+
+def verify(target: TargetModel, head: Eagle3DraftHead, tree: Tree, cache: KVCache, active: jax.Array,
+           settings: DecodeSettings) -> ForwardOutput:
+    """One target forward over the N tree tokens (K/V provisionally at slots n .. n+N-1),
+    returning their logits and the draft's feature layers."""
+    with jax.named_scope("verify"):
+        meta = verify_attention(tree, cache.lengths, active, backend=settings.attention)
+        return target(tree.tokens, cache, meta, feature_layers=head.config.feature_layers(target.config))
+
+
+def accept(tree: Tree, logits: jax.Array, rng: jax.Array, active: jax.Array, params: RuntimeParams,
+           settings: DecodeSettings, spec: TreeSpec) -> tuple[Acceptance, jax.Array, jax.Array]:
+    """Picks each row's accepted path and bonus token (``decoding/verify.py``).
+
+    Returns:
+      (the acceptance, [batch] tokens to commit (0 for inactive and
+      non-finite rows), [batch] bool rows whose tree or draft logits were not finite).
+    """
+    with jax.named_scope("accept"):
+        if settings.greedy:
+            acc = accept_greedy(tree, logits, spec.num_steps)
+        else:
+            acc = accept_sampling(tree, logits, rng, params.temperature, params.top_p, top_k=settings.top_k,
+                                  depth_max=spec.num_steps)
+        nonfinite = active & (~tree.draft_finite | nonfinite_rows(logits))
+        return acc, jnp.where(active & ~nonfinite, acc.length, 0), nonfinite
+
+
+def commit(cache: KVCache, result: DecodeResult, tree: Tree, acc: Acceptance, length: jax.Array,
+           nonfinite: jax.Array, active: jax.Array, params: RuntimeParams, settings: DecodeSettings
+           ) -> tuple[KVCache, DecodeResult, jax.Array]:
+    """Gathers the accepted path's K/V into contiguous slots n .. n+L-1 and appends its tokens.
+
+    Returns:
+      (the target cache with lengths n + L, the result, the emitted tokens [batch, D+1]).
+    """
+    with jax.named_scope("commit"):
+        n = cache.lengths
+        j = jnp.arange(acc.path.shape[1], dtype=jnp.int32)[None, :]
+        dst = jnp.where(j < length[:, None], n[:, None] + j, cache.capacity)
+        cache = cache.gather_slots(n[:, None] + acc.path, dst).with_lengths(n + length)
+        emitted = acc.emitted(tree)  # [batch, D+1]
+        result = result.append(emitted, length, settings, params.stop_ids, forwards=active.astype(jnp.int32),
+                               nonfinite=nonfinite)
+        return cache, result, emitted
+
+
+# ------------------------------------------------------------------ the loop
+
+def start(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_lengths: jax.Array,
           rng: jax.Array, params: RuntimeParams, settings: DecodeSettings, spec: TreeSpec) -> SpecLoopState:
     """Prefills the target (with features), picks the first token, and extends the draft over the prompt.
 
     Args:
       tokens: [batch, bucket] int32 right-padded prompts; prompt_lengths: [batch].
     """
-    layers = draft.config.feature_layers(target.config)
-    headroom = cache_headroom(spec)
-    alloc = dataclasses.replace(settings, capacity=settings.capacity + headroom)
+    layers = head.config.feature_layers(target.config)
+    alloc = dataclasses.replace(settings, capacity=settings.capacity + cache_headroom(spec))
     logits, target_cache, features = prefill(target, tokens, prompt_lengths, alloc, layers)
     rng, sub = jax.random.split(rng)
     first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k)
 
     batch, bucket = tokens.shape
-    cfg = draft.config
+    cfg = head.config
     draft_cache = KVCache.create(num_layers=1, batch=batch, capacity=alloc.capacity, kv_heads=cfg.num_key_value_heads,
                                  head_dim=cfg.head_dim, dtype=settings.cache_dtype)
     # Draft input at position t pairs the target feature f_t with token x_{t+1}; x_P is the first new token.
     idx = jnp.arange(bucket, dtype=jnp.int32)[None, :]
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros((batch, 1), tokens.dtype)], axis=1)
     shifted = jnp.where(idx == (prompt_lengths - 1)[:, None], first[:, None], shifted)
-    positions = jnp.broadcast_to(idx, (batch, bucket))
-    last = (prompt_lengths - 1)[:, None]
-    out = draft(embedder(target, draft)(shifted), features, positions, draft_cache, positions,
-                causal_mask(jnp.zeros((batch,), jnp.int32), bucket, alloc.capacity), hidden_is_features=True,
-                logits_indices=last)
-    children, logp = root_candidates(out.logits[:, 0], draft, spec.topk)
+    root = extend(target, head, draft_cache, shifted, features, prompt_lengths, spec, settings)
     result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids, nonfinite=nonfinite_rows(logits))
     return SpecLoopState(
-        target_cache=target_cache, draft_cache=out.cache.with_lengths(prompt_lengths), root=first,
-        root_children=children, root_logp=logp,
-        root_hidden=jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0],
-        result=result, accept_lengths=jnp.zeros((batch, settings.max_new_tokens), jnp.int32), rng=rng,
-        iterations=jnp.zeros((), jnp.int32))
+        target_cache=target_cache, draft_cache=root.cache, root=first, root_children=root.children,
+        root_logp=root.logp, root_hidden=root.hidden, result=result, rng=rng, iterations=jnp.zeros((), jnp.int32))
 
 
-def step(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, state: SpecLoopState, params: RuntimeParams,
+def step(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, params: RuntimeParams,
          settings: DecodeSettings, spec: TreeSpec) -> SpecLoopState:
-    """One draft-verify-accept-commit cycle for every unfinished row.
+    """One draft-verify-accept-commit-extend cycle for every unfinished row.
 
     A row whose tree logits (target) or drafting logits are not finite
     commits nothing and finishes with 'nonfinite' (see the module docstring).
     """
-    depth_max = spec.num_steps
     active = state.result.finish_reason == 0
-    tcache, dcache = state.target_cache, state.draft_cache
-    n = tcache.lengths
-    embed = embedder(target, draft)
-
-    tree, dcache = draft_tree(draft, embed, dcache, state.root, state.root_children, state.root_logp,
-                              state.root_hidden, active, spec)
-
-    n_tree = spec.num_draft_tokens
-    slots = jnp.where(active[:, None], n[:, None] + jnp.arange(n_tree, dtype=jnp.int32)[None, :], tcache.capacity)
-    out = target(tree.tokens, n[:, None] + tree.depths, tcache, slots, tree_attention_mask(tree, n, tcache.capacity),
-                 feature_layers=draft.config.feature_layers(target.config))
+    n = state.target_cache.lengths
+    tree, dcache = draft(target, head, state, active, spec, settings)
+    out = verify(target, head, tree, state.target_cache, active, settings)
     rng, sub = jax.random.split(state.rng)
-    if settings.greedy:
-        acc = accept_greedy(tree, out.logits, depth_max)
-    else:
-        acc = accept_sampling(tree, out.logits, sub, params.temperature, params.top_p, top_k=settings.top_k,
-                              depth_max=depth_max)
-    nonfinite = active & (~tree.draft_finite | nonfinite_rows(out.logits))
-    length = jnp.where(active & ~nonfinite, acc.length, 0)
-
-    # Commit the target: gather the path's K/V into contiguous slots n .. n+L-1.
-    j = jnp.arange(depth_max + 1, dtype=jnp.int32)[None, :]
-    dst = jnp.where(j < length[:, None], n[:, None] + j, tcache.capacity)
-    tcache = out.cache.gather_slots(n[:, None] + acc.path, dst).with_lengths(n + length)
-
-    # Extend the draft over the accepted tokens: (f at path node j, the token after it).
-    emitted = acc.emitted(tree)  # [batch, D+1]
+    acc, length, nonfinite = accept(tree, out.logits, sub, active, params, settings, spec)
+    tcache, result, emitted = commit(out.cache, state.result, tree, acc, length, nonfinite, active, params, settings)
+    # The draft extends over the accepted tokens: (f at path node j, the token after it).
     feats = jnp.take_along_axis(out.features, acc.path[:, :, None], axis=1)
-    ext_slots = jnp.where(j < length[:, None], n[:, None] + j, dcache.capacity)
-    last = jnp.maximum(length - 1, 0)[:, None]
-    ext = draft(embed(emitted), feats, n[:, None] + j, dcache, ext_slots, causal_mask(n, depth_max + 1,
-                                                                                       dcache.capacity),
-                hidden_is_features=True, logits_indices=last)
-    children, logp = root_candidates(ext.logits[:, 0], draft, spec.topk)
-    hidden = jnp.take_along_axis(ext.hidden, last[:, :, None], axis=1)[:, 0]
-    new_root = jnp.take_along_axis(emitted, last, axis=1)[:, 0]
-
-    before = state.result.num_generated
-    result = state.result.append(emitted, length, settings, params.stop_ids, forwards=active.astype(jnp.int32),
-                                 nonfinite=nonfinite)
-    step_index = jnp.where(active, state.result.num_forwards, settings.max_new_tokens)
-    accept_lengths = state.accept_lengths.at[jnp.arange(n.shape[0]), step_index].set(
-        result.num_generated - before, mode="drop")
+    root = extend(target, head, dcache.with_lengths(n), emitted, feats, length, spec, settings)
+    new_root = jnp.take_along_axis(emitted, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
 
     keep = active[:, None]
     return SpecLoopState(
-        target_cache=tcache, draft_cache=ext.cache.with_lengths(n + length),
+        target_cache=tcache, draft_cache=root.cache,
         root=jnp.where(active, new_root, state.root),
-        root_children=jnp.where(keep, children, state.root_children),
-        root_logp=jnp.where(keep, logp, state.root_logp),
-        root_hidden=jnp.where(keep, hidden, state.root_hidden),
-        result=result, accept_lengths=accept_lengths, rng=rng, iterations=state.iterations + 1)
+        root_children=jnp.where(keep, root.children, state.root_children),
+        root_logp=jnp.where(keep, root.logp, state.root_logp),
+        root_hidden=jnp.where(keep, root.hidden, state.root_hidden),
+        result=result, rng=rng, iterations=state.iterations + 1)
 
 
-def decode_loop(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, state: SpecLoopState, params: RuntimeParams,
+def decode_loop(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, params: RuntimeParams,
                 settings: DecodeSettings, spec: TreeSpec, max_iterations: jax.Array | None = None) -> SpecLoopState:
     """Runs :func:`step` until every row is done (or ``max_iterations`` more cycles ran, for streaming)."""
-    stop_at = state.iterations + (jnp.iinfo(jnp.int32).max // 2 if max_iterations is None else max_iterations)
-
-    def cond(s):
-        return jnp.any(s.result.finish_reason == 0) & (s.iterations < stop_at)
-
-    return jax.lax.while_loop(cond, lambda s: step(target, draft, s, params, settings, spec), state)
+    return run_loop(lambda s: step(target, head, s, params, settings, spec), state, max_iterations)
 
 
-def generate(target: Qwen3ForCausalLM, draft: Eagle3DraftHead, tokens: jax.Array, prompt_lengths: jax.Array,
+def generate(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, params: RuntimeParams, settings: DecodeSettings, spec: TreeSpec) -> SpecLoopState:
-    """The whole speculative generation as one pure function (usable under an outer ``jax.jit``)."""
-    state = start(target, draft, tokens, prompt_lengths, rng, params, settings, spec)
-    return decode_loop(target, draft, state, params, settings, spec)
+    """The whole speculative generation as one pure function (usable under an outer ``jax.jit``);
+    the final state's ``result`` is the :class:`DecodeResult` plain decoding returns too."""
+    state = start(target, head, tokens, prompt_lengths, rng, params, settings, spec)
+    return decode_loop(target, head, state, params, settings, spec)

@@ -9,10 +9,14 @@ Forward (docs/architecture.md#draft-head):
     logits = lm_head(norm(g))                   # over the draft vocabulary
 
 ``g`` (before the final norm) is what a drafting step feeds back as the next
-``h``. Like the target, one forward takes explicit positions, the slots where
-the new K/V go and a mask over the head's own static KV buffer, so the same
-module serves the extend over target features, the tree steps, and the
-training-time-test pattern of training (:func:`ttt_mask`).
+``h``. With ``norm_before_residual`` (a ``speculators`` flag) the residual is
+``hidden_norm(h)`` instead of ``h``. Like the target, one forward takes the
+head's own static KV cache and the forward's
+:class:`~eagle3_jax.attention.AttentionMetadata`, and attends through
+:func:`eagle3_jax.attention.attend`, so the same module serves the extend over
+target features and the tree steps. Training's unrolled training-time-test
+attention plugs in through :meth:`Eagle3DraftHead.forward_with`
+(``eagle3_jax/training/ttt_attention.py``).
 """
 
 from __future__ import annotations
@@ -24,19 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eagle3_jax.attention import AttentionMetadata, attend
 from eagle3_jax.config import Eagle3Config
 from eagle3_jax.kv_cache import KVCache
-from eagle3_jax.models.layers import (
-    MASK_VALUE,
-    GatedMLP,
-    RMSNorm,
-    apply_rope,
-    grouped_attention,
-    normal_init,
-    rope_tables,
-)
-
-INIT_STD = 0.02
+from eagle3_jax.models.layers import DEFAULT_INIT_STD, GatedMLP, RMSNorm, apply_rope, normal_init, rope_tables
 
 
 class VocabMap(nnx.Variable):
@@ -63,9 +58,9 @@ class DraftOutput:
 class Eagle3Attention(nnx.Module):
     """Llama attention over the 2H-wide input; no biases, no q/k norm."""
 
-    def __init__(self, cfg: Eagle3Config, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Eagle3Config, *, dtype, init_std: float, rngs: nnx.Rngs):
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=normal_init(INIT_STD), rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=normal_init(init_std), rngs=rngs)
         self.q_proj = nnx.Linear(2 * cfg.hidden_size, hq * d, **kw)
         self.k_proj = nnx.Linear(2 * cfg.hidden_size, hkv * d, **kw)
         self.v_proj = nnx.Linear(2 * cfg.hidden_size, hkv * d, **kw)
@@ -86,17 +81,19 @@ class Eagle3Attention(nnx.Module):
 
 
 class Eagle3MidLayer(nnx.Module):
-    def __init__(self, cfg: Eagle3Config, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Eagle3Config, *, dtype, init_std: float, rngs: nnx.Rngs):
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Eagle3Attention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Eagle3Attention(cfg, dtype=dtype, init_std=init_std, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, init_std=INIT_STD, rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, init_std=init_std, rngs=rngs)
+        self.norm_before_residual = cfg.norm_before_residual
 
     def __call__(self, emb, h, cos, sin, attend):
-        u = jnp.concatenate([self.input_layernorm(emb), self.hidden_norm(h)], axis=-1)
+        normed = self.hidden_norm(h)
+        u = jnp.concatenate([self.input_layernorm(emb), normed], axis=-1)
         a, state = self.self_attn(u, cos, sin, attend)
-        h = h + a
+        h = (normed if self.norm_before_residual else h) + a
         return h + self.mlp(self.post_attention_layernorm(h)), state
 
 
@@ -108,11 +105,12 @@ class Eagle3DraftHead(nnx.Module):
     or load a checkpoint with :func:`eagle3_jax.load_draft`.
     """
 
-    def __init__(self, cfg: Eagle3Config, *, dtype=jnp.float32, rngs: nnx.Rngs, own_embedding: bool = False):
+    def __init__(self, cfg: Eagle3Config, *, dtype=jnp.float32, rngs: nnx.Rngs, own_embedding: bool = False,
+                 init_std: float = DEFAULT_INIT_STD):
         self.config = cfg
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=normal_init(INIT_STD), rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=normal_init(init_std), rngs=rngs)
         self.fc = nnx.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, **kw)
-        self.midlayer = Eagle3MidLayer(cfg, dtype=dtype, rngs=rngs)
+        self.midlayer = Eagle3MidLayer(cfg, dtype=dtype, init_std=init_std, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = nnx.Linear(cfg.hidden_size, cfg.draft_vocab_size, **kw)
         # d2t[i] = target_id - draft_id for draft id i; t2d[t] marks target ids in the draft vocabulary.
@@ -121,7 +119,7 @@ class Eagle3DraftHead(nnx.Module):
         self.t2d = VocabMap(jnp.arange(cfg.vocab_size) < cfg.draft_vocab_size)
         if own_embedding:
             self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                                          embedding_init=normal_init(INIT_STD), rngs=rngs)
+                                          embedding_init=normal_init(init_std), rngs=rngs)
         else:
             self.embed_tokens = None
 
@@ -141,10 +139,8 @@ class Eagle3DraftHead(nnx.Module):
         self,
         embeds: jax.Array,
         hidden: jax.Array,
-        positions: jax.Array,
         cache: KVCache,
-        slots: jax.Array,
-        mask: jax.Array,
+        attention: AttentionMetadata,
         *,
         hidden_is_features: bool,
         logits_indices: jax.Array | None = None,
@@ -157,53 +153,40 @@ class Eagle3DraftHead(nnx.Module):
           hidden: [batch, seq, 3 * target_hidden] target features f_t when
             ``hidden_is_features`` (the extend), else [batch, seq, hidden], the
             ``g`` of each position's parent step (tree steps).
-          positions: [batch, seq] int32 RoPE positions.
           cache: the head's KV cache (one layer); lengths are not changed here.
-          slots: [batch, seq] int32 where the new K/V go (outside: dropped).
-          mask: [batch, seq, capacity] bool over the buffer after the write.
+          attention: positions, write slots and what each token sees in the
+            head's cache (:class:`~eagle3_jax.attention.AttentionMetadata`).
           hidden_is_features: static; apply ``fc`` to ``hidden`` first.
           logits_indices: [batch, rows] int32 positions whose logits to
             compute; None computes all seq rows (``hidden`` is always returned
             for every position).
         """
-        def attend(q, k, v):
-            written = cache.write(0, k, v, slots)
-            return grouped_attention(q, written.k[0], written.v[0], mask), written
+        def attend_cache(q, k, v):
+            return attend(q, k, v, cache, 0, attention)
 
-        logits, g, cache = self._forward(embeds, hidden, positions, attend, hidden_is_features, logits_indices)
+        logits, g, cache = self.forward_with(attend_cache, embeds, hidden, attention.positions,
+                                             hidden_is_features=hidden_is_features, logits_indices=logits_indices)
         return DraftOutput(logits=logits, hidden=g, cache=cache)
 
-    def ttt_step(self, embeds: jax.Array, hidden: jax.Array, positions: jax.Array, history: "TTTHistory",
-                 valid: jax.Array, *, hidden_is_features: bool) -> tuple[jax.Array, jax.Array, "TTTHistory"]:
-        """One unrolled training-time-test step (SpecForge's attention pattern).
+    def forward_with(self, attend_fn: "AttendFn", embeds: jax.Array, hidden: jax.Array, positions: jax.Array, *,
+                     hidden_is_features: bool, logits_indices: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, Any]:
+        """The head's forward with the attention supplied by the caller.
 
-        A query at step j, index t, sees the step-0 keys at valid indices
-        s <= t and the key at index t of every step 1..j. This costs one
-        [seq, seq] score matrix per step plus a diagonal per earlier step,
-        where the equivalent :func:`ttt_mask` over a cache would score all
-        ``ttt_length * seq`` keys.
+        ``attend_fn(q, k, v) -> (out, state)`` takes the rotated queries
+        [batch, seq, q_heads, head_dim] and the new keys and values
+        [batch, seq, kv_heads, head_dim] and decides what each query sees (a
+        KV cache in :meth:`__call__`; the training-time-test history in
+        ``eagle3_jax/training/ttt_attention.py``).
 
-        Args:
-          embeds: [batch, seq, hidden] embeddings of the tokens paired with each index.
-          hidden: target features (step 0, ``hidden_is_features``) or the previous step's ``g``.
-          positions: [batch, seq] int32 (the base positions plus the step index).
-          history: the K/V of the earlier steps (``TTTHistory()`` at step 0).
-          valid: [batch, seq] bool, False at padding.
         Returns:
-          (logits [batch, seq, draft_vocab] float32, g, history with this step's K/V).
+          (logits [batch, rows, draft_vocab] float32, g [batch, seq, hidden], the attend_fn's state).
         """
-        def attend(q, k, v):
-            new = history.append(k, v)
-            return ttt_attention(q, new, valid), new
-
-        return self._forward(embeds, hidden, positions, attend, hidden_is_features, None)
-
-    def _forward(self, embeds, hidden, positions, attend, hidden_is_features, logits_indices):
         cfg = self.config
         h = self.project_features(hidden) if hidden_is_features else hidden.astype(self.dtype)
         emb = embeds.astype(self.dtype)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
-        g, state = self.midlayer(emb, h, cos, sin, attend)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, h.dtype, cfg.rope_scaling)
+        g, state = self.midlayer(emb, h, cos, sin, attend_fn)
         rows = g if logits_indices is None else jnp.take_along_axis(g, logits_indices[:, :, None], axis=1)
         logits = jnp.einsum("...h,hv->...v", self.norm(rows), self.lm_head.kernel[...],
                             preferred_element_type=jnp.float32)
@@ -211,68 +194,3 @@ class Eagle3DraftHead(nnx.Module):
 
 
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TTTHistory:
-    """Keys and values of the training-time-test steps run so far.
-
-    Attributes:
-      keys, values: one [batch, kv_heads, seq, head_dim] array per step, step 0 first.
-    """
-
-    keys: tuple = ()
-    values: tuple = ()
-
-    def append(self, k: jax.Array, v: jax.Array) -> "TTTHistory":
-        """Adds one step's K/V, given as [batch, seq, kv_heads, head_dim]."""
-        return TTTHistory(self.keys + (k.transpose(0, 2, 1, 3),), self.values + (v.transpose(0, 2, 1, 3),))
-
-
-def ttt_attention(q: jax.Array, history: TTTHistory, valid: jax.Array) -> jax.Array:
-    """Attention of step len(history)-1 under the training-time-test pattern.
-
-    Args:
-      q: [batch, seq, q_heads, head_dim] (rotated).
-      history: K/V of steps 0..j, each [batch, kv_heads, seq, head_dim].
-      valid: [batch, seq] bool; invalid step-0 keys are hidden.
-    Returns:
-      [batch, seq, q_heads, head_dim] in q's dtype.
-    """
-    b, t, hq, d = q.shape
-    k0, v0 = history.keys[0], history.values[0]
-    hkv = k0.shape[1]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scale = d ** -0.5
-    causal = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]  # [batch, query, key]
-    s0 = jnp.einsum("btkgd,bksd->bkgts", qg, k0.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    s0 = jnp.where(causal[:, None, None], s0, MASK_VALUE)
-    diag = [jnp.einsum("btkgd,bktd->bkgt", qg, ki.astype(q.dtype), preferred_element_type=jnp.float32)[..., None]
-            * scale for ki in history.keys[1:]]
-    probs = jax.nn.softmax(jnp.concatenate([s0, *diag], axis=-1), axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :t], v0.astype(q.dtype))
-    for i, vi in enumerate(history.values[1:]):
-        out = out + jnp.einsum("bkgt,bktd->btkgd", probs[..., t + i], vi.astype(q.dtype))
-    return out.reshape(b, t, hq, d)
-
-
-def ttt_mask(seq: int, step: int, ttt_length: int, valid: jax.Array | None = None) -> jax.Array:
-    """The training-time-test attention pattern for unrolled step ``step``.
-
-    The K/V of step i at sequence index s sit at slot ``i * seq + s``. A query
-    at step j, index t, attends causally to step-0 keys (s <= t) and to the
-    same-index key of steps 1..j (s == t); nothing else.
-
-    Args:
-      valid: optional [batch, seq] bool; keys at invalid (padding) indices are hidden.
-    Returns:
-      [batch or 1, seq, ttt_length * seq] bool.
-    """
-    t = jnp.arange(seq)[:, None]
-    s = jnp.arange(seq)[None, :]
-    blocks = [(s <= t) if i == 0 else ((s == t) & (i <= step)) for i in range(ttt_length)]
-    mask = jnp.concatenate(blocks, axis=1)[None]
-    if valid is not None:
-        mask = mask & jnp.tile(valid, (1, ttt_length))[:, None, :]
-    return mask

@@ -1,20 +1,23 @@
-"""Building blocks shared by the Qwen3 target and the EAGLE-3 draft head.
+"""Building blocks shared by the targets and the EAGLE-3 draft head.
 
-Numerics follow HF ``modeling_qwen3.py`` (docs/architecture.md#numerics): RMSNorm in float32
-then cast back before the weight multiply; RoPE with the ``rotate_half``
-convention, its tables in float32 cast to the activation dtype; softmax in
-float32; scale ``head_dim ** -0.5``.
+Numerics follow HF ``modeling_qwen3.py`` / ``modeling_llama.py``
+(docs/architecture.md#numerics): RMSNorm in float32 then cast back before the
+weight multiply; RoPE with the ``rotate_half`` convention, its tables in
+float32 cast to the activation dtype. Attention itself is
+``eagle3_jax/attention``.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Masked attention scores use a large finite value, not -inf, so that a row
-# with nothing visible (a padding row) yields a uniform softmax, not NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from eagle3_jax.config import RopeScaling
+
+DEFAULT_INIT_STD = 0.02  # the initializer's standard deviation for new (untrained) weights
 
 
 def normal_init(std: float):
@@ -35,21 +38,40 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
-    """``1 / theta ** (2i / head_dim)`` for i < head_dim/2, in float32.  # [head_dim // 2]"""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """``1 / theta ** (2i / head_dim)`` for i < head_dim/2, in float32, then scaled.  # [head_dim // 2]
+
+    ``llama3`` scaling (HF ``_compute_llama3_parameters``): with
+    L = original_max_position_embeddings, frequencies whose wavelength
+    2*pi/f exceeds L / low_freq_factor are divided by ``factor``; those
+    below L / high_freq_factor are kept; in between,
+    ``(1 - s) * f / factor + s * f`` with ``s = (L / wavelength - low) / (high - low)``.
+    """
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (jnp.float32(theta) ** exponents)
+    inv_freq = 1.0 / (jnp.float32(theta) ** exponents)
+    if scaling is None:
+        return inv_freq
+    old = float(scaling.original_max_position_embeddings)
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype,
+                scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
     """cos and sin for explicit positions.
 
     Args:
       positions: [batch, seq] int32 absolute positions.
+      scaling: optional RoPE scaling (``llama3``).
     Returns:
       (cos, sin), each [batch, seq, head_dim] in ``dtype`` (computed in float32).
     """
-    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta, scaling)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -59,27 +81,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-
-
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked softmax attention with grouped KV heads.
-
-    Args:
-      q: [batch, seq, q_heads, head_dim] queries (already rotated).
-      k, v: [batch, kv_heads, kv_len, head_dim]; q_heads is a multiple of kv_heads.
-      mask: [batch, seq, kv_len] bool, True where a query may attend.
-    Returns:
-      [batch, seq, q_heads, head_dim] in q's dtype.
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(q.dtype))
-    return out.reshape(b, t, hq, d)
 
 
 class GatedMLP(nnx.Module):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from eagle3_jax.atomic import atomic_directory
 from eagle3_jax.errors import CheckpointError
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.models.target import TargetModel
 from eagle3_jax.training.data import Example, buckets_for
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
@@ -69,7 +69,7 @@ class TeacherStore:
         self.directory = directory
 
     @classmethod
-    def build(cls, target: Qwen3ForCausalLM, examples: Sequence[Example], directory: str,
+    def build(cls, target: TargetModel, examples: Sequence[Example], directory: str,
               feature_layers: tuple[int, ...], fingerprint: str, max_length: int, progress: bool = True,
               overwrite: bool = False) -> "TeacherStore":
         """Runs the target over every example and writes the store atomically (see the module's docstring).

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from eagle3_jax.checks import check_int, check_real, check_seed
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.models.target import TargetModel
 from eagle3_jax.training.data import Batch, Batcher
 from eagle3_jax.training.ttt import Teacher, run_target, teacher_from_logits, ttt_loss
 
@@ -322,7 +322,7 @@ class Trainer:
         precomputed target outputs (None: run the target online).
     """
 
-    def __init__(self, target: Qwen3ForCausalLM, head: Eagle3DraftHead, batcher: Batcher, cfg: TrainConfig,
+    def __init__(self, target: TargetModel, head: Eagle3DraftHead, batcher: Batcher, cfg: TrainConfig,
                  workdir: str, *, mesh: Mesh | None = None, teacher_store=None):
         head.config.check_target(target.config)
         self.cfg, self.batcher, self.workdir = cfg, batcher, os.path.abspath(workdir)

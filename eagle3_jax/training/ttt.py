@@ -24,8 +24,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.models.eagle3 import Eagle3DraftHead, TTTHistory
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.models.eagle3 import Eagle3DraftHead
+from eagle3_jax.training.ttt_attention import TTTHistory, ttt_step
+from eagle3_jax.models.target import TargetModel
 
 
 @jax.tree_util.register_dataclass
@@ -81,7 +82,7 @@ def teacher_from_logits(tokens, features, logits, loss_mask, valid, draft_ids, t
                    valid=valid.astype(bool))
 
 
-def run_target(target: Qwen3ForCausalLM, tokens, loss_mask, valid, draft_ids, t2d,
+def run_target(target: TargetModel, tokens, loss_mask, valid, draft_ids, t2d,
                feature_layers: tuple[int, ...]) -> Teacher:
     """The frozen target's forward over a batch (no gradient flows into it)."""
     out = target.forward_sequence(tokens, valid, feature_layers=feature_layers)
@@ -108,8 +109,8 @@ def ttt_loss(head: Eagle3DraftHead, teacher: Teacher, embed, ttt_length: int, de
     losses, kls, correct, counted = [], [], [], []
     for i in range(ttt_length):
         ids = shift_left(teacher.input_ids, i)
-        logits, hidden, history = head.ttt_step(embed(ids), hidden, base + i, history, teacher.valid,
-                                                hidden_is_features=i == 0)
+        logits, hidden, history = ttt_step(head, embed(ids), hidden, base + i, history, teacher.valid,
+                                           hidden_is_features=i == 0)
         p = shift_left(teacher.target_p, i, fill=1.0 / teacher.target_p.shape[-1])
         pm = shift_left(teacher.position_mask, i)
         lm = shift_left(teacher.loss_mask, i)

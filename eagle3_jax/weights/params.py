@@ -140,10 +140,13 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
             else:
                 plan.append((f, name, path))
     missing = sorted(p for p in expected if p not in owner)
-    missing_names = []
+    missing_names, defaulted = [], []
     for p in missing:
         mapped = table.checkpoint_name(p)
-        missing_names.append(mapped[0] if mapped else p)
+        if mapped is not None and mapped[1].default is not None:
+            defaulted.append((p, mapped[1]))
+        else:
+            missing_names.append(mapped[0] if mapped else p)
     if unexpected or missing_names or problems:
         parts = [f"{source}: the checkpoint does not match its config"]
         if missing_names:
@@ -154,6 +157,9 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
         raise CheckpointError("\n  ".join(parts))
 
     values: dict[str, jax.Array] = {}
+    for path, rule in defaulted:  # tensors a format may omit (a full-vocabulary head's d2t / t2d)
+        var = expected[path]
+        values[path] = place(path, rule.default(tuple(var.shape), np.dtype(var.dtype)))
     for f, name, path in tqdm(plan, desc=f"loading {os.path.basename(os.path.normpath(source))}",
                               unit="tensor", disable=not progress, leave=False):
         _, rule = table.param_path(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +30,8 @@ class Rule:
     param: str
     transpose: bool = False
     file_dtype: str | None = None  # exact dtype required in the file (e.g. 'int64' for d2t)
+    # the value when the checkpoint lacks the tensor: (shape, dtype) -> array; None makes it required
+    default: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None
 
     def to_param(self, array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array.T) if self.transpose else array
@@ -70,8 +73,10 @@ class RuleTable:
         return any(re.fullmatch(p, name) for p in self.ignore)
 
 
-def qwen3_rules(tie_word_embeddings: bool) -> RuleTable:
-    """HF ``Qwen3ForCausalLM`` / ``Qwen2ForCausalLM`` names -> ``eagle3_jax.models.qwen3`` params."""
+def decoder_lm_rules(tie_word_embeddings: bool) -> RuleTable:
+    """HF ``Qwen3ForCausalLM`` / ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` names ->
+    ``eagle3_jax.models.transformer.DecoderLM`` params (the three share their names;
+    a rule for a tensor an architecture lacks, such as ``q_norm`` in Llama, never matches)."""
     layer = "model.layers.{i}."
     rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding")]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -92,26 +97,46 @@ def qwen3_rules(tie_word_embeddings: bool) -> RuleTable:
     return RuleTable(tuple(rules), tuple(ignore))
 
 
-def eagle3_rules(own_embedding: bool) -> RuleTable:
-    """SpecForge/SGLang ``LlamaForCausalLMEagle3`` names -> ``eagle3_jax.models.eagle3`` params.
+qwen3_rules = decoder_lm_rules
+llama_rules = decoder_lm_rules
 
-    ``embed_tokens.weight`` is loaded only into a head that keeps its own
-    embedding; otherwise it is skipped, and the target's embedding is used (as
-    SGLang and vLLM do).
+
+# Where each head format keeps its decoder layer (eagle3_jax/hf_config.py: HEAD_FORMATS).
+HEAD_LAYER_PREFIX = {"specforge": "midlayer.", "eagle": "midlayer.", "speculators": "layers.0."}
+
+
+def _identity_d2t(shape, dtype):
+    return np.zeros(shape, dtype)
+
+
+def _identity_t2d(shape, dtype):
+    return np.ones(shape, dtype)
+
+
+def eagle3_rules(own_embedding: bool, head_format: str = "specforge", full_vocabulary: bool = False) -> RuleTable:
+    """Draft-head checkpoint names -> ``eagle3_jax.models.eagle3`` params, for each published format.
+
+    SpecForge / SGLang and the EAGLE authors name the decoder layer
+    ``midlayer.*``; speculators names it ``layers.0.*``. ``embed_tokens.weight``
+    is loaded only into a head that keeps its own embedding; otherwise it is
+    skipped, and the target's embedding is used (as SGLang and vLLM do). With
+    ``full_vocabulary`` (draft vocabulary = target vocabulary) ``d2t`` and
+    ``t2d`` may be absent, as the EAGLE authors and speculators then omit
+    them: the map is the identity.
     """
-    mid = "midlayer."
+    mid = HEAD_LAYER_PREFIX[head_format]
     rules = [Rule("fc.weight", "fc.kernel", transpose=True)]
     for norm in ("hidden_norm", "input_layernorm", "post_attention_layernorm"):
-        rules.append(Rule(f"{mid}{norm}.weight", f"{mid}{norm}.weight"))
+        rules.append(Rule(f"{mid}{norm}.weight", f"midlayer.{norm}.weight"))
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        rules.append(Rule(f"{mid}self_attn.{proj}.weight", f"{mid}self_attn.{proj}.kernel", transpose=True))
+        rules.append(Rule(f"{mid}self_attn.{proj}.weight", f"midlayer.self_attn.{proj}.kernel", transpose=True))
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(Rule(f"{mid}mlp.{proj}.weight", f"{mid}mlp.{proj}.kernel", transpose=True))
+        rules.append(Rule(f"{mid}mlp.{proj}.weight", f"midlayer.mlp.{proj}.kernel", transpose=True))
     rules += [
         Rule("norm.weight", "norm.weight"),
         Rule("lm_head.weight", "lm_head.kernel", transpose=True),
-        Rule("d2t", "d2t", file_dtype="int64"),
-        Rule("t2d", "t2d", file_dtype="bool"),
+        Rule("d2t", "d2t", file_dtype="int64", default=_identity_d2t if full_vocabulary else None),
+        Rule("t2d", "t2d", file_dtype="bool", default=_identity_t2d if full_vocabulary else None),
     ]
     ignore = []
     if own_embedding:

@@ -1,0 +1,64 @@
+"""One attention contract for every forward (docs/architecture.md#attention).
+
+A model layer calls :func:`attend` with its rotated queries, the new keys and
+values, the KV cache and the :class:`AttentionMetadata` of the forward. The
+backend named by ``meta.backend`` (a static string) writes the new K/V and
+attends; every backend computes the same function, checked against
+``reference`` by ``tests/test_attention_backends.py`` (prefill chunks, decode,
+tree verification, the draft head's tree steps).
+
+Backends:
+  reference  write, then dense masked attention over the whole buffer
+             (cost follows the capacity; portable; the definition).
+
+A new backend is a function ``(q, k, v, cache, layer, meta) -> (out, cache)``
+added with :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from eagle3_jax.attention.metadata import DEFAULT_BACKEND, AttentionMetadata
+from eagle3_jax.attention.reference import MASK_VALUE, grouped_attention, reference_attention
+from eagle3_jax.errors import InputError
+from eagle3_jax.kv_cache import KVCache
+
+Backend = Callable[[jax.Array, jax.Array, jax.Array, KVCache, int, AttentionMetadata],
+                   tuple[jax.Array, KVCache]]
+
+BACKENDS: dict[str, Backend] = {"reference": reference_attention}
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """Makes ``fn`` selectable as ``backend=name``."""
+    BACKENDS[name] = fn
+
+
+def check_backend(name: str) -> str:
+    """``name`` if it is a known backend, else an InputError listing them."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise InputError(f"unknown attention backend {name!r}; choose one of {', '.join(sorted(BACKENDS))}")
+    return name
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
+           meta: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+    """Writes the new K/V of ``layer`` and attends, with the backend ``meta.backend``.
+
+    Args:
+      q: [batch, T, q_heads, head_dim] rotated queries.
+      k, v: [batch, T, kv_heads, head_dim] the new tokens' keys (rotated) and values.
+      cache: the KV cache (``lengths`` unchanged here).
+      layer: static layer index.
+      meta: the forward's attention metadata.
+    Returns:
+      ([batch, T, q_heads, head_dim] in q's dtype, the cache with the K/V written).
+    """
+    return BACKENDS[check_backend(meta.backend)](q, k, v, cache, layer, meta)
+
+
+__all__ = ["AttentionMetadata", "BACKENDS", "DEFAULT_BACKEND", "MASK_VALUE", "attend", "check_backend",
+           "grouped_attention", "reference_attention", "register_backend"]
