@@ -31,6 +31,10 @@ import statistics
 import sys
 import time
 
+from eagle3_jax import apply_default_flags
+
+apply_default_flags()  # before JAX starts a backend: cuBLAS for the skinny decode matmuls on GPU, as the CLI
+
 import jax
 import jax.numpy as jnp
 import numpy as np

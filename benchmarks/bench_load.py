@@ -20,6 +20,10 @@ import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from eagle3_jax import apply_default_flags
+
+apply_default_flags()  # before JAX starts a backend: the XLA flags the CLI uses
+
 import jax
 import torch
 import transformers

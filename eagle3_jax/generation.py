@@ -32,7 +32,8 @@ from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.memory import check_generation_memory
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.models.target import TargetModel
+from eagle3_jax.models.transformer import DecoderLM
 from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.text import check_stop_strings, prompt_opens_thinking, reasoning_and_answer
 from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, check_template_kwargs, encode_prompts
@@ -298,12 +299,14 @@ class Generator:
     >>> out.text, out.reasoning, out.answer
 
     Args:
-      target: a loaded :class:`Qwen3ForCausalLM`.
+      target: a loaded target (:class:`~eagle3_jax.models.target.TargetModel`: Qwen3, Qwen2, Llama).
       draft: an :class:`Eagle3DraftHead` for speculative decoding (checked
         against the target), or None for plain decoding.
       num_steps, topk, num_draft_tokens: the static tree shape (depth D,
         children per node K, verified tokens N including the root); default
-        the chain (3, 1, 4). topk=1 needs num_draft_tokens = num_steps + 1.
+        the chain (3, 1, 4) (``DEFAULT_TREE`` of :mod:`eagle3_jax.decoding.tree`;
+        ``TreeSpec.resolve`` fills in what is left out). topk=1 needs
+        num_draft_tokens = num_steps + 1.
       max_cache_len: KV capacity per row (prompt + generated tokens); None
         sizes it from the prompt bucket and ``max_new_tokens`` (rounded up to
         128, at most the model's max_position_embeddings). Speculative
@@ -321,13 +324,14 @@ class Generator:
         None). Or a tokenizer object, a directory or Hub id, or False (none).
     """
 
-    def __init__(self, target: Qwen3ForCausalLM, draft: Eagle3DraftHead | None = None, *,
+    def __init__(self, target: TargetModel, draft: Eagle3DraftHead | None = None, *,
                  num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
                  max_cache_len: int | None = None, cache_dtype=None, compile_cache=None,
                  tokenizer: Any = None):
         compile_cache_module.enable(compile_cache)
-        if not isinstance(target, Qwen3ForCausalLM):
-            raise InputError(f"target must be a loaded Qwen3ForCausalLM (see load_target), got {type(target).__name__}")
+        if not isinstance(target, DecoderLM):
+            raise InputError(f"target must be a loaded Qwen3ForCausalLM or LlamaForCausalLM (see load_target), "
+                             f"got {type(target).__name__}")
         if draft is not None and not isinstance(draft, Eagle3DraftHead):
             raise InputError(f"draft must be a loaded Eagle3DraftHead (see load_draft), got {type(draft).__name__}")
         self.config = target.config
@@ -344,13 +348,11 @@ class Generator:
             self._graphdefs, self._weights = target_graph, target_params
         else:
             draft.config.check_target(target.config)
-            num_steps = 3 if num_steps is None else check_int("num_steps", num_steps, minimum=1)
-            topk = 1 if topk is None else check_int("topk", topk, minimum=1)
-            if num_draft_tokens is None and topk == 1:
-                num_draft_tokens = num_steps + 1
-            if num_draft_tokens is None:
-                raise InputError("num_draft_tokens is required when topk > 1")
-            self.spec = TreeSpec(num_steps=num_steps, topk=topk, num_draft_tokens=num_draft_tokens)
+            if num_steps is not None:
+                num_steps = check_int("num_steps", num_steps, minimum=1)
+            if topk is not None:
+                topk = check_int("topk", topk, minimum=1)
+            self.spec = TreeSpec.resolve(num_steps, topk, num_draft_tokens)
             self.draft_config = draft.config
             draft_graph, draft_params = nnx.split(draft)
             self._graphdefs, self._weights = (target_graph, draft_graph), (target_params, draft_params)
@@ -459,10 +461,8 @@ class Generator:
             if not np.any(np.asarray(state.result.finish_reason) == RUNNING):
                 break
         result = jax.device_get(state.result)
-        accept = jax.device_get(state.accept_lengths) if self.speculative else None
         decode_seconds = time.perf_counter() - t1 - loop_compile
-        return self._outputs(result, accept, lengths, prefill_seconds, decode_seconds,
-                             prefill_compile + loop_compile)
+        return self._outputs(result, lengths, prefill_seconds, decode_seconds, prefill_compile + loop_compile)
 
     @classmethod
     def _between_chunks(cls, state, stream: StreamCallback | None, watcher: StopWatcher | None, sent: list[int]):
@@ -486,14 +486,14 @@ class Generator:
         return counts
 
     @staticmethod
-    def _outputs(result, accept, lengths, prefill_seconds, decode_seconds, compile_seconds):
+    def _outputs(result, lengths, prefill_seconds, decode_seconds, compile_seconds):
         reasons = finish_reasons(result.finish_reason)
         elapsed = max(prefill_seconds + decode_seconds, 1e-9)
         outputs = []
         for i in range(len(lengths)):
             n = int(result.num_generated[i])
             forwards = int(result.num_forwards[i])
-            steps = [int(a) for a in accept[i, :forwards]] if accept is not None else [1] * forwards
+            steps = [int(a) for a in result.accept_lengths[i, :forwards]]
             outputs.append(GenerationOutput(
                 token_ids=[int(t) for t in result.tokens[i, :n]],
                 finish_reason=reasons[i],
@@ -541,7 +541,7 @@ def require_finite(outputs: Sequence[GenerationOutput], where: str = "") -> None
         raise NumericsError(f"{where}: {message}" if where else message)
 
 
-def generate(target: Qwen3ForCausalLM, prompts: Sequence[Sequence[int]], draft: Eagle3DraftHead | None = None, *,
+def generate(target: TargetModel, prompts: Sequence[Sequence[int]], draft: Eagle3DraftHead | None = None, *,
              num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
              max_cache_len: int | None = None, tokenizer: Any = None, **kwargs) -> list[GenerationOutput]:
     """One-shot :meth:`Generator.generate` (compiled programs are still shared across calls)."""

@@ -7,6 +7,9 @@ bad command line (with the subcommand's own usage), 3 for an exception the
 project did not anticipate (a bug; ``EAGLE3_JAX_DEBUG=1`` shows its
 traceback). ``--json`` prints JSON on stdout, for scripts.
 
+Before anything else, :func:`main` applies eagle3-jax's recommended XLA
+flags (:mod:`eagle3_jax.xla_flags`; ``EAGLE3_JAX_KEEP_XLA_FLAGS=1`` opts out).
+
 Every command keeps its compiled programs in JAX's persistent compilation
 cache (:mod:`eagle3_jax.compile_cache`; ``--no-compile-cache`` or
 ``EAGLE3_JAX_COMPILE_CACHE=off`` turn it off) and says on stderr when it
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from eagle3_jax.xla_flags import apply_default_flags
+
+    apply_default_flags()  # first: XLA reads $XLA_FLAGS when JAX starts a backend
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the top-level usage; the command's own is the useful one

@@ -72,11 +72,10 @@ def format_figures(figures: dict) -> str:
 
 
 def run(args) -> int:
-    from eagle3_jax.decoding.tree import TreeSpec
-    from eagle3_jax.demo.run import DEFAULT_KNOBS, DEFAULT_PROMPT, DEFAULT_REPEATS, run_demo
+    from eagle3_jax.decoding.tree import DEMO_TREE, TreeSpec
+    from eagle3_jax.demo.run import DEFAULT_PROMPT, DEFAULT_REPEATS, run_demo
 
-    knobs = args.knobs or DEFAULT_KNOBS
-    TreeSpec(*knobs)
+    knobs = TreeSpec.resolve(*(args.knobs or ()), default=DEMO_TREE).knobs
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
     figures = run_demo(DEFAULT_PROMPT if args.prompt is None else args.prompt, max_new_tokens=args.max_new_tokens, knobs=knobs,

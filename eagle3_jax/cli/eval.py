@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--target", required=True, metavar="DIR", help="the target model (directory or Hub id)")
     p.add_argument("--draft", required=True, metavar="DIR", help="the EAGLE-3 head (directory or Hub id)")
-    p.add_argument("--knobs", type=knob_triple, nargs="+", default=[(3, 1, 4), (7, 10, 60)], metavar="D,K,N",
+    p.add_argument("--knobs", type=knob_triple, nargs="+", default=None, metavar="D,K,N",
                    help="tree shapes: num_steps,topk,num_draft_tokens (default: 3,1,4 7,10,60)")
     p.add_argument("--bench", nargs="+", default=None, metavar="NAME",
                    help=f"benchmarks ({', '.join(BENCHMARKS)}; default: all of them, or only the --bench-file "
@@ -76,7 +76,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from eagle3_jax.decoding.tree import TreeSpec
+    from eagle3_jax.decoding.tree import DEFAULT_TREE, WIDE_TREE, TreeSpec
     from eagle3_jax.evaluation import (
         check_report_destination,
         evaluate,
@@ -89,8 +89,7 @@ def run(args) -> int:
     from eagle3_jax.loading import load_draft, load_target
     from eagle3_jax.sampling import SamplingParams
 
-    for knobs in args.knobs:
-        TreeSpec(*knobs)
+    knob_list = [TreeSpec.resolve(*knobs).knobs for knobs in args.knobs or (DEFAULT_TREE, WIDE_TREE)]
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     check_report_destination(args.output, overwrite=args.overwrite)  # before hours of work, not after
     overrides = head_overrides(args)
@@ -100,7 +99,7 @@ def run(args) -> int:
     target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
     draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
                        check_finite=args.check_finite, **overrides)
-    results = evaluate(target, draft, tokenizer, benchmarks, args.knobs, max_new_tokens=args.max_new_tokens,
+    results = evaluate(target, draft, tokenizer, benchmarks, knob_list, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
                        repeats=args.repeats, use_chat=args.chat, max_cache_len=args.max_cache_len,
                        progress=not args.json, target_name=model_name(args.target),

@@ -134,11 +134,11 @@ def check_configs(target: str, draft: str | None = None, **overrides):
 
     Returns (target dir, target config, draft dir, draft config).
     """
-    from eagle3_jax.config import Eagle3Config, Qwen3Config
+    from eagle3_jax.config import Eagle3Config, TargetConfig
     from eagle3_jax.hub import resolve_model_dir
 
     target_dir = resolve_model_dir(target)
-    target_config = Qwen3Config.from_pretrained(target_dir)
+    target_config = TargetConfig.from_pretrained(target_dir)
     draft_dir = draft_config = None
     if draft is not None:
         draft_dir = resolve_model_dir(draft)
@@ -196,13 +196,13 @@ def encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def check_tree(steps, topk, num_draft_tokens):
-    """The tree shape from --num-steps/--topk/--num-draft-tokens, with the CLI's defaults."""
-    from eagle3_jax.decoding.tree import TreeSpec
+    """The tree shape from --num-steps/--topk/--num-draft-tokens (None: not given), with the library's defaults."""
+    from eagle3_jax.decoding.tree import NumDraftTokensRequired, TreeSpec
 
-    steps, topk = steps or 3, topk or 1
-    if num_draft_tokens is None and topk > 1:
-        raise usage("--num-draft-tokens is required with --topk > 1")
-    return TreeSpec(steps, topk, num_draft_tokens or steps + 1)
+    try:
+        return TreeSpec.resolve(steps, topk, num_draft_tokens)
+    except NumDraftTokensRequired:
+        raise usage("--num-draft-tokens is required with --topk > 1") from None
 
 
 class UsageError(Exception):

@@ -28,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata
 from eagle3_jax.errors import InputError
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
@@ -39,6 +40,21 @@ from eagle3_jax.models.eagle3 import Eagle3DraftHead
 MAX_NUM_STEPS = 16
 MAX_TOPK = 16
 MAX_DRAFT_TOKENS = 256
+
+# Default tree shapes, (num_steps, topk, num_draft_tokens); TreeSpec.resolve fills in what a caller leaves out.
+# The library's default (Generator, `eagle3-jax generate` and `regenerate`): the chain (3, 1, 4), the shape the
+# model card of the published Qwen3-4B-Thinking-2507 EAGLE-3 head reports its acceptance lengths for.
+DEFAULT_TREE = (3, 1, 4)
+# `eagle3-jax demo` (and the quickstart notebook in demo mode) uses the chain (4, 1, 5) instead: the embedded demo
+# head, trained with 7 training-time-test steps on the demo target's own continuations of code, is still accepted
+# one step deeper (held-out stdlib code: 1.91 tokens per target forward against 1.84 for (3, 1, 4); docs/demo.md).
+DEMO_TREE = (4, 1, 5)
+# A wide tree, SGLang's (7, 10, 60): `eagle3-jax eval` compares it with DEFAULT_TREE unless --knobs says otherwise.
+WIDE_TREE = (7, 10, 60)
+
+
+class NumDraftTokensRequired(InputError):
+    """A tree (topk > 1) was asked for without num_draft_tokens, which has no default then."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +91,32 @@ class TreeSpec:
         if n - 1 > self.num_candidates:
             raise InputError(f"num_draft_tokens={n} exceeds what num_steps={d}, topk={k} can draft: at most "
                              f"{self.num_candidates + 1} (1 + K + (D-1)*K*K)")
+
+    @classmethod
+    def resolve(cls, num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
+                *, default: tuple[int, int, int] = DEFAULT_TREE) -> TreeSpec:
+        """The tree shape from the knobs a caller gave (None: not given), with ``default`` for the rest.
+
+        Nothing given: ``default`` itself. Otherwise a missing ``num_steps``
+        or ``topk`` is the default's, and a missing ``num_draft_tokens`` is
+        ``num_steps + 1`` for a chain (topk 1); a tree (topk > 1) needs it
+        (:class:`NumDraftTokensRequired`). The shape is then checked as
+        ``TreeSpec(...)`` checks it (InputError).
+        """
+        if num_steps is None and topk is None and num_draft_tokens is None:
+            return cls(*default)
+        num_steps = default[0] if num_steps is None else num_steps
+        topk = default[1] if topk is None else topk
+        if num_draft_tokens is None:
+            if topk != 1:
+                raise NumDraftTokensRequired("num_draft_tokens is required when topk > 1")
+            num_draft_tokens = num_steps + 1
+        return cls(num_steps, topk, num_draft_tokens)
+
+    @property
+    def knobs(self) -> tuple[int, int, int]:
+        """(num_steps, topk, num_draft_tokens)."""
+        return self.num_steps, self.topk, self.num_draft_tokens
 
     @property
     def num_candidates(self) -> int:
@@ -130,8 +172,8 @@ def root_candidates(logits: jax.Array, head: Eagle3DraftHead, topk: int) -> tupl
 
 
 def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Array, root_children: jax.Array,
-               root_logp: jax.Array, root_hidden: jax.Array, active: jax.Array, spec: TreeSpec
-               ) -> tuple[Tree, KVCache]:
+               root_logp: jax.Array, root_hidden: jax.Array, active: jax.Array, spec: TreeSpec, *,
+               backend: str = DEFAULT_BACKEND) -> tuple[Tree, KVCache]:
     """Drafts one tree per row.
 
     Args:
@@ -144,6 +186,7 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
         ids) and their log-probs, from the extend that ended at position n-1.
       root_hidden: [batch, hidden] ``g`` of that last extend position.
       active: [batch] bool; finished rows write nothing.
+      backend: static attention backend name.
     Returns:
       The tree and the draft cache (with provisional writes past ``lengths``).
       ``tree.draft_finite`` is False for a row whose ``root_logp`` or
@@ -152,7 +195,6 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
     k, depth_max, n_tree = spec.topk, spec.num_steps, spec.num_draft_tokens
     batch = root_token.shape[0]
     n = cache.lengths
-    cap = cache.capacity
     prov = (depth_max - 1) * k  # provisional slots used by steps 2..D
     tokens = [root_children]
     scores = [root_logp]
@@ -167,10 +209,10 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
     for step in range(2, depth_max + 1):
         own = (step - 2) * k + jnp.arange(k, dtype=jnp.int32)  # this step's provisional offsets
         anc = beam_anc | (jnp.arange(beam_anc.shape[-1])[None, None, :] == own[None, :, None])
-        visible = prefix_plus(anc, n, cap)
-        slots = jnp.where(active[:, None], n[:, None] + own[None, :], cap)
         positions = jnp.broadcast_to((n + step - 2)[:, None], (batch, k))
-        out = head(embed(beam_token), beam_hidden, positions, cache, slots, visible, hidden_is_features=False)
+        # the beam sees the committed prefix and its own ancestry among the provisional slots
+        meta = AttentionMetadata.window_of(n, positions, own[None, :], anc, write=active, backend=backend)
+        out = head(embed(beam_token), beam_hidden, cache, meta, hidden_is_features=False)
         cache = out.cache
         draft_finite = draft_finite & jnp.all(jnp.isfinite(out.logits), axis=(1, 2))
         logp, ids = jax.lax.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)  # [batch, K, K]
@@ -212,21 +254,12 @@ def draft_tree(head: Eagle3DraftHead, embed, cache: KVCache, root_token: jax.Arr
     return dataclasses.replace(tree, ancestors=ancestor_closure(tree.parents, depth_max)), cache
 
 
-def prefix_plus(bits: jax.Array, lengths: jax.Array, capacity: int) -> jax.Array:
-    """[batch, q, capacity] bool: every committed slot (< length) plus slot length + j where bits[..., j].
-
-    Args:
-      bits: [batch, q, width] bool over the provisional slots right after each row's committed length.
-      lengths: [batch] committed lengths.
-    """
-    width = bits.shape[-1]
-    rel = jnp.arange(capacity, dtype=jnp.int32)[None, None, :] - lengths[:, None, None]
-    picked = jnp.take_along_axis(bits, jnp.broadcast_to(jnp.clip(rel, 0, width - 1), bits.shape[:2] + (capacity,)),
-                                 axis=-1)
-    return (rel < 0) | ((rel < width) & picked)
-
-
-def tree_attention_mask(tree: Tree, lengths: jax.Array, capacity: int) -> jax.Array:
-    """[batch, N, capacity] bool for verifying a tree written at slots lengths + i:
-    the committed prefix plus each node's ancestors and itself."""
-    return prefix_plus(tree.ancestors, lengths, capacity)
+def verify_attention(tree: Tree, lengths: jax.Array, active: jax.Array, *,
+                     backend: str = DEFAULT_BACKEND) -> AttentionMetadata:
+    """Attention of the target over a tree written at slots ``lengths + i`` (node i), at
+    positions ``lengths + depth``: the committed prefix plus each node's ancestors and
+    itself. Rows not ``active`` [batch] write nothing."""
+    n_tree = tree.tokens.shape[1]
+    return AttentionMetadata.window_of(lengths, lengths[:, None] + tree.depths,
+                                       jnp.arange(n_tree, dtype=jnp.int32)[None, :], tree.ancestors, write=active,
+                                       backend=backend)

@@ -17,6 +17,7 @@ import os
 import statistics
 from typing import Callable
 
+from eagle3_jax.decoding.tree import DEMO_TREE
 from eagle3_jax.demo import demo_paths
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.generation import Generator
@@ -29,7 +30,7 @@ DEFAULT_PROMPT = '''import os
 
 def list_python_files(root):
     """Return the paths of all .py files under root, sorted."""'''
-DEFAULT_KNOBS = (4, 1, 5)
+DEFAULT_KNOBS = DEMO_TREE  # the chain (4, 1, 5); eagle3_jax.decoding.tree says why it is not the library's default
 DEFAULT_REPEATS = 5
 
 

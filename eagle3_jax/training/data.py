@@ -23,7 +23,6 @@ all-padding), so each bucket compiles once. The order is a pure function of
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterable, Sequence
 
@@ -287,14 +286,3 @@ class Batcher:
             tokens[r, :n], mask[r, :n], valid[r, :n] = ex.tokens, ex.loss_mask, True
             mask[r, n - 1] = 0  # the last token has no next-next token to predict
         return Batch(tokens=tokens, loss_mask=mask, valid=valid)
-
-
-def save_examples(examples: Sequence[Example], path: str) -> None:
-    """Writes tokenized examples as JSONL (``tokens``, ``loss_mask``) for inspection or reuse."""
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"tokens": ex.tokens.tolist(), "loss_mask": ex.loss_mask.tolist()}) + "\n")
-
-
-def exists(path: str) -> bool:
-    return path.startswith("hf:") or os.path.exists(path)

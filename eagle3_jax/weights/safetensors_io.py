@@ -29,7 +29,7 @@ import os
 import reprlib
 import stat
 import struct
-from typing import BinaryIO, Iterable, Mapping, NamedTuple
+from typing import BinaryIO, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -460,11 +460,3 @@ def checkpoint_files(model_dir: str, index_name: str = "model.safetensors.index.
     hint = (f" It holds {', '.join(bins)}: pickled PyTorch checkpoints are not loaded (unsafe); "
             "convert them to safetensors first." if bins else "")
     raise CheckpointError(f"{model_dir}: no {single_name} or {index_name} found.{hint}")
-
-
-def iter_tensors(files: Iterable[str]):
-    """Yields (file, name) for every tensor of every file, shard by shard."""
-    for path in files:
-        f = SafetensorsFile(path)
-        for name in f.keys():
-            yield f, name

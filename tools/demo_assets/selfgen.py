@@ -1,6 +1,6 @@
 """Self-distillation data for the demo head: the target's own continuations of stdlib code.
 
-    python -m eagle3_jax.demo.selfgen --target DIR --out FILE.jsonl [--samples 1536] [--prompt-tokens 64]
+    python tools/demo_assets/selfgen.py --target DIR --out FILE.jsonl [--samples 1536] [--prompt-tokens 64]
         [--new-tokens 96] [--batch 64] [--seed 0]
 
 Prompts are random token windows of the corpus's training files; each line of

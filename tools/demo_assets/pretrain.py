@@ -1,6 +1,6 @@
 """Pretrain the demo target: a small Qwen3-architecture model of Python code.
 
-    python -m eagle3_jax.demo.pretrain --tokenizer DIR --out DIR [--steps 3000] [--batch 16] [--seq 256]
+    python tools/demo_assets/pretrain.py --tokenizer DIR --out DIR [--steps 3000] [--batch 16] [--seq 256]
 
 The training files of the corpus (``eagle3_jax.demo.corpus``) are tokenized,
 joined with ``<|endoftext|>`` and cut into random windows; the model is
@@ -105,7 +105,7 @@ def pretrain(tokenizer_dir: str, out: str, *, steps: int = 3000, batch: int = 16
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="directory from eagle3_jax.demo.build_tokenizer")
+    p.add_argument("--tokenizer", required=True, help="directory from tools/demo_assets/build_tokenizer.py")
     p.add_argument("--out", required=True, help="work directory; the model goes to OUT/target")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16)

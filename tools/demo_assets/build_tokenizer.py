@@ -1,6 +1,6 @@
 """Train the demo's byte-level BPE tokenizer on the standard-library corpus.
 
-    python -m eagle3_jax.demo.build_tokenizer --out DIR [--vocab-size 4096]
+    python tools/demo_assets/build_tokenizer.py --out DIR [--vocab-size 4096]
 
 Writes tokenizer.json and tokenizer_config.json (a ``PreTrainedTokenizerFast``
 with ``<|endoftext|>`` as id 0, the end-of-text and padding token).

@@ -1,0 +1,65 @@
+"""The default tree shapes live in one place (eagle3_jax.decoding.tree) and every entry point resolves them there."""
+
+from __future__ import annotations
+
+import pytest
+
+from eagle3_jax.cli import build_parser
+from eagle3_jax.cli.options import UsageError, check_tree
+from eagle3_jax.decoding.tree import DEFAULT_TREE, DEMO_TREE, WIDE_TREE, NumDraftTokensRequired, TreeSpec
+from eagle3_jax.errors import InputError
+
+
+@pytest.mark.parametrize("given, default, expected", [
+    ((None, None, None), DEFAULT_TREE, DEFAULT_TREE),
+    ((None, None, None), DEMO_TREE, DEMO_TREE),
+    ((None, None, None), WIDE_TREE, WIDE_TREE),
+    ((5, None, None), DEFAULT_TREE, (5, 1, 6)),      # a chain: N = D + 1
+    ((None, 1, None), DEFAULT_TREE, (3, 1, 4)),
+    ((None, 2, 6), DEFAULT_TREE, (3, 2, 6)),         # D from the default
+    ((2, None, None), DEMO_TREE, (2, 1, 3)),
+    ((4, 2, 8), DEMO_TREE, (4, 2, 8)),               # everything given: the default plays no part
+])
+def test_resolve(given, default, expected):
+    assert TreeSpec.resolve(*given, default=default).knobs == expected
+
+
+def test_library_defaults():
+    assert DEFAULT_TREE == (3, 1, 4) and DEMO_TREE == (4, 1, 5) and WIDE_TREE == (7, 10, 60)
+    assert TreeSpec.resolve() == TreeSpec(*DEFAULT_TREE)
+
+
+def test_a_tree_needs_num_draft_tokens():
+    with pytest.raises(NumDraftTokensRequired, match="num_draft_tokens is required when topk > 1"):
+        TreeSpec.resolve(topk=2)
+    assert issubclass(NumDraftTokensRequired, InputError)
+
+
+def test_resolve_checks_the_shape():
+    with pytest.raises(InputError, match="num_draft_tokens must be num_steps \\+ 1 = 4"):
+        TreeSpec.resolve(3, 1, 7)
+    with pytest.raises(InputError, match="num_steps must be a positive integer"):
+        TreeSpec.resolve(0, 2, 4)
+
+
+def test_the_command_line_resolves_with_the_library_default():
+    assert check_tree(None, None, None) == TreeSpec(*DEFAULT_TREE)
+    assert check_tree(6, None, None).knobs == (6, 1, 7)
+    with pytest.raises(UsageError, match="--num-draft-tokens is required with --topk > 1"):
+        check_tree(None, 2, None)
+
+
+def _help(command: str, option: str) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return next(a for a in sub._actions if option in a.option_strings).help
+
+
+def test_help_texts_name_the_defaults():
+    # The parser imports nothing heavy, so its help repeats the defaults as text; they must agree.
+    d, k, _ = DEFAULT_TREE
+    assert f"(default {d})" in _help("generate", "--num-steps")
+    assert f"(default {k}: a chain)" in _help("generate", "--topk")
+    assert f"(default {d})" in _help("regenerate", "--num-steps")
+    assert "(default {},{},{})".format(*DEMO_TREE) in _help("demo", "--knobs")
+    assert "(default: {},{},{} {},{},{})".format(*DEFAULT_TREE, *WIDE_TREE) in _help("eval", "--knobs")
