@@ -69,6 +69,17 @@ def make_hf_model(path: pathlib.Path, *, kind: str = "qwen3", seed: int = 0, max
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0.0, 0.5)
+    elif kind == "llama":
+        kwargs.update(tie_word_embeddings=False)
+        kwargs.update(overrides)
+        config = transformers.LlamaConfig(**kwargs)
+        model = transformers.LlamaForCausalLM(config)
+        with torch.no_grad():  # HF initialises biases to zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                             layer.self_attn.o_proj):
+                    if proj.bias is not None:
+                        proj.bias.normal_(0.0, 0.5)
     else:
         raise ValueError(kind)
     model = model.eval()
@@ -117,7 +128,27 @@ def hf_qwen2(tmp_path_factory) -> HFModel:
     return make_hf_model(tmp_path_factory.mktemp("qwen2"), kind="qwen2", seed=3)
 
 
-@pytest.fixture(scope="session", params=["qwen3", "qwen3_tied", "qwen3_sharded", "qwen2"])
+# Llama 3.1-style RoPE scaling, shrunk so that it changes the tiny model's frequencies at short positions
+# (wavelengths over 32 / low_freq_factor are scaled, those under 32 / high_freq_factor kept, the band between
+# interpolated).
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory) -> HFModel:
+    """Untied Llama with llama3 RoPE scaling and attention biases on q/k/v/o, head_dim 12 != 40 / 4."""
+    return make_hf_model(tmp_path_factory.mktemp("llama"), kind="llama", head_dim=12, attention_bias=True,
+                         rope_scaling=dict(LLAMA3_SCALING))
+
+
+@pytest.fixture(scope="session")
+def hf_llama_tied(tmp_path_factory) -> HFModel:
+    """Tied Llama (as Llama 3.2 1B/3B), no biases, no scaling, head_dim derived (40 / 4 = 10)."""
+    return make_hf_model(tmp_path_factory.mktemp("llama_tied"), kind="llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session", params=["qwen3", "qwen3_tied", "qwen3_sharded", "qwen2", "llama", "llama_tied"])
 def hf_any(request) -> HFModel:
     return request.getfixturevalue(f"hf_{request.param}")
 

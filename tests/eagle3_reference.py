@@ -113,9 +113,13 @@ class RefEagle3(nn.Module):
         self.register_buffer("t2d", torch.zeros(cfg["vocab_size"], dtype=torch.bool))
 
     def layer_input(self, emb, hidden, is_features):
+        """(the residual, the attention input). With speculators' ``norm_before_residual`` the
+        residual is ``hidden_norm(h)`` (vLLM ``_norm_before_residual``); otherwise ``h``."""
         h = self.fc(hidden) if is_features else hidden
         m = self.midlayer
-        return h, torch.cat([m.input_layernorm(emb), m.hidden_norm(h)], dim=-1)
+        normed = m.hidden_norm(h)
+        residual = normed if self.cfg.get("norm_before_residual") else h
+        return residual, torch.cat([m.input_layernorm(emb), normed], dim=-1)
 
     def finish(self, h, attn_out):
         m = self.midlayer

@@ -28,8 +28,8 @@ def tiny_target(seed=0, vocab=97, init_std=0.2, layers=4, max_pos=512) -> Qwen3F
     return Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(seed), init_std=init_std)
 
 
-def random_head(target, seed=1, draft_vocab=None) -> Eagle3DraftHead:
-    cfg = Eagle3Config.for_target(target.config, draft_vocab_size=draft_vocab or target.config.vocab_size)
+def random_head(target, seed=1, draft_vocab=None, config=None) -> Eagle3DraftHead:
+    cfg = config or Eagle3Config.for_target(target.config, draft_vocab_size=draft_vocab or target.config.vocab_size)
     head = Eagle3DraftHead(cfg, rngs=nnx.Rngs(seed))
     if cfg.draft_vocab_size < cfg.vocab_size:  # a non-trivial vocabulary map: every other target id
         ids = np.sort(np.random.default_rng(seed).choice(cfg.vocab_size, cfg.draft_vocab_size, replace=False))
@@ -47,7 +47,7 @@ def target_features(target, seqs):
                                    logits_indices=jnp.zeros((seqs.shape[0], 0), jnp.int32)).features
 
 
-def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4, steps=400, lr=3e-3):
+def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4, steps=400, lr=3e-3, config=None):
     """A head fitted to ``target``'s greedy continuations (full draft vocabulary)."""
     rng = np.random.default_rng(seed)
     vocab = target.config.vocab_size
@@ -56,7 +56,7 @@ def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4,
     seqs = np.array([p + o.token_ids for p, o in zip(prompts, outs)], np.int32)  # [B, T]
     feats = target_features(target, seqs)
     embeds = target.embed(jnp.asarray(seqs))
-    head = random_head(target, seed=seed + 1)
+    head = random_head(target, seed=seed + 1, config=config)
     graphdef, params, rest = nnx.split(head, nnx.Param, ...)
     b, t = seqs.shape
     seq_len = t - 1 - ttt  # positions whose labels exist for every unrolled step

@@ -1,0 +1,129 @@
+"""The attention contract (docs/architecture.md#attention): what every backend must compute.
+
+``AttentionMetadata`` says what each new token sees: the committed prefix
+(slots below ``kv_lengths``) and, in the window of slots after it, what
+``local_mask`` allows. Each backend in ``eagle3_jax.attention.BACKENDS`` is
+run on the shapes decoding produces (prefill chunks, one-token decode, tree
+verification, the draft head's beam steps) and compared with a per-query
+NumPy implementation written from that definition, and with the reference
+backend through whole model forwards. A new backend passes this file or is
+not registered.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eagle3_jax import Qwen3Config, Qwen3ForCausalLM
+from eagle3_jax.attention import BACKENDS, AttentionMetadata, attend, check_backend
+from eagle3_jax.decoding.tree import Tree, ancestor_closure, verify_attention
+from eagle3_jax.errors import InputError
+from eagle3_jax.kv_cache import KVCache
+
+B, HQ, HKV, D, CAP = 3, 4, 2, 8, 40
+
+
+def numpy_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMetadata):
+    """Per query, from the definition: write the new K/V, then attend over visible slots."""
+    k_cache, v_cache = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
+    slots = np.asarray(meta.slots)
+    for b in range(B):
+        for t in range(slots.shape[1]):
+            s = slots[b, t]
+            if 0 <= s < k_cache.shape[2]:
+                k_cache[b, :, s], v_cache[b, :, s] = k_new[b, t], v_new[b, t]
+    lengths, local = np.asarray(meta.kv_lengths), np.asarray(meta.local_mask)
+    local = np.broadcast_to(local, (B,) + local.shape[1:])
+    out = np.zeros(q.shape, np.float64)
+    for b in range(B):
+        for t in range(q.shape[1]):
+            visible = [s for s in range(k_cache.shape[2])
+                       if s < lengths[b] or (0 <= s - lengths[b] < local.shape[2] and local[b, t, s - lengths[b]])]
+            for h in range(HQ):
+                kv = h // (HQ // HKV)
+                scores = np.array([q[b, t, h] @ k_cache[b, kv, s] for s in visible]) / np.sqrt(D)
+                p = np.exp(scores - scores.max())
+                p /= p.sum()
+                out[b, t, h] = sum(w * v_cache[b, kv, s] for w, s in zip(p, visible))
+    return out, k_cache, v_cache
+
+
+def cases():
+    rng = np.random.default_rng(0)
+    lengths = jnp.asarray([0, 5, 17], jnp.int32)
+    # a prefill chunk of 8 tokens after each row's prefix (chunk 2 of a prompt, or a whole prompt at 0)
+    yield "prefill chunk", AttentionMetadata.causal(lengths, 8)
+    # padding keys hidden (a right-padded prompt in forward_sequence)
+    valid = jnp.asarray(np.arange(6)[None, :] < np.array([[6], [3], [1]]))
+    yield "prefill with padding", AttentionMetadata.causal(jnp.zeros((B,), jnp.int32), 6, valid=valid)
+    # one-token decode, a finished row writes nothing
+    yield "decode", AttentionMetadata.causal(lengths, 1, write=jnp.asarray([[True], [False], [True]]))
+    # tree verification: N = 6 nodes at slots n + i, ancestors from random parents
+    parents = np.zeros((B, 6), np.int32)
+    for i in range(1, 6):
+        parents[:, i] = rng.integers(0, i, size=B)
+    depths = np.zeros((B, 6), np.int32)
+    for i in range(1, 6):
+        depths[:, i] = depths[np.arange(B), parents[:, i]] + 1
+    tree = Tree(tokens=jnp.zeros((B, 6), jnp.int32), parents=jnp.asarray(parents), depths=jnp.asarray(depths),
+                ancestors=ancestor_closure(jnp.asarray(parents), 5), draft_finite=jnp.ones((B,), bool))
+    yield "tree verification", verify_attention(tree, lengths, jnp.asarray([True, True, False]))
+    # a draft beam step: K = 3 tokens at window offsets 3..5 of a 9-slot window, each seeing its ancestry
+    anc = rng.random((B, 3, 9)) < 0.4
+    anc[:, np.arange(3), 3 + np.arange(3)] = True
+    yield "draft beam step", AttentionMetadata.window_of(lengths, lengths[:, None] + jnp.asarray([[2, 2, 2]]),
+                                                         jnp.asarray([[3, 4, 5]]), jnp.asarray(anc))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("name, meta", list(cases()), ids=[c[0] for c in cases()])
+def test_backend_computes_the_definition(backend, name, meta):
+    rng = np.random.default_rng(1)
+    t = meta.num_tokens
+    q = rng.normal(size=(B, t, HQ, D)).astype(np.float32)
+    k_new, v_new = (rng.normal(size=(B, t, HKV, D)).astype(np.float32) for _ in range(2))
+    cache = KVCache(k=jnp.asarray(rng.normal(size=(1, B, HKV, CAP, D)), jnp.float32),
+                    v=jnp.asarray(rng.normal(size=(1, B, HKV, CAP, D)), jnp.float32),
+                    lengths=meta.kv_lengths)
+    out, new_cache = jax.jit(attend, static_argnums=4)(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new),
+                                                        cache, 0, meta.with_backend(backend))
+    want, k_want, v_want = numpy_attention(q, k_new, v_new, cache.k[0], cache.v[0], meta)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(new_cache.k[0]), k_want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_cache.v[0]), v_want, rtol=1e-6)
+
+
+def test_dense_mask_is_prefix_plus_window():
+    meta = AttentionMetadata.window_of(jnp.asarray([2]), jnp.asarray([[2, 3]]), jnp.asarray([[0, 1]]),
+                                       jnp.asarray([[[True, False, True], [False, True, False]]]))
+    np.testing.assert_array_equal(np.asarray(meta.dense_mask(6))[0].astype(int),
+                                  [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 0]])
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_in_whole_forwards_matches_reference(backend):
+    cfg = Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e4)
+    model = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), init_std=0.2)
+    cache = KVCache.create(num_layers=2, batch=2, capacity=32, kv_heads=2, head_dim=8, dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 61, size=(2, 9)), jnp.int32)
+    outs = {}
+    for name in ("reference", backend):
+        meta = AttentionMetadata.causal(jnp.zeros((2,), jnp.int32), 9, backend=name)
+        out = model(tokens, cache, meta)
+        step = model(tokens[:, :1], out.cache.with_lengths(jnp.full((2,), 9)),
+                     AttentionMetadata.causal(jnp.full((2,), 9), 1, backend=name))
+        outs[name] = (np.asarray(out.logits), np.asarray(step.logits))
+    for a, b in zip(outs["reference"], outs[backend]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(InputError, match="unknown attention backend 'flash'; choose one of reference"):
+        check_backend("flash")
+    from eagle3_jax.decoding.common import DecodeSettings
+
+    with pytest.raises(InputError, match="unknown attention backend"):
+        DecodeSettings(max_new_tokens=4, capacity=16, attention="flash")
