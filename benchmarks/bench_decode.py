@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--verify-sizes", default="1,4,8,16,32,64", help="N values for the verify-step costs")
     p.add_argument("--knobs", type=_knobs, nargs="+", default=[(3, 1, 4)], metavar="D,K,N",
                    help="tree shapes for the end-to-end runs (num_steps,topk,num_draft_tokens)")
-    p.add_argument("--prompts", default=None, help="a JSONL prompt file ({'turns': [...]} per line) or a shipped slice's name "
+    p.add_argument("--prompts", default=None,
+                   help="a JSONL prompt file ({'turns': [...]} per line) or a shipped slice's name "
                         "(gsm8k, humaneval, math500, mtbench); default random")
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64, help="length of random prompts")
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
         print(f"\n{'decoding':>12s} {'tok/s':>9s} {'accept len':>11s}  speedup (median of {args.repeats} interleaved "
               "repeats, lowest-highest)")
         for r in rows:
-            print(f"{r['knobs']:>12s} {r['tokens_per_second']:9.1f} {r['acceptance_length']:11.2f}  {r['speedup_text']}")
+            print(f"{r['knobs']:>12s} {r['tokens_per_second']:9.1f} {r['acceptance_length']:11.2f}  "
+                  f"{r['speedup_text']}")
         result["end_to_end"] = rows
         result["max_new_tokens"] = args.max_new_tokens
         result["num_prompts"] = len(prompts)

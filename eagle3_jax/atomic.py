@@ -35,7 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from eagle3_jax.errors import CheckpointError
 
@@ -311,8 +311,8 @@ def _commit(tmp: str, dst: str, *, overwrite: bool, replaceable: Owned, what: st
             except OSError:
                 pass
         if not overwrite:
-            raise CheckpointError(f"{dst}: appeared while this output was being written; "
-                                  "left it untouched and discarded this output (pass --overwrite to replace it)") from None
+            raise CheckpointError(f"{dst}: appeared while this output was being written; left it untouched and "
+                                  "discarded this output (pass --overwrite to replace it)") from None
     # Replace: move the old output aside (only if it is ours), put the new one in place, then delete the old one.
     parent, name = os.path.split(dst)
     aside = tempfile.mkdtemp(prefix=_OLD.format(name=name), dir=parent)

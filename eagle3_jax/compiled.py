@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -118,7 +119,7 @@ class CompiledFunction:
         call's arguments that returns one (default: the function's name).
     """
 
-    _instances: "weakref.WeakSet[CompiledFunction]" = weakref.WeakSet()
+    _instances: weakref.WeakSet[CompiledFunction] = weakref.WeakSet()
 
     def __init__(self, fn: Callable, *, num_static: int, donate_argnums: tuple[int, ...] = (),
                  max_executables: int = MAX_EXECUTABLES, describe: str | Callable[..., str] | None = None):

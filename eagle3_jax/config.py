@@ -21,7 +21,8 @@ import numbers
 import operator
 import os
 import reprlib
-from typing import Any, ClassVar, Mapping, NoReturn
+from collections.abc import Mapping
+from typing import Any, ClassVar, NoReturn
 
 from eagle3_jax.errors import ConfigError
 
@@ -308,7 +309,7 @@ class TargetConfig:
         return (2, n // 2, n - 3)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "TargetConfig":
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> TargetConfig:
         """Reads ``config.json`` (and ``generation_config.json`` if present) from a model directory.
 
         On :class:`TargetConfig` itself the parser is chosen by ``model_type``
@@ -325,7 +326,7 @@ class TargetConfig:
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json",
                      generation_config: Mapping[str, Any] | None = None, *,
-                     generation_where: str = "generation_config.json") -> "TargetConfig":
+                     generation_where: str = "generation_config.json") -> TargetConfig:
         """Parses an HF ``config.json`` dict with the parser of its ``model_type`` (the registry).
 
         Raises:
@@ -356,7 +357,7 @@ class Qwen3Config(TargetConfig):
     # ------------------------------------------------------- known checkpoints
 
     @classmethod
-    def qwen3_4b_thinking_2507(cls) -> "Qwen3Config":
+    def qwen3_4b_thinking_2507(cls) -> Qwen3Config:
         """Qwen/Qwen3-4B-Thinking-2507 (also the shape of Qwen3-4B and -Instruct-2507)."""
         return cls(
             vocab_size=151936,
@@ -386,7 +387,7 @@ class LlamaConfig(TargetConfig):
     model_type: str = "llama"
 
     @classmethod
-    def llama_3_1_8b_instruct(cls) -> "LlamaConfig":
+    def llama_3_1_8b_instruct(cls) -> LlamaConfig:
         """meta-llama/Llama-3.1-8B-Instruct (the target of the first published EAGLE-3 heads)."""
         return cls(
             vocab_size=128256,
@@ -481,7 +482,7 @@ class Eagle3Config:
         return tuple(i + 1 for i in self.aux_layer_ids)
 
     def with_overrides(self, *, rope_theta: float | None = None,
-                       feature_layers: tuple[int, ...] | None = None) -> "Eagle3Config":
+                       feature_layers: tuple[int, ...] | None = None) -> Eagle3Config:
         """A copy with the known pitfalls of published heads corrected.
 
         ``feature_layers`` are HF hidden_states indices (inputs of layers), so
@@ -525,14 +526,14 @@ class Eagle3Config:
             raise ConfigError(f"{where} does not match the target: " + "; ".join(problems))
 
     @classmethod
-    def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json") -> "Eagle3Config":
+    def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json") -> Eagle3Config:
         """Parses an EAGLE-3 head's ``config.json`` dict (``eagle3_jax.hf_config.parse_eagle3``)."""
         from eagle3_jax.hf_config import parse_eagle3
 
         return parse_eagle3(raw, where)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Eagle3Config":
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> Eagle3Config:
         """Reads a draft head's ``config.json`` from its directory."""
         from eagle3_jax.hf_config import read_json
 
@@ -547,7 +548,7 @@ class Eagle3Config:
 
     @classmethod
     def for_target(cls, target: TargetConfig, *, draft_vocab_size: int = 32000,
-                   feature_layers: tuple[int, ...] | None = None) -> "Eagle3Config":
+                   feature_layers: tuple[int, ...] | None = None) -> Eagle3Config:
         """A new head shaped like SpecForge's default for ``target`` (for training)."""
         if feature_layers is not None:
             feature_layers = _check_feature_layers(feature_layers, "feature_layers")

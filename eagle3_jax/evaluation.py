@@ -351,7 +351,8 @@ def _source_lines(results: dict) -> list[str]:
         lines += ["", f"Target: {results.get('target')}; draft: {results.get('draft')}."]
     if results.get("sources"):
         lines += ["", "Prompts:", ""]
-        lines += [f"- {name}: {s['prompts']} from {s['source']} ({s['path']})" for name, s in results["sources"].items()]
+        lines += [f"- {name}: {s['prompts']} from {s['source']} ({s['path']})"
+                  for name, s in results["sources"].items()]
     if results.get("skipped"):
         lines += ["", "Skipped:", ""]
         lines += [f"- {name}: {reason}" for name, reason in results["skipped"].items()]
@@ -439,7 +440,8 @@ def check_report_destination(out_dir: str, overwrite: bool = False) -> str:
 
 
 def write_report(results: dict, out_dir: str, overwrite: bool = False) -> dict[str, str]:
-    """results.md, results.json and accept_lengths.png in ``out_dir``, all at once (see :func:`check_report_destination`)."""
+    """results.md, results.json and accept_lengths.png in ``out_dir``, all at once
+    (see :func:`check_report_destination`)."""
     out_dir = os.path.abspath(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite, replaceable=is_report, what="evaluation report",
                           empty_ok=True) as tmp:

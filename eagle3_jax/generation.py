@@ -16,7 +16,8 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from eagle3_jax.config import (
     _REQUIRED,
@@ -53,6 +54,7 @@ from eagle3_jax.config import (
     _show,
 )
 from eagle3_jax.errors import ConfigError
+
 
 def _check_object(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 from eagle3_jax.errors import InputError
 

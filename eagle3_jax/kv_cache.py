@@ -46,7 +46,7 @@ class KVCache:
 
     @classmethod
     def create(cls, *, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
-               dtype=jnp.bfloat16) -> "KVCache":
+               dtype=jnp.bfloat16) -> KVCache:
         """An empty cache (all lengths 0) of static ``capacity`` slots per row."""
         shape = (num_layers, batch, kv_heads, capacity, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
@@ -67,7 +67,7 @@ class KVCache:
     def dtype(self):
         return self.k.dtype
 
-    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, slots: jax.Array) -> "KVCache":
+    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, slots: jax.Array) -> KVCache:
         """Stores new K/V of one layer at per-token slots.
 
         Args:
@@ -82,10 +82,10 @@ class KVCache:
         v = self.v.at[layer, b, :, slots].set(v_new.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=k, v=v)
 
-    def with_lengths(self, lengths: jax.Array) -> "KVCache":
+    def with_lengths(self, lengths: jax.Array) -> KVCache:
         return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
 
-    def gather_slots(self, src: jax.Array, dst: jax.Array) -> "KVCache":
+    def gather_slots(self, src: jax.Array, dst: jax.Array) -> KVCache:
         """Copies K/V of every layer from slots ``src`` to slots ``dst`` (both [batch, n]).
 
         This is how a verified tree path is compacted into contiguous slots;

@@ -40,7 +40,8 @@ EXPORT_MARKER_KEY = "eagle3_jax_export"
 
 
 def is_export(path: str, kind: str) -> bool:
-    """True if ``path`` is a directory that :func:`save_target` (kind 'target') or :func:`save_draft` ('draft') wrote."""
+    """True if ``path`` is a directory that :func:`save_target` (kind 'target') or :func:`save_draft`
+    ('draft') wrote."""
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         return False

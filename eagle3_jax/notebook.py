@@ -59,4 +59,4 @@ def pick_models(target: str, draft: str, use_demo: str | bool | None = None) -> 
 
 
 # The splitter of thinking replies lives with the other text helpers (Generator outputs use it too).
-from eagle3_jax.text import split_thinking  # noqa: F401
+from eagle3_jax.text import split_thinking  # noqa: F401, E402

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,20 @@ from eagle3_jax.decoding.common import FINISH_STOP_STRING, RUNNING, finish_reaso
 from eagle3_jax.errors import InputError
 from eagle3_jax.loading import target_directory
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.text import (check_messages, covering_prefix, cut_at_stop, decode, find_stop, has_chat_template,
-                             has_tokenizer_files, is_messages, is_tokenizer, load_tokenizer, render_chat, token_ids)
+from eagle3_jax.text import (
+    check_messages,
+    covering_prefix,
+    cut_at_stop,
+    decode,
+    find_stop,
+    has_chat_template,
+    has_tokenizer_files,
+    is_messages,
+    is_tokenizer,
+    load_tokenizer,
+    render_chat,
+    token_ids,
+)
 
 NO_TOKENIZER_HINT = ("pass Generator(..., tokenizer=DIR or a tokenizer), or give token ids "
                      "(a list of token-id lists)")

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Ratio:
     samples: tuple[float, ...]
 
     @classmethod
-    def of(cls, samples: Sequence[float]) -> "Ratio":
+    def of(cls, samples: Sequence[float]) -> Ratio:
         if not samples:
             raise ValueError("a ratio needs at least one sample")
         values = tuple(float(s) for s in samples)

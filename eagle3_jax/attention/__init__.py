@@ -17,7 +17,7 @@ added with :func:`register_backend`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

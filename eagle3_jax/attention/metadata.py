@@ -66,7 +66,7 @@ class AttentionMetadata:
 
     @classmethod
     def causal(cls, kv_lengths: jax.Array, seq: int, *, valid: jax.Array | None = None, write: jax.Array | None = None,
-               backend: str = DEFAULT_BACKEND) -> "AttentionMetadata":
+               backend: str = DEFAULT_BACKEND) -> AttentionMetadata:
         """``seq`` new tokens appended after each row's prefix: positions and slots
         ``kv_lengths + t``, token t seeing the prefix and new tokens 0..t.
 
@@ -89,7 +89,7 @@ class AttentionMetadata:
 
     @classmethod
     def window_of(cls, kv_lengths: jax.Array, positions: jax.Array, offsets: jax.Array, local_mask: jax.Array, *,
-                  write: jax.Array | None = None, backend: str = DEFAULT_BACKEND) -> "AttentionMetadata":
+                  write: jax.Array | None = None, backend: str = DEFAULT_BACKEND) -> AttentionMetadata:
         """New tokens written inside the window after the prefix, at slots ``kv_lengths + offsets``
         (tree verification: offsets 0..N-1; drafting: each step's own offsets).
 
@@ -107,14 +107,14 @@ class AttentionMetadata:
 
     @classmethod
     def dense(cls, positions: jax.Array, slots: jax.Array, mask: jax.Array, *,
-              backend: str = DEFAULT_BACKEND) -> "AttentionMetadata":
+              backend: str = DEFAULT_BACKEND) -> AttentionMetadata:
         """An arbitrary dense mask [batch or 1, T, capacity] over the buffer (no prefix:
         ``kv_lengths`` 0, the window the whole buffer)."""
         batch = positions.shape[0]
         return cls(positions=positions.astype(jnp.int32), slots=slots.astype(jnp.int32),
                    kv_lengths=jnp.zeros((batch,), jnp.int32), local_mask=mask, backend=backend)
 
-    def with_backend(self, backend: str) -> "AttentionMetadata":
+    def with_backend(self, backend: str) -> AttentionMetadata:
         return dataclasses.replace(self, backend=backend)
 
     # ------------------------------------------------------------ dense view

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from eagle3_jax.cli import convert, demo, eval, generate, regenerate, train
 from eagle3_jax.cli.options import (
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="eagle3-jax",
-        description="EAGLE-3 speculative decoding for Qwen3 in JAX. Run 'eagle3-jax COMMAND --help' for details.",
+        description="EAGLE-3 speculative decoding for Qwen3, Qwen2 and Llama in JAX. "
+                    "Run 'eagle3-jax COMMAND --help' for details.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

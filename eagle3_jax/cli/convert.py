@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert an HF checkpoint to the faster-loading orbax format",
-        description="Convert a Hugging Face Qwen3/Qwen2 checkpoint or an EAGLE-3 draft head (safetensors) into "
+        description="Convert a Hugging Face Qwen3, Qwen2 or Llama checkpoint or an EAGLE-3 draft head into "
                     "a directory of Flax parameters saved with orbax-checkpoint, plus its config and tokenizer files. "
                     "The output is written atomically: on any error nothing is left behind.",
         formatter_class=HelpFormatter,

@@ -78,7 +78,8 @@ def run(args) -> int:
     knobs = TreeSpec.resolve(*(args.knobs or ()), default=DEMO_TREE).knobs
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
-    figures = run_demo(DEFAULT_PROMPT if args.prompt is None else args.prompt, max_new_tokens=args.max_new_tokens, knobs=knobs,
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    figures = run_demo(prompt, max_new_tokens=args.max_new_tokens, knobs=knobs,
                        repeats=args.repeats or DEFAULT_REPEATS, log=lambda line: print(line + " ...", file=sys.stderr))
     if args.json:
         print(json.dumps(figures))

@@ -24,7 +24,6 @@ from eagle3_jax.cli.options import (
     usage,
 )
 
-
 JSON_EPILOG = (
     "--json output: one JSON object per line. First one per prompt, in order: prompt_index, text (the generated "
     "text, special tokens and a final stop token left out, cut before a stop string; null without a tokenizer), "
@@ -42,7 +41,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text with a target model",
-        description="Generate continuations of one or more prompts with a Qwen3/Qwen2 target. "
+        description="Generate continuations of one or more prompts with a Qwen3, Qwen2 or Llama target. "
                     "Several --prompt (or --prompt-ids) options form one batch.",
         epilog=JSON_EPILOG,
         formatter_class=HelpFormatter,

@@ -73,7 +73,8 @@ def knob_triple(text: str) -> tuple[int, int, int]:
     try:
         d, k, n = (int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected num_steps,topk,num_draft_tokens (e.g. 3,1,4), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected num_steps,topk,num_draft_tokens (e.g. 3,1,4), got {text!r}") from None
     return d, k, n
 
 

@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
                         "(loss on every token), directories of such files, or hf:NAME[:SPLIT] (needs the "
                         "datasets package)")
     p.add_argument("--output", required=True, metavar="DIR", help="the run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest readable checkpoint (from step 0 if it "
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its newest readable checkpoint (from step 0 if it "
                         "stopped before its first one; a complete teacher/ is reused)")
     p.add_argument("--init-head", metavar="DIR", default=None,
                    help="start from this head (its vocabulary map is kept) instead of a new one")
@@ -100,7 +101,8 @@ def run(args) -> int:
     else:
         last = summary["last"] or {}
         accs = ", ".join(f"{a:.2f}" for a in last.get("acc_steps", []))
-        print(f"trained {summary['steps']}/{summary['total_steps']} steps; last loss {last.get('loss', float('nan')):.4f}, "
+        loss = last.get("loss", float("nan"))
+        print(f"trained {summary['steps']}/{summary['total_steps']} steps; last loss {loss:.4f}, "
               f"accuracy per TTT step [{accs}]")
         if summary.get("head"):
             print(f"head: {summary['head']}")

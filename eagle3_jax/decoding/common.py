@@ -80,7 +80,7 @@ class RuntimeParams:
     stop_ids: jax.Array
 
     @classmethod
-    def make(cls, temperature: float = 1.0, top_p: float = 1.0, stop_ids=()) -> "RuntimeParams":
+    def make(cls, temperature: float = 1.0, top_p: float = 1.0, stop_ids=()) -> RuntimeParams:
         """Stop ids are padded with -1 to a multiple of 8 entries, so their count rarely changes a shape."""
         stop_ids = [int(t) for t in stop_ids]
         width = max(STOP_SLOTS, -(-len(stop_ids) // STOP_SLOTS) * STOP_SLOTS)
@@ -115,7 +115,7 @@ class DecodeResult:
 
     @classmethod
     def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array,
-              stop_ids: jax.Array, nonfinite: jax.Array | None = None) -> "DecodeResult":
+              stop_ids: jax.Array, nonfinite: jax.Array | None = None) -> DecodeResult:
         """The result after prefill: one generated token per row (none, and
         'nonfinite', for a row flagged in ``nonfinite`` [batch] bool)."""
         batch = first_token.shape[0]
@@ -127,7 +127,7 @@ class DecodeResult:
                             nonfinite=nonfinite)
 
     def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings, stop_ids: jax.Array,
-               forwards: jax.Array | None = None, nonfinite: jax.Array | None = None) -> "DecodeResult":
+               forwards: jax.Array | None = None, nonfinite: jax.Array | None = None) -> DecodeResult:
         """Appends up to ``counts[b]`` of ``new_tokens[b]`` to each running row.
 
         A row keeps tokens up to and including its first stop token, and no

@@ -10,7 +10,8 @@ the host calls it again with the returned state).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp

@@ -17,8 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.attention import AttentionMetadata
-from eagle3_jax.decoding.common import (DecodeResult, DecodeSettings, RuntimeParams, finish_reasons, nonfinite_rows,
-                                        prefill)
+from eagle3_jax.decoding.common import (
+    DecodeResult,
+    DecodeSettings,
+    RuntimeParams,
+    finish_reasons,
+    nonfinite_rows,
+    prefill,
+)
 from eagle3_jax.decoding.loop import run_loop
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.target import TargetModel

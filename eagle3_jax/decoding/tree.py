@@ -33,7 +33,6 @@ from eagle3_jax.errors import InputError
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 
-
 # Limits of the tree shape. The draft steps are unrolled in the compiled loop, so compile time
 # grows with the depth, and each step ranks K*K candidates. Published EAGLE-3 settings stay far
 # inside them: SGLang's (7, 10, 60) and the EAGLE papers' depth 8 and 60-64 verified tokens.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 from eagle3_jax.decoding.tree import DEMO_TREE
 from eagle3_jax.demo import demo_paths

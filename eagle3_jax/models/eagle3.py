@@ -22,7 +22,8 @@ attention plugs in through :meth:`Eagle3DraftHead.forward_with`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ class Eagle3Attention(nnx.Module):
         self.o_proj = nnx.Linear(hq * d, cfg.hidden_size, **kw)
         self.cfg = cfg
 
-    def __call__(self, u, cos, sin, attend: "AttendFn"):
+    def __call__(self, u, cos, sin, attend: AttendFn):
         """u: [batch, seq, 2*hidden]. ``attend(q, k, v) -> (out, state)`` decides
         which keys each query sees (a KV cache, or the training-time-test history)."""
         b, t, _ = u.shape
@@ -168,7 +169,7 @@ class Eagle3DraftHead(nnx.Module):
                                              hidden_is_features=hidden_is_features, logits_indices=logits_indices)
         return DraftOutput(logits=logits, hidden=g, cache=cache)
 
-    def forward_with(self, attend_fn: "AttendFn", embeds: jax.Array, hidden: jax.Array, positions: jax.Array, *,
+    def forward_with(self, attend_fn: AttendFn, embeds: jax.Array, hidden: jax.Array, positions: jax.Array, *,
                      hidden_is_features: bool, logits_indices: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array, Any]:
         """The head's forward with the attention supplied by the caller.

@@ -9,7 +9,8 @@ export, decoding, training) goes through this table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -80,9 +81,9 @@ def target_architecture(raw_or_config: Mapping[str, Any] | TargetConfig, where: 
         raise ConfigError(f"{where}: expected a JSON object, got {_show(raw_or_config)}")
     supported = among or tuple(TARGETS)
     if raw_or_config.get("draft_vocab_size") is not None or raw_or_config.get("speculators_model_type") is not None:
-        raise ConfigError(f"{where}: this is an EAGLE-3 draft head's config (it has "
-                          f"{'draft_vocab_size' if raw_or_config.get('draft_vocab_size') is not None else 'speculators_model_type'}"
-                          "), not a target's; pass it as the draft (--draft / load_draft)")
+        key = "draft_vocab_size" if raw_or_config.get("draft_vocab_size") is not None else "speculators_model_type"
+        raise ConfigError(f"{where}: this is an EAGLE-3 draft head's config (it has {key}), not a target's; "
+                          "pass it as the draft (--draft / load_draft)")
     model_type = raw_or_config.get("model_type")
     if not isinstance(model_type, str) or model_type not in supported:
         raise ConfigError(f"{where}: unknown model_type {_show(model_type)}; eagle3-jax supports "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,7 @@ class TeacherStore:
     @classmethod
     def build(cls, target: TargetModel, examples: Sequence[Example], directory: str,
               feature_layers: tuple[int, ...], fingerprint: str, max_length: int, progress: bool = True,
-              overwrite: bool = False) -> "TeacherStore":
+              overwrite: bool = False) -> TeacherStore:
         """Runs the target over every example and writes the store atomically (see the module's docstring).
 
         An existing ``directory`` is replaced only with ``overwrite`` and only

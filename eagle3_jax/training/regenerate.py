@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 

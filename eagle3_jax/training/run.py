@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ from eagle3_jax.loading import load_draft, load_target, save_draft
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.training.data import Batcher, load_examples
 from eagle3_jax.training.offline import TeacherStore, is_teacher_store
-from eagle3_jax.training.trainer import CHECKPOINTS, Trainer, TrainConfig, warn
+from eagle3_jax.training.trainer import CHECKPOINTS, TrainConfig, Trainer, warn
 from eagle3_jax.training.vocab import coverage, token_counts, vocab_map
 
 

@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +50,7 @@ from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
 from eagle3_jax.training.data import Batch, Batcher
-from eagle3_jax.training.ttt import Teacher, run_target, teacher_from_logits, ttt_loss
-
+from eagle3_jax.training.ttt import run_target, teacher_from_logits, ttt_loss
 
 # The training-time test is unrolled in the compiled step (SpecForge's default is 7 steps), and a
 # sequence of max_length tokens is one row of the target's forward: both bounded so that a typo

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.training.ttt_attention import TTTHistory, ttt_step
 from eagle3_jax.models.target import TargetModel
+from eagle3_jax.training.ttt_attention import TTTHistory, ttt_step
 
 
 @jax.tree_util.register_dataclass

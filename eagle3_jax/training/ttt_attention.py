@@ -21,8 +21,8 @@ from eagle3_jax.models.eagle3 import Eagle3DraftHead
 
 
 def ttt_step(head: Eagle3DraftHead, embeds: jax.Array, hidden: jax.Array, positions: jax.Array,
-             history: "TTTHistory", valid: jax.Array, *, hidden_is_features: bool
-             ) -> tuple[jax.Array, jax.Array, "TTTHistory"]:
+             history: TTTHistory, valid: jax.Array, *, hidden_is_features: bool
+             ) -> tuple[jax.Array, jax.Array, TTTHistory]:
     """One unrolled training-time-test step of ``head``.
 
     Args:
@@ -53,7 +53,7 @@ class TTTHistory:
     keys: tuple = ()
     values: tuple = ()
 
-    def append(self, k: jax.Array, v: jax.Array) -> "TTTHistory":
+    def append(self, k: jax.Array, v: jax.Array) -> TTTHistory:
         """Adds one step's K/V, given as [batch, seq, kv_heads, head_dim]."""
         return TTTHistory(self.keys + (k.transpose(0, 2, 1, 3),), self.values + (v.transpose(0, 2, 1, 3),))
 

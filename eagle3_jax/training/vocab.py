@@ -9,7 +9,7 @@ vocabulary, the lowest unused ids fill it (with count 0), as SpecForge does.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -227,7 +227,8 @@ def save_converted(module: nnx.Module, src_dir: str, dst_dir: str, *, kind: str,
     with atomic_directory(dst_dir, overwrite=overwrite, replaceable=is_converted,
                           what="converted checkpoint") as tmp:
         for name in sorted(os.listdir(src_dir)):
-            if name.endswith(_COPIED_SUFFIXES) and name not in _NOT_COPIED and os.path.isfile(os.path.join(src_dir, name)):
+            copied = name.endswith(_COPIED_SUFFIXES) and name not in _NOT_COPIED
+            if copied and os.path.isfile(os.path.join(src_dir, name)):
                 shutil.copy2(os.path.join(src_dir, name), os.path.join(tmp, name))
         ckpt = _checkpointer()
         flat = {k: v[...] for k, v in flat_params(module).items()}

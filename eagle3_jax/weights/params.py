@@ -14,7 +14,7 @@ the check costs a fraction of the read and can be turned off.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,8 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
                 continue
             path, rule = mapped
             if path in owner:
-                problems.append(f"tensor {name!r} appears twice ({os.path.basename(owner[path])} and {os.path.basename(f.path)})")
+                problems.append(f"tensor {name!r} appears twice ({os.path.basename(owner[path])} and "
+                                f"{os.path.basename(f.path)})")
                 continue
             owner[path] = f.path
             var = expected[path]

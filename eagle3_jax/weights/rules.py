@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template_regex(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 

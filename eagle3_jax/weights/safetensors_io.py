@@ -29,7 +29,8 @@ import os
 import reprlib
 import stat
 import struct
-from typing import BinaryIO, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import BinaryIO, NamedTuple
 
 import ml_dtypes
 import numpy as np

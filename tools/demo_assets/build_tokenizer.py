@@ -27,7 +27,8 @@ def build_tokenizer(out: str, vocab_size: int = 4096) -> str:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((read(f) for f in train_files), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   clean_up_tokenization_spaces=False)
     os.makedirs(out, exist_ok=True)
     fast.save_pretrained(out)
     return out
