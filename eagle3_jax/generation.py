@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from eagle3_jax import compile_cache as compile_cache_module
+from eagle3_jax.attention import DEFAULT_BACKEND, check_backend
 from eagle3_jax.checks import check_int, check_seed, check_token_ids, is_int
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding import plain, speculative
@@ -176,7 +177,8 @@ def check_cache_dtype(dtype: Any) -> jnp.dtype:
 
 def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
                stop_token_ids: Sequence[int] | None, max_cache_len: int | None,
-               cache_dtype) -> tuple[list[list[int]], DecodeSettings, RuntimeParams, int]:
+               cache_dtype, attention: str = DEFAULT_BACKEND
+               ) -> tuple[list[list[int]], DecodeSettings, RuntimeParams, int]:
     """Validates a batch against a model config and picks its static shapes.
 
     Needs only the config, so callers (the CLI) can reject bad input before
@@ -210,7 +212,8 @@ def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     stops = _check_stop_ids(stop_token_ids, config.vocab_size)
     stops = config.eos_token_ids if stops is None else stops
     settings = DecodeSettings(max_new_tokens=min(max_new_tokens, capacity - shortest), capacity=capacity,
-                              greedy=sampling.greedy, top_k=sampling.top_k, cache_dtype=check_cache_dtype(cache_dtype))
+                              greedy=sampling.greedy, top_k=sampling.top_k, cache_dtype=check_cache_dtype(cache_dtype),
+                              attention=attention)
     params = RuntimeParams.make(temperature=sampling.temperature or 1.0, top_p=sampling.top_p, stop_ids=stops)
     return prompts, settings, params, bucket_length(longest, capacity)
 
@@ -318,6 +321,8 @@ class Generator:
         the per-user directory (``$EAGLE3_JAX_COMPILE_CACHE``, which ``off``
         disables), a path puts it there, False leaves it as it is (see
         :mod:`eagle3_jax.compile_cache`).
+      attention: the attention backend's name (``eagle3_jax.attention.BACKENDS``;
+        docs/architecture.md#attention); a static part of the compiled programs.
       tokenizer: for text prompts, chat messages, stop strings and text
         outputs. None (default): the target's own, from the directory
         :func:`~eagle3_jax.loading.load_target` read it from, loaded on first
@@ -328,7 +333,7 @@ class Generator:
     def __init__(self, target: TargetModel, draft: Eagle3DraftHead | None = None, *,
                  num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
                  max_cache_len: int | None = None, cache_dtype=None, compile_cache=None,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, attention: str = DEFAULT_BACKEND):
         compile_cache_module.enable(compile_cache)
         if not isinstance(target, DecoderLM):
             raise InputError(f"target must be a loaded Qwen3ForCausalLM or LlamaForCausalLM (see load_target), "
@@ -341,6 +346,7 @@ class Generator:
                                       maximum=self.config.max_position_embeddings)
         self.max_cache_len = max_cache_len
         self.cache_dtype = check_cache_dtype(target.dtype if cache_dtype is None else cache_dtype)
+        self.attention = check_backend(attention)
         target_graph, target_params = nnx.split(target)
         if draft is None:
             if any(v is not None for v in (num_steps, topk, num_draft_tokens)):
@@ -424,7 +430,8 @@ class Generator:
         text = TextOptions(tokenizer, stops, include_stop_str_in_output) if tokenizer is not None else None
         prompts, settings, params, bucket = plan_batch(self.config, prompts, max_new_tokens=max_new_tokens,
                                                        sampling=sampling, stop_token_ids=stop_token_ids,
-                                                       max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype)
+                                                       max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype,
+                                                       attention=self.attention)
         check_memory(self.config, settings, len(prompts), bucket, spec=self.spec, draft_config=self.draft_config)
         with device_errors():
             outputs = self._run(prompts, settings, params, bucket, seed, stream, stream_every, text)

@@ -127,3 +127,15 @@ def test_unknown_backend_is_a_clear_error():
 
     with pytest.raises(InputError, match="unknown attention backend"):
         DecodeSettings(max_new_tokens=4, capacity=16, attention="flash")
+
+
+def test_generator_takes_the_backend_by_name():
+    from eagle3_jax import Generator
+
+    cfg = Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e4)
+    model = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), init_std=0.2)
+    with pytest.raises(InputError, match="unknown attention backend 'flash'"):
+        Generator(model, attention="flash")
+    out = Generator(model, attention="reference").generate([[3, 4, 5]], max_new_tokens=4, stop_token_ids=())
+    assert len(out[0].token_ids) == 4
