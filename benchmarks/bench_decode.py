@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
-from eagle3_jax.kv_cache import causal_mask
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.loading import load_draft, load_target, parse_dtype
 from eagle3_jax.timing import interleaved, paired_speedup
 
@@ -94,9 +94,7 @@ def step_costs(target, draft, *, context: int, batch: int, verify_sizes, topk: i
     def target_forward(weights, cache, tokens):
         model = nnx.merge(tg, weights)
         n = tokens.shape[1]
-        positions = cache.lengths[:, None] + jnp.arange(n)[None, :]
-        out = model(tokens, positions, cache, positions, causal_mask(cache.lengths, n, capacity),
-                    feature_layers=layers if n > 1 else ())
+        out = model(tokens, cache, AttentionMetadata.causal(cache.lengths, n), feature_layers=layers if n > 1 else ())
         return out.logits, out.cache
 
     @functools.partial(jax.jit, donate_argnums=(1,))
@@ -104,9 +102,10 @@ def step_costs(target, draft, *, context: int, batch: int, verify_sizes, topk: i
         head, model = nnx.merge(dg, weights), nnx.merge(tg, embed_weights)
         k = tokens.shape[1]
         positions = jnp.broadcast_to(cache.lengths[:, None], tokens.shape)
-        slots = cache.lengths[:, None] + jnp.arange(k)[None, :]
-        out = head(model.embed(tokens), hidden, positions, cache, slots, causal_mask(cache.lengths, k, capacity),
-                   hidden_is_features=False)
+        # a beam step: K tokens at one position, each seeing the prefix and itself
+        meta = AttentionMetadata.window_of(cache.lengths, positions, jnp.arange(k)[None, :],
+                                           jnp.eye(k, dtype=bool)[None])
+        out = head(model.embed(tokens), hidden, cache, meta, hidden_is_features=False)
         return (out.logits, out.hidden), out.cache
 
     kv = kv.with_lengths(lengths)

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from eagle3_jax import Generator, KVCache, load_target
-from eagle3_jax.kv_cache import append_slots, causal_mask
+from eagle3_jax.attention import AttentionMetadata
 
 CONFIGS = {
     "qwen3-tiny-odd (untied, head_dim 12)": ("qwen3", dict(vocab_size=97, hidden_size=40, intermediate_size=56,
@@ -41,16 +41,36 @@ CONFIGS = {
     "qwen3-small (8 layers, hidden 256, vocab 4096)": ("qwen3", dict(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)),
+    # Llama 3.1-style: llama3 RoPE scaling (original context shrunk to 16 so that it acts on these positions)
+    "llama3-tiny (llama3 rope, untied)": ("llama", dict(
+        vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, rope_theta=5e5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "llama-tiny (attention bias, tied)": ("llama", dict(
+        vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True)),
+    "llama3-small (8 layers, hidden 256, vocab 4096)": ("llama", dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, rope_theta=5e5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
 }
+CLASSES = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}
 
 
 def measure(kind, kwargs, seq=24, new_tokens=32, seed=0):
     torch.manual_seed(seed)
     common = dict(max_position_embeddings=1024, rope_theta=1e6, initializer_range=0.1, tie_word_embeddings=False)
     common.update(kwargs)
-    cls_cfg, cls_model = ((transformers.Qwen3Config, transformers.Qwen3ForCausalLM) if kind == "qwen3"
-                          else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
+    cls_cfg, cls_model = CLASSES[kind]
     hf = cls_model(cls_cfg(**common)).eval()
+    with torch.no_grad():  # HF initialises biases to zero; make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
     hf.config._attn_implementation = "eager"
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -63,19 +83,17 @@ def measure(kind, kwargs, seq=24, new_tokens=32, seed=0):
     cap = 64
     cache = KVCache.create(num_layers=c.num_hidden_layers, batch=2, capacity=cap, kv_heads=c.num_key_value_heads,
                            head_dim=c.head_dim, dtype=jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (2, seq))
-    full = np.asarray(model(jnp.asarray(ids, jnp.int32), pos, cache, pos,
-                            causal_mask(jnp.zeros(2, jnp.int32), seq, cap)).logits, np.float64)
+    zeros = jnp.zeros(2, jnp.int32)
+    full = model(jnp.asarray(ids, jnp.int32), cache, AttentionMetadata.causal(zeros, seq))
+    full = np.asarray(full.logits, np.float64)
 
     half = seq // 2
-    p = pos[:, :half]
-    out = model(jnp.asarray(ids[:, :half], jnp.int32), p, cache, p, causal_mask(jnp.zeros(2, jnp.int32), half, cap))
+    out = model(jnp.asarray(ids[:, :half], jnp.int32), cache, AttentionMetadata.causal(zeros, half))
     steps = [np.asarray(out.logits)]
     cache = out.cache.with_lengths(jnp.full((2,), half, jnp.int32))
     for t in range(half, seq):
         lengths = cache.lengths
-        out = model(jnp.asarray(ids[:, t:t + 1], jnp.int32), lengths[:, None], cache, append_slots(lengths, 1),
-                    causal_mask(lengths, 1, cap))
+        out = model(jnp.asarray(ids[:, t:t + 1], jnp.int32), cache, AttentionMetadata.causal(lengths, 1))
         cache = out.cache.with_lengths(lengths + 1)
         steps.append(np.asarray(out.logits))
     incremental = np.concatenate(steps, axis=1).astype(np.float64)
@@ -118,8 +136,8 @@ def measure_draft(steps=4, seed=0):
     embs = rng.normal(size=(b, t + steps, 40)).astype(np.float32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = KVCache.create(num_layers=1, batch=b, capacity=32, kv_heads=2, head_dim=12, dtype=jnp.float32)
-    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), pos, cache, pos,
-               causal_mask(jnp.zeros(b, jnp.int32), t, 32), hidden_is_features=True)
+    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), cache,
+               AttentionMetadata.causal(jnp.zeros(b, jnp.int32), t), hidden_is_features=True)
     with torch.no_grad():
         empty = torch.zeros(b, 4, 0, 12)
         causal = torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, t, t)
@@ -131,8 +149,8 @@ def measure_draft(steps=4, seed=0):
     ours_steps, ref_steps = [], []
     for s in range(steps):
         lengths = cache.lengths
-        out = head(jnp.asarray(embs[:, t + s: t + s + 1]), g, lengths[:, None], cache, append_slots(lengths, 1),
-                   causal_mask(lengths, 1, 32), hidden_is_features=False)
+        out = head(jnp.asarray(embs[:, t + s: t + s + 1]), g, cache, AttentionMetadata.causal(lengths, 1),
+                   hidden_is_features=False)
         with torch.no_grad():
             r_logits, r, keys, values = ref(torch.from_numpy(embs[:, t + s: t + s + 1]), r,
                                             torch.full((b, 1), t + s), keys, values,
