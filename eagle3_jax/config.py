@@ -485,8 +485,11 @@ class Eagle3Config:
                        feature_layers: tuple[int, ...] | None = None) -> Eagle3Config:
         """A copy with the known pitfalls of published heads corrected.
 
-        ``feature_layers`` are HF hidden_states indices (inputs of layers), so
-        ``(2, 18, 33)`` is the default for a 36-layer target.
+        ``rope_theta`` makes the head's RoPE plain with that base (any
+        ``rope_scaling`` of its config is dropped): heads trained by SpecForge
+        before November 2025 used plain RoPE with base 10000 whatever their
+        config said. ``feature_layers`` are HF hidden_states indices (inputs of
+        layers), so ``(2, 18, 33)`` is the default for a 36-layer target.
 
         Raises:
           ConfigError: ``rope_theta`` is not a finite number in
@@ -496,7 +499,7 @@ class Eagle3Config:
         cfg = self
         if rope_theta is not None:
             theta = _check_float(rope_theta, "rope_theta (override)", MIN_ROPE_THETA, MAX_ROPE_THETA)
-            cfg = dataclasses.replace(cfg, rope_theta=theta)
+            cfg = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=None)
         if feature_layers is not None:
             layers = _check_feature_layers(feature_layers, "feature_layers (override)")
             cfg = dataclasses.replace(cfg, aux_layer_ids=tuple(i - 1 for i in layers))

@@ -256,3 +256,15 @@ def test_a_pickle_that_is_not_a_state_dict_is_refused(formats, tmp_path):
     torch.save({"fc.weight": Evil()}, path / "pytorch_model.bin", _use_new_zipfile_serialization=True)
     with pytest.raises(CheckpointError, match="not a readable PyTorch state dict"):
         load_draft(path, progress=False)
+
+
+def test_rope_theta_override_makes_the_heads_rope_plain():
+    from eagle3_jax.config import RopeScaling
+
+    cfg = Eagle3Config(hidden_size=40, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                       vocab_size=97, draft_vocab_size=97, target_hidden_size=40, rope_theta=5e5,
+                       rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    out = cfg.with_overrides(rope_theta=10000)
+    assert out.rope_theta == 10000.0 and out.rope_scaling is None
+    assert cfg.with_overrides(feature_layers=(1, 2, 3)).rope_scaling == cfg.rope_scaling
+    assert Eagle3Config.from_hf_dict(cfg.to_hf_dict()) == cfg  # the SpecForge export keeps the scaling

@@ -119,7 +119,8 @@ def add_tree_options(p) -> None:
 def add_head_overrides(p) -> None:
     """--draft-rope-theta and --feature-layers: the pitfalls of published heads."""
     p.add_argument("--draft-rope-theta", type=finite_float, default=None, metavar="THETA",
-                   help="override the head's RoPE base (some published heads were trained with 10000)")
+                   help="use plain RoPE with this base for the head, dropping any scaling in its config "
+                        "(some published heads were trained with 10000)")
     p.add_argument("--feature-layers", type=int_list, default=None, metavar="L1,L2,L3",
                    help="override the target layers feeding the head (HF hidden_states indices, e.g. 2,18,33)")
 
