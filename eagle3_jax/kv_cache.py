@@ -1,15 +1,19 @@
-"""The static-capacity KV cache and the masks and slots that address it.
+"""The static-capacity KV cache (docs/architecture.md#kv-cache).
 
 A cache is a pytree of two stacked buffers and per-row lengths. Its capacity is
 fixed at creation (it is a compiled shape); what varies between calls and loop
 steps lives in ``lengths``. A forward pass writes the K/V of its new tokens at
-explicit slots and attends through an explicit mask over the whole buffer, so
-one model call serves prefill, decode and tree verification:
+explicit slots and attends as its :class:`~eagle3_jax.attention.AttentionMetadata`
+says (the committed prefix plus a window of provisional slots), so one model
+call serves prefill, decode and tree verification:
 
-* prefill / decode: slots ``lengths + t``, mask ``slot <= lengths + t``
-  (:func:`append_slots`, :func:`causal_mask`);
-* tree verification: slots ``lengths + i`` for the N tree nodes, mask
-  ``slot < lengths`` or the node's tree ancestors.
+* prefill / decode: slots ``lengths + t``, each token seeing the prefix and
+  the new tokens up to itself (``AttentionMetadata.causal``);
+* tree verification: slots ``lengths + i`` for the N tree nodes, each seeing
+  the prefix and its tree ancestors (``decoding/tree.py: verify_attention``).
+
+:func:`append_slots` and :func:`causal_mask` build the same thing as dense
+arrays, for tests and references (``AttentionMetadata.dense``).
 
 Writing K/V never advances ``lengths``: the caller commits what it accepts.
 Slots at or past the capacity are dropped, never wrapped or clamped, so an

@@ -137,3 +137,14 @@ def test_a_qwen3_module_is_not_a_llama_and_the_registry_builds_each():
     assert set(TARGETS) == {"qwen3", "qwen2", "llama"}
     with pytest.raises(ConfigError, match="model_type"):
         LlamaConfig(**{**cfg.__dict__, "model_type": "qwen3"})
+
+
+def test_llama_converts_to_orbax_and_back(hf_llama, tmp_path):
+    from eagle3_jax import convert_target
+
+    out = convert_target(hf_llama.path, tmp_path / "conv", dtype="float32", progress=False)
+    model = load_target(out, dtype="float32", progress=False)
+    assert isinstance(model, LlamaForCausalLM) and model.config == TargetConfig.from_pretrained(hf_llama.path)
+    ids = np.random.default_rng(8).integers(0, 97, size=(1, 40))
+    ours = np.asarray(model.forward_sequence(jnp.asarray(ids, jnp.int32)).logits)
+    assert rel_err(ours, hf_logits(hf_llama, ids)) < REL_TOL
