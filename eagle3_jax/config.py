@@ -297,7 +297,7 @@ class TargetConfig:
         outside = [t for t in self.eos_token_ids if t >= self.vocab_size]
         if outside:  # generation would never stop on them
             raise ConfigError(f"eos_token_id {outside[0]} is outside the vocabulary [0, {self.vocab_size}) "
-                              "(config.json or generation_config.json)")
+                              f"(vocab_size {self.vocab_size}; eos ids from config.json or generation_config.json)")
         _check_optional_id(self.bos_token_id, "bos_token_id")
         _check_optional_id(self.pad_token_id, "pad_token_id")
         _check_rope_scaling(self.rope_scaling)

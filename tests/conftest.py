@@ -41,8 +41,8 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 @dataclasses.dataclass
 class HFModel:
     path: str
-    model: "transformers.PreTrainedModel"
-    config: "transformers.PretrainedConfig"
+    model: transformers.PreTrainedModel
+    config: transformers.PretrainedConfig
 
 
 TINY = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=4, num_attention_heads=4,

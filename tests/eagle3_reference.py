@@ -51,7 +51,8 @@ def rope(x, positions, theta):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        h, self.nh, self.nkv, self.hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+        h, self.nh = cfg["hidden_size"], cfg["num_attention_heads"]
+        self.nkv, self.hd = cfg["num_key_value_heads"], cfg["head_dim"]
         self.theta = cfg["rope_theta"]
         self.q_proj = nn.Linear(2 * h, self.nh * self.hd, bias=False)
         self.k_proj = nn.Linear(2 * h, self.nkv * self.hd, bias=False)
@@ -236,5 +237,5 @@ def specforge_ttt_loss(ref, input_ids, features, target_logits, loss_mask, valid
         input_ids = specforge_padding(input_ids)
         position_mask = specforge_padding(position_mask)
         loss_mask = specforge_padding(loss_mask)
-    total = sum(decay ** i * l for i, l in enumerate(losses))
+    total = sum(decay ** i * loss for i, loss in enumerate(losses))
     return total, losses, accs

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.training.ttt_attention import ttt_mask
 
 
@@ -71,7 +71,10 @@ def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4,
         base = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
         total = 0.0
         for step in range(ttt):
-            out = model(embeds[:, 1 + step: 1 + step + seq_len], hidden, cache, AttentionMetadata.dense(base + step, base + step * seq_len, jnp.broadcast_to(ttt_mask(seq_len, step, ttt), (b, seq_len, ttt * seq_len))),
+            out = model(embeds[:, 1 + step: 1 + step + seq_len], hidden, cache,
+                        AttentionMetadata.dense(base + step, base + step * seq_len,
+                                                jnp.broadcast_to(ttt_mask(seq_len, step, ttt),
+                                                                 (b, seq_len, ttt * seq_len))),
                         hidden_is_features=step == 0)
             labels = jnp.asarray(seqs[:, 2 + step: 2 + step + seq_len])
             total = total + (0.8 ** step) * optax.softmax_cross_entropy_with_integer_labels(out.logits, labels).mean()
@@ -89,7 +92,7 @@ def fit_head(target, *, seed=0, num_seqs=96, prompt_len=6, new_tokens=26, ttt=4,
     return nnx.merge(graphdef, params, rest), float(loss)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fitted_pair(seed=0):
     target = tiny_target(seed)
     head, _ = fit_head(target, seed=seed)

@@ -126,6 +126,7 @@ def test_objects_of_the_wrong_kind(target):
         Generator(target, target)
 
 
+@pytest.mark.slow
 def test_huge_max_new_tokens_costs_only_the_cache(target):
     """Result buffers are sized by what the cache holds, not by max_new_tokens."""
     _, settings, _, _ = plan_batch(target.config, [[7, 8], [7, 8, 9, 10]], max_new_tokens=10**9,
@@ -154,6 +155,7 @@ def test_memory_is_checked_before_allocating(target, monkeypatch):
                        st.lists(st.integers(-3, 200), max_size=3), st.integers(-2**70, 2**70),
                        st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)),
        field=st.sampled_from(["max_new_tokens", "seed", "stop_token_ids", "prompts", "stream_every"]))
+@pytest.mark.slow
 def test_any_argument_is_either_valid_or_an_input_error(gen, value, field):
     """Random values for each argument: an InputError or a normal result, never another exception."""
     kwargs = {"max_new_tokens": 2, "stop_token_ids": ()}

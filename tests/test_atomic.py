@@ -237,6 +237,7 @@ SLOW_CONVERT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_convert_killed_then_rerun(hf_qwen3, tmp_path):
     dst, flag = tmp_path / "conv", tmp_path / "writing"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -256,12 +257,14 @@ def test_convert_killed_then_rerun(hf_qwen3, tmp_path):
     assert (dst / "eagle3_jax.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_converts_to_one_destination(hf_qwen3, tmp_path):
     """A target and a draft conversion race for one destination: one wins, the other fails cleanly."""
+    from flax import nnx
+
     from eagle3_jax.config import Eagle3Config, Qwen3Config
     from eagle3_jax.loading import save_draft
     from eagle3_jax.models.eagle3 import Eagle3DraftHead
-    from flax import nnx
 
     cfg = Qwen3Config.from_pretrained(hf_qwen3.path)
     head = Eagle3DraftHead(Eagle3Config.for_target(cfg, draft_vocab_size=cfg.vocab_size, feature_layers=(0, 1, 2)),

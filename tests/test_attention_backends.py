@@ -102,6 +102,7 @@ def test_dense_mask_is_prefix_plus_window():
                                   [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_backend_in_whole_forwards_matches_reference(backend):
     cfg = Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -50,6 +50,7 @@ def test_generate_prompt_ids_json(capsys, hf_qwen3):
         assert r["tokens_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_generate_text_with_chat_template(capsys, hf_qwen3_real_vocab):
     from transformers import AutoTokenizer
 
@@ -67,6 +68,7 @@ def test_generate_text_with_chat_template(capsys, hf_qwen3_real_vocab):
     assert 1 <= len(row["token_ids"]) <= 5
 
 
+@pytest.mark.slow
 def test_plain_text_output(capsys, hf_qwen3):
     code, out, err = run_cli(capsys, "generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8",
                              "--max-new-tokens", "3", "--no-stop")
@@ -115,6 +117,7 @@ def test_help_explains_every_option(capsys):
         assert key in flat, key
 
 
+@pytest.mark.slow
 def test_convert_cli(capsys, hf_qwen3, tmp_path):
     dst = tmp_path / "conv"
     code, out, _ = run_cli(capsys, "convert", hf_qwen3.path, str(dst), "--json")
@@ -126,6 +129,7 @@ def test_convert_cli(capsys, hf_qwen3, tmp_path):
     assert code == 0 and len(json_rows(out)[0]["token_ids"]) <= 2
 
 
+@pytest.mark.slow
 def test_console_script_and_convert_script(hf_qwen3, tmp_path):
     exe = shutil.which("eagle3-jax", path=os.path.dirname(sys.executable)) or shutil.which("eagle3-jax")
     assert exe, "the eagle3-jax console script is not installed"
@@ -151,6 +155,7 @@ def head_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_speculative_generate_json(capsys, hf_qwen3, head_dir):
     base = ["generate", "--target", hf_qwen3.path, "--prompt-ids", "7,8,9", "--prompt-ids", "20,21,22,23,24",
             "--max-new-tokens", "12", "--no-stop", "--json"]
@@ -167,6 +172,7 @@ def test_speculative_generate_json(capsys, hf_qwen3, head_dir):
         assert r["acceptance_length"] == pytest.approx(11 / r["num_target_forwards"])
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_the_final_text(capsys, hf_qwen3_real_vocab):
     argv = ["generate", "--target", hf_qwen3_real_vocab.path, "--prompt", "Streaming test", "--max-new-tokens", "9",
             "--no-stop"]
@@ -200,6 +206,7 @@ def test_speculative_usage_errors(capsys, hf_qwen3, head_dir, argv):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_generate_stop_strings(capsys, hf_qwen3_real_vocab):
     base = ["generate", "--target", hf_qwen3_real_vocab.path, "--prompt", "Stop here", "--prompt", "And here",
             "--max-new-tokens", "8", "--no-stop", "--json"]

@@ -186,7 +186,8 @@ CASES = [
     Case("weights fifo", fifo, match="model.safetensors"),
     Case("weights not safetensors", raw_file("model.safetensors", b"\x00" * 64), match="model.safetensors"),
     Case("weights truncated", lambda t, h, w: _write(os.path.join(t, "model.safetensors"), open(
-        os.path.join(demo_paths()[0], "model.safetensors"), "rb").read()[:100000]), match="truncated|model.safetensors"),
+        os.path.join(demo_paths()[0], "model.safetensors"), "rb").read()[:100000]),
+         match="truncated|model.safetensors"),
     Case("weights overlapping offsets", lambda t, h, w: _overlap(os.path.join(t, "model.safetensors")),
          match="model.safetensors"),
     Case("weights nan", lambda t, h, w: _rewrite_weights(t, _poison), match="down_proj"),
@@ -299,7 +300,11 @@ def _snapshot(root):
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+SLOW_CASES = {"weights nan, loaded anyway"}  # compiles and runs a decode: only in the full run, not in -m "not slow"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW_CASES else c
+                                  for c in CASES], ids=lambda c: c.name)
 def test_bad_input(case, demo_pair, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = _copy_model(demo_pair[0], str(tmp_path / "target"))
@@ -331,6 +336,7 @@ def test_bad_input(case, demo_pair, tmp_path, capsys, monkeypatch):
     assert open(os.path.join(mine, "notes.txt")).read() == "precious"
 
 
+@pytest.mark.slow
 def test_broken_tokenizer_is_not_needed_for_token_ids(demo_pair, tmp_path, capsys):
     t = _copy_model(demo_pair[0], str(tmp_path / "target"))
     _write(os.path.join(t, "tokenizer.json"), b"{\"version\": ")

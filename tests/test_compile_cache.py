@@ -16,6 +16,8 @@ import sys
 import textwrap
 import warnings
 
+import pytest
+
 from eagle3_jax import compile_cache
 
 # A program in the shape of the decode loops: static settings, a while_loop, a donated state.
@@ -75,6 +77,7 @@ def test_a_second_process_loads_the_program_from_the_cache(tmp_path):
     assert entries(cache) == written  # same keys in another process: nothing new written
 
 
+@pytest.mark.slow
 def test_opting_out_writes_nothing(tmp_path):
     out = run_script(tmp_path, "off")  # EAGLE3_JAX_COMPILE_CACHE=off (the other spellings: below)
     assert out["cache_dir"] is None and out["events"][-1]["from_cache"] is False
@@ -119,6 +122,7 @@ MESSAGE = re.compile(r"compiling the prefill \(batch 1, prompt bucket 16, cache 
                      r"(done|loaded from the compilation cache) in \d+\.\d s\n")
 
 
+@pytest.mark.slow
 def test_the_cli_says_when_it_compiles(capsys, hf_qwen3):
     from eagle3_jax.cli import main
     from eagle3_jax.compiled import CompiledFunction
@@ -138,6 +142,7 @@ def test_the_cli_says_when_it_compiles(capsys, hf_qwen3):
         assert "loaded from the compilation cache in" in err, err
 
 
+@pytest.mark.slow
 def test_the_cli_flag_turns_the_cache_off(tmp_path, hf_qwen3):
     cache = tmp_path / "cache"
     env = dict(os.environ, EAGLE3_JAX_COMPILE_CACHE=str(cache), JAX_PLATFORMS="cpu")
@@ -150,6 +155,7 @@ def test_the_cli_flag_turns_the_cache_off(tmp_path, hf_qwen3):
     assert not cache.exists()
 
 
+@pytest.mark.slow
 def test_programs_written_without_a_size_bound_do_not_break_the_cache(tmp_path):
     """JAX's size-bounded cache fails every write when a program lacks its access-time file (one written by a
     process with JAX's default, unbounded cache); enabling the cache gives them one."""

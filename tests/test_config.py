@@ -60,7 +60,8 @@ def test_no_eos_means_no_stop_ids():
 
 def test_named_constructor_qwen3_4b_thinking():
     cfg = Qwen3Config.qwen3_4b_thinking_2507()
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (36, 2560, 32, 8)
+    shape = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads)
+    assert shape == (36, 2560, 32, 8)
     assert cfg.head_dim == 128 and cfg.intermediate_size == 9728 and cfg.vocab_size == 151936
     assert cfg.rope_theta == 5_000_000 and cfg.tie_word_embeddings and not cfg.qkv_bias
     assert cfg.eos_token_ids == (151645, 151643)

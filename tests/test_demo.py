@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,7 +9,7 @@ from eagle3_jax import Generator, load_draft, load_target
 from eagle3_jax.cli import main
 from eagle3_jax.demo import demo_paths
 from eagle3_jax.demo.corpus import read, split
-from eagle3_jax.evaluation import PromptFormatter, Prompt, run_benchmark
+from eagle3_jax.evaluation import Prompt, PromptFormatter, run_benchmark
 from eagle3_jax.sampling import SamplingParams
 
 
@@ -33,6 +32,7 @@ def test_sizes_and_formats():
     assert json.load(open(os.path.join(head_dir, "config.json")))["architectures"] == ["LlamaForCausalLMEagle3"]
 
 
+@pytest.mark.slow
 def test_transformers_reproduces_the_demo_target(pair):
     import transformers
 
@@ -46,6 +46,7 @@ def test_transformers_reproduces_the_demo_target(pair):
     assert ours == ref
 
 
+@pytest.mark.slow
 def test_demo_head_accepts_on_held_out_stdlib_code(pair):
     """A regression guard on the shipped weights (not a timing test)."""
     target, head, tok = pair
@@ -63,6 +64,7 @@ def test_demo_head_accepts_on_held_out_stdlib_code(pair):
     assert result["acceptance_length"] > 2.0, result["acceptance_length"]
 
 
+@pytest.mark.slow
 def test_demo_command(capsys):
     assert main(["demo", "--json", "--max-new-tokens", "48"]) == 0
     figures = json.loads(capsys.readouterr().out)
@@ -99,6 +101,7 @@ def test_demo_report_says_when_the_speedup_is_noise():
     assert "one repeat: noise" in single
 
 
+@pytest.mark.slow
 def test_eval_on_the_demo_pair(tmp_path, capsys):
     target_dir, head_dir = demo_paths()
     code = main(["eval", "--target", target_dir, "--draft", head_dir, "--bench", "humaneval",  # the shipped slice

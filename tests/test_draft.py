@@ -12,8 +12,8 @@ import torch
 from eagle3_reference import RefEagle3, make_reference_head
 from safetensors.torch import load_file as torch_load_file
 
-from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax import CheckpointError, ConfigError, KVCache, Qwen3Config
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.config import Eagle3Config
 from eagle3_jax.kv_cache import append_slots, causal_mask
 from eagle3_jax.loading import convert_draft, load_draft, save_draft
@@ -200,6 +200,7 @@ def test_convert_draft_round_trip(ref_head, tmp_path):
 
 # ----------------------------------------------------------------- parity
 
+@pytest.mark.slow
 def test_extend_then_drafting_steps_match_reference(ref_head):
     path, ref, ids = ref_head
     head = load_draft(path, TARGET, dtype="float32", progress=False)
@@ -211,7 +212,8 @@ def test_extend_then_drafting_steps_match_reference(ref_head):
     # extend over target features at positions 0..t-1
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = draft_cache(head, b)
-    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), cache, AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 32)), hidden_is_features=True)
+    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), cache,
+               AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 32)), hidden_is_features=True)
     with torch.no_grad():
         empty = torch.zeros(b, 4, 0, 12)
         causal = torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, t, t)
@@ -225,7 +227,9 @@ def test_extend_then_drafting_steps_match_reference(ref_head):
     g, r = out.hidden[:, -1:], r_g[:, -1:]
     for s in range(steps):
         lengths = cache.lengths
-        out = head(jnp.asarray(embs[:, t + s: t + s + 1]), g, cache, AttentionMetadata.dense(lengths[:, None], append_slots(lengths, 1), causal_mask(lengths, 1, 32)), hidden_is_features=False)
+        out = head(jnp.asarray(embs[:, t + s: t + s + 1]), g, cache,
+                   AttentionMetadata.dense(lengths[:, None], append_slots(lengths, 1), causal_mask(lengths, 1, 32)),
+                   hidden_is_features=False)
         with torch.no_grad():
             r_logits, r, keys, values = ref(torch.from_numpy(embs[:, t + s: t + s + 1]), r,
                                             torch.full((b, 1), t + s), keys, values,
@@ -238,6 +242,7 @@ def test_extend_then_drafting_steps_match_reference(ref_head):
     np.testing.assert_array_equal(np.asarray(head.to_target_ids(jnp.asarray(top))), ids[top])
 
 
+@pytest.mark.slow
 def test_tree_step_attends_to_ancestors_only(ref_head):
     """Two siblings in one forward (each sees the prefix and itself) equal two separate chains."""
     path, ref, _ = ref_head
@@ -247,19 +252,26 @@ def test_tree_step_attends_to_ancestors_only(ref_head):
     feats = rng.normal(size=(1, t, 120)).astype(np.float32)
     embs = rng.normal(size=(1, t + 2, 40)).astype(np.float32)
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), draft_cache(head, 1), AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(1, jnp.int32), t, 32)), hidden_is_features=True)
+    out = head(jnp.asarray(embs[:, :t]), jnp.asarray(feats), draft_cache(head, 1),
+               AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(1, jnp.int32), t, 32)), hidden_is_features=True)
     cache = out.cache.with_lengths(jnp.array([t], jnp.int32))
     g = jnp.repeat(out.hidden[:, -1:], 2, axis=1)
     mask = np.zeros((1, 2, 32), bool)
     mask[0, :, :t] = True
     mask[0, 0, t], mask[0, 1, t + 1] = True, True
-    sib = head(jnp.asarray(embs[:, t:]), g, cache, AttentionMetadata.dense(jnp.full((1, 2), t, jnp.int32), append_slots(cache.lengths, 2), jnp.asarray(mask)), hidden_is_features=False)
+    sib = head(jnp.asarray(embs[:, t:]), g, cache,
+               AttentionMetadata.dense(jnp.full((1, 2), t, jnp.int32), append_slots(cache.lengths, 2),
+                                       jnp.asarray(mask)),
+               hidden_is_features=False)
     for i in range(2):
-        chain = head(jnp.asarray(embs[:, t + i: t + i + 1]), out.hidden[:, -1:], cache, AttentionMetadata.dense(jnp.full((1, 1), t, jnp.int32), append_slots(cache.lengths, 1), causal_mask(cache.lengths, 1, 32)),
+        chain = head(jnp.asarray(embs[:, t + i: t + i + 1]), out.hidden[:, -1:], cache,
+                     AttentionMetadata.dense(jnp.full((1, 1), t, jnp.int32), append_slots(cache.lengths, 1),
+                                             causal_mask(cache.lengths, 1, 32)),
                      hidden_is_features=False)
         assert rel_err(sib.logits[:, i], chain.logits[:, 0]) < 1e-5
 
 
+@pytest.mark.slow
 def test_training_time_test_pattern_matches_specforge(ref_head):
     """Unrolled TTT steps through the module with ``ttt_mask`` equal SpecForge's cache_hidden attention."""
     path, ref, _ = ref_head
@@ -304,6 +316,7 @@ def test_convert_cli_for_drafts(ref_head, tmp_path, capsys):
     assert "an EAGLE-3 draft head's config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ttt_step_equals_the_masked_cache_form_and_specforge(ref_head):
     """The efficient training path (``ttt_step``) computes what ``ttt_mask`` over a cache computes,
     padding included, and what SpecForge's ``cache_hidden`` attention computes."""
@@ -325,7 +338,9 @@ def test_ttt_step_equals_the_masked_cache_form_and_specforge(ref_head):
     for step in range(ttt):
         logits, hidden, history = ttt_step(head, jnp.asarray(embs[step]), hidden, base + step, history,
                                            jnp.asarray(valid), hidden_is_features=step == 0)
-        out = head(jnp.asarray(embs[step]), hidden_ref, cache, AttentionMetadata.dense(base + step, base + step * t, ttt_mask(t, step, ttt, jnp.asarray(valid))), hidden_is_features=step == 0)
+        out = head(jnp.asarray(embs[step]), hidden_ref, cache,
+                   AttentionMetadata.dense(base + step, base + step * t, ttt_mask(t, step, ttt, jnp.asarray(valid))),
+                   hidden_is_features=step == 0)
         cache, hidden_ref = out.cache, out.hidden
         with torch.no_grad():
             r_logits, r_hidden = ref.ttt_step(torch.from_numpy(embs[step]), r_hidden,

@@ -82,6 +82,7 @@ def test_prompt_loading_imports_nothing_heavy(module, heavy):
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_eval_runs_offline_on_the_shipped_slices_and_names_the_skipped(hf_qwen3_real_vocab, head_dir, tmp_path,
                                                                        capsys, offline):
     out = tmp_path / "report"
@@ -112,6 +113,7 @@ def test_eval_runs_offline_on_the_shipped_slices_and_names_the_skipped(hf_qwen3_
     assert title.startswith("gsm8k, tree (2,1,3): 2 prompts, acc. length ")
 
 
+@pytest.mark.slow
 def test_eval_fails_clearly_when_no_benchmark_has_prompts(hf_qwen3_real_vocab, head_dir, tmp_path, capsys, offline):
     code = main(["eval", "--target", hf_qwen3_real_vocab.path, "--draft", head_dir, "--bench", "ceval",
                  "--output", str(tmp_path / "report")])
@@ -122,6 +124,7 @@ def test_eval_fails_clearly_when_no_benchmark_has_prompts(hf_qwen3_real_vocab, h
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.slow
 def test_eval_speed_interleaves_and_records_the_tokens(hf_qwen3_real_vocab, head_dir, tmp_path, capsys, offline):
     bench = tmp_path / "bench"
     bench.mkdir()

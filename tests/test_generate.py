@@ -24,7 +24,8 @@ def _prompts(vocab, lengths, seed=0):
     return [rng.integers(6, vocab, size=n).tolist() for n in lengths]  # ids >= 6 avoid the eos id 5
 
 
-@pytest.mark.parametrize("fixture", ["hf_qwen3", "hf_qwen3_tied", "hf_qwen2"])
+@pytest.mark.parametrize("fixture", ["hf_qwen3", pytest.param("hf_qwen3_tied", marks=pytest.mark.slow),
+                                     pytest.param("hf_qwen2", marks=pytest.mark.slow)])
 def test_greedy_batch_equals_hf_generate(fixture, request):
     hf = request.getfixturevalue(fixture)
     model = load_target(hf.path, dtype="float32", progress=False)
@@ -35,6 +36,7 @@ def test_greedy_batch_equals_hf_generate(fixture, request):
         assert out.finish_reason == "length" and out.num_target_forwards == 19
 
 
+@pytest.mark.slow
 def test_stops_at_eos_like_hf(hf_qwen3, qwen3):
     """Pick as stop id a token the model does emit, so some rows stop early."""
     prompts = _prompts(97, [4, 9, 2, 6], seed=1)
@@ -53,6 +55,7 @@ def test_stops_at_eos_like_hf(hf_qwen3, qwen3):
     assert outs[0].finish_reason == "eos" and len(outs[0].token_ids) <= 6
 
 
+@pytest.mark.slow
 def test_default_stop_ids_are_the_config_eos(qwen3):
     assert qwen3.config.eos_token_ids == (5,)
     out = Generator(qwen3).generate([[7, 8, 9]], max_new_tokens=4, stop_token_ids=None)[0]
@@ -63,6 +66,7 @@ def test_default_stop_ids_are_the_config_eos(qwen3):
         assert out.token_ids == free.token_ids
 
 
+@pytest.mark.slow
 def test_full_cache_stops_cleanly(hf_qwen3, qwen3):
     prompts = _prompts(97, [10, 3])
     outs = Generator(qwen3, max_cache_len=16).generate(prompts, max_new_tokens=40, stop_token_ids=())
@@ -99,6 +103,7 @@ def test_bad_knobs(qwen3):
         SamplingParams(temperature=-1.0)
 
 
+@pytest.mark.slow
 def test_same_bucket_does_not_recompile(qwen3):
     gen = Generator(qwen3)
     gen.generate(_prompts(97, [17, 20]), max_new_tokens=5)
@@ -111,6 +116,7 @@ def test_same_bucket_does_not_recompile(qwen3):
     assert gen.num_compiles > before
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy(qwen3):
     gen = Generator(qwen3)
     prompts = _prompts(97, [5, 8])
@@ -156,6 +162,7 @@ def test_filter_logits_matches_reference(temperature, top_p, top_k):
         np.testing.assert_allclose(got[row][~np.isinf(ref)], ref[~np.isinf(ref)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pure_generate_runs_under_outer_jit(qwen3):
     """The pure function composes with a user's own jax.jit (model state as an argument)."""
     graphdef, state = nnx.split(qwen3)
@@ -176,6 +183,7 @@ def test_pure_generate_runs_under_outer_jit(qwen3):
         assert np.asarray(result.tokens[i]).tolist() == expected[i].token_ids
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(qwen3):
     """Long prompts are prefilled in chunks; logits, cache and features are those of a single pass."""
     from eagle3_jax.decoding.common import prefill

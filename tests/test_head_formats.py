@@ -117,12 +117,14 @@ def formats(llama, head, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_formats_are_detected(formats):
     for fmt, path in formats.items():
         with open(os.path.join(path, "config.json")) as f:
             assert head_format(json.load(f)) == fmt
 
 
+@pytest.mark.slow
 def test_each_format_loads_the_same_head(llama, head, formats):
     want = {k: np.asarray(v[...]) for k, v in flat_params(head).items()}
     for fmt, path in formats.items():
@@ -133,9 +135,11 @@ def test_each_format_loads_the_same_head(llama, head, formats):
         assert got.keys() == want.keys(), fmt
         for k in want:
             tol = 2e-3 if fmt == "eagle" else 0  # the EAGLE authors publish float16
-            np.testing.assert_allclose(got[k], want[k], rtol=tol, atol=tol * np.abs(want[k]).max(), err_msg=f"{fmt} {k}")
+            np.testing.assert_allclose(got[k], want[k], rtol=tol, atol=tol * np.abs(want[k]).max(),
+                                       err_msg=f"{fmt} {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["specforge", "eagle", "speculators"])
 def test_speculative_equals_plain_for_each_format(llama, formats, fmt):
     rng = np.random.default_rng(11)
@@ -148,10 +152,11 @@ def test_speculative_equals_plain_for_each_format(llama, formats, fmt):
     assert np.mean([s.acceptance_length for s in spec]) > 1.3  # the fitted head is used, not bypassed
 
 
+@pytest.mark.slow
 def test_norm_before_residual_matches_the_reference(llama, head, formats, tmp_path):
     """speculators' norm_before_residual: the residual around attention is hidden_norm(h)."""
-    path = write_speculators(head, str(tmp_path / "nbr"), str(tmp_path), np.asarray(llama.model.embed_tokens.embedding[...]),
-                             norm_before_residual=True)
+    emb = np.asarray(llama.model.embed_tokens.embedding[...])
+    path = write_speculators(head, str(tmp_path / "nbr"), str(tmp_path), emb, norm_before_residual=True)
     nbr = load_draft(path, llama.config, dtype="float32", progress=False)
     assert nbr.config.norm_before_residual
     cfg = nbr.config
@@ -225,7 +230,8 @@ def test_feature_layers_mean_the_same_in_every_format(raw, layers):
     (_speculators_config(speculators_model_type="eagle"), "not an EAGLE-3 head"),
     (_speculators_config(**{"layer.model_type": "qwen3"}), "model_type 'qwen3' is not supported for the head"),
     (_speculators_config(**{"layer.attention_bias": True}), "attention_bias=true is not supported"),
-    (_speculators_config(**{"layer.hidden_size": None}), "transformer_layer_config: missing required key(s): hidden_size"),
+    (_speculators_config(**{"layer.hidden_size": None}),
+     "transformer_layer_config: missing required key(s): hidden_size"),
     ({k: v for k, v in _speculators_config().items() if k != "transformer_layer_config"},
      "missing required key(s): transformer_layer_config"),
 ])
@@ -240,6 +246,7 @@ def test_speculators_config_errors(raw, message):
     assert message in str(e.value) and str(e.value).startswith("head.json")
 
 
+@pytest.mark.slow
 def test_a_pickle_that_is_not_a_state_dict_is_refused(formats, tmp_path):
     import shutil
 

@@ -12,7 +12,15 @@ import torch
 import transformers
 from conftest import LLAMA3_SCALING, hf_greedy
 
-from eagle3_jax import ConfigError, Generator, LlamaConfig, LlamaForCausalLM, Qwen3ForCausalLM, TargetConfig, load_target
+from eagle3_jax import (
+    ConfigError,
+    Generator,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3ForCausalLM,
+    TargetConfig,
+    load_target,
+)
 from eagle3_jax.config import RopeScaling
 from eagle3_jax.loading import save_target
 from eagle3_jax.models.layers import rope_inv_freq
@@ -83,6 +91,7 @@ def test_llama3_inverse_frequencies_match_transformers():
     assert ((ratio > 1.01) & (ratio < 7.99)).any()
 
 
+@pytest.mark.slow
 def test_llama_forward_matches_hf_and_scaling_matters(hf_llama):
     model = load_target(hf_llama.path, dtype="float32", progress=False)
     assert isinstance(model, LlamaForCausalLM)
@@ -113,6 +122,7 @@ def test_llama_greedy_generation_matches_hf(request, name):
         assert out.token_ids == hf_greedy(hf.model, prompt, 12)
 
 
+@pytest.mark.slow
 def test_llama_export_loads_in_transformers(hf_llama, tmp_path):
     model = load_target(hf_llama.path, dtype="float32", progress=False)
     save_target(model, tmp_path / "out", dtype="float32")
@@ -139,6 +149,7 @@ def test_a_qwen3_module_is_not_a_llama_and_the_registry_builds_each():
         LlamaConfig(**{**cfg.__dict__, "model_type": "qwen3"})
 
 
+@pytest.mark.slow
 def test_llama_converts_to_orbax_and_back(hf_llama, tmp_path):
     from eagle3_jax import convert_target
 

@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Qwen3Config, Qwen3ForCausalLM
@@ -41,6 +42,7 @@ def test_the_compiled_step_names_its_phases():
     assert set(scopes) == {"draft", "verify", "accept", "commit", "extend"}
 
 
+@pytest.mark.slow
 def test_start_is_the_extend_over_the_prompt():
     """The root after ``start`` equals an explicit extend over the prompt from an empty draft cache."""
     target, head = models()
@@ -56,6 +58,7 @@ def test_start_is_the_extend_over_the_prompt():
     assert int(root.cache.lengths[0]) == 4
 
 
+@pytest.mark.slow
 def test_plain_and_speculative_return_one_result_type():
     target, head = models()
     tokens, lengths = jnp.asarray([[3, 9, 4, 11]], jnp.int32), jnp.asarray([4], jnp.int32)

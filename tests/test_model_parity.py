@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax import KVCache, load_target
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.kv_cache import append_slots, causal_mask
 
 REL_TOL = 1e-4
@@ -27,7 +27,8 @@ def full_forward(model, ids, capacity=64, **kw):
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     zeros = jnp.zeros((b,), jnp.int32)
-    return model(jnp.asarray(ids, jnp.int32), new_cache(model, b, capacity), AttentionMetadata.dense(pos, pos, causal_mask(zeros, t, capacity)), **kw)
+    return model(jnp.asarray(ids, jnp.int32), new_cache(model, b, capacity),
+                 AttentionMetadata.dense(pos, pos, causal_mask(zeros, t, capacity)), **kw)
 
 
 def hf_forward(hf, ids):
@@ -35,6 +36,7 @@ def hf_forward(hf, ids):
         return hf.model(torch.tensor(ids), output_hidden_states=True)
 
 
+@pytest.mark.slow
 def test_every_layer_and_logits_match_hf(hf_any):
     model = load_target(hf_any.path, dtype="float32", progress=False)
     ids = np.random.default_rng(0).integers(0, hf_any.config.vocab_size, size=(3, 13))
@@ -49,6 +51,7 @@ def test_every_layer_and_logits_match_hf(hf_any):
     assert err < REL_TOL, err
 
 
+@pytest.mark.slow
 def test_features_are_hf_hidden_states_at_feature_layers(hf_qwen3):
     model = load_target(hf_qwen3.path, dtype="float32", progress=False)
     ids = np.random.default_rng(1).integers(0, 97, size=(2, 9))
@@ -62,6 +65,7 @@ def test_features_are_hf_hidden_states_at_feature_layers(hf_qwen3):
         full_forward(model, ids, feature_layers=(4,))
 
 
+@pytest.mark.slow
 def test_logits_indices_select_rows(hf_qwen3):
     model = load_target(hf_qwen3.path, dtype="float32", progress=False)
     ids = np.random.default_rng(2).integers(0, 97, size=(2, 10))
@@ -72,6 +76,7 @@ def test_logits_indices_select_rows(hf_qwen3):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_incremental_decode_with_ragged_prompts_matches_hf(hf_any):
     """Prefill right-padded prompts of different lengths, then decode token by token through the cache."""
     model = load_target(hf_any.path, dtype="float32", progress=False)
@@ -84,14 +89,17 @@ def test_incremental_decode_with_ragged_prompts_matches_hf(hf_any):
         tokens[i, :n] = seqs[i][:n]
     pos = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (2, bucket))
     zeros = jnp.zeros((2,), jnp.int32)
-    out = model(jnp.asarray(tokens), new_cache(model, 2, capacity), AttentionMetadata.dense(pos, pos, causal_mask(zeros, bucket, capacity)),
+    out = model(jnp.asarray(tokens), new_cache(model, 2, capacity),
+                AttentionMetadata.dense(pos, pos, causal_mask(zeros, bucket, capacity)),
                 logits_indices=jnp.asarray(prompt_lens - 1)[:, None])
     got = [[out.logits[i, 0]] for i in range(2)]
     cache = out.cache.with_lengths(jnp.asarray(prompt_lens, jnp.int32))
-    for step in range(6):
+    for _ in range(6):
         lengths = cache.lengths
         nxt = np.array([seqs[i][int(lengths[i])] for i in range(2)], np.int32)[:, None]
-        out = model(jnp.asarray(nxt), cache, AttentionMetadata.dense(lengths[:, None], append_slots(lengths, 1), causal_mask(lengths, 1, capacity)))
+        out = model(jnp.asarray(nxt), cache,
+                    AttentionMetadata.dense(lengths[:, None], append_slots(lengths, 1),
+                                            causal_mask(lengths, 1, capacity)))
         cache = out.cache.with_lengths(lengths + 1)
         for i in range(2):
             got[i].append(out.logits[i, 0])
@@ -101,6 +109,7 @@ def test_incremental_decode_with_ragged_prompts_matches_hf(hf_any):
         assert rel_err(np.stack(got[i]), ref[n - 1: n + 6]) < REL_TOL
 
 
+@pytest.mark.slow
 def test_tree_mask_verification_matches_each_branch(hf_qwen3):
     """One forward over a token tree equals HF on each root-to-node path."""
     model = load_target(hf_qwen3.path, dtype="float32", progress=False)
@@ -112,7 +121,8 @@ def test_tree_mask_verification_matches_each_branch(hf_qwen3):
     n, capacity = len(prefix), 32
     cache = new_cache(model, 1, capacity)
     p = jnp.arange(n, dtype=jnp.int32)[None]
-    out = model(jnp.asarray(prefix[None], jnp.int32), cache, AttentionMetadata.dense(p, p, causal_mask(jnp.zeros(1, jnp.int32), n, capacity)))
+    out = model(jnp.asarray(prefix[None], jnp.int32), cache,
+                AttentionMetadata.dense(p, p, causal_mask(jnp.zeros(1, jnp.int32), n, capacity)))
     cache = out.cache.with_lengths(jnp.array([n], jnp.int32))
     anc = np.eye(5, dtype=bool)
     for i in range(5):
@@ -123,7 +133,9 @@ def test_tree_mask_verification_matches_each_branch(hf_qwen3):
     mask = np.zeros((1, 5, capacity), bool)
     mask[0, :, :n] = True
     mask[0, :, n:n + 5] = anc
-    out = model(jnp.asarray(tree[None], jnp.int32), cache, AttentionMetadata.dense(jnp.asarray(np.array(depth)[None] + n, jnp.int32), append_slots(cache.lengths, 5), jnp.asarray(mask)))
+    out = model(jnp.asarray(tree[None], jnp.int32), cache,
+                AttentionMetadata.dense(jnp.asarray(np.array(depth)[None] + n, jnp.int32),
+                                        append_slots(cache.lengths, 5), jnp.asarray(mask)))
     for i in range(5):
         path, j = [], i
         while j >= 0:
@@ -142,6 +154,7 @@ def test_writes_past_capacity_are_dropped():
     np.testing.assert_array_equal(out.v[0, 0, 0, :, 1], [0, 0, 2, 2])
 
 
+@pytest.mark.slow
 def test_bfloat16_model_and_cache_stay_close_to_float32(hf_qwen3):
     """Not a parity claim (HF bf16 rounds differently), a sanity bound on the bf16 path."""
     f32 = load_target(hf_qwen3.path, dtype="float32", progress=False)
@@ -151,6 +164,7 @@ def test_bfloat16_model_and_cache_stay_close_to_float32(hf_qwen3):
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = KVCache.create(num_layers=4, batch=b, capacity=64, kv_heads=2, head_dim=12, dtype=jnp.bfloat16)
-    out = bf16(jnp.asarray(ids, jnp.int32), cache, AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 64)))
+    out = bf16(jnp.asarray(ids, jnp.int32), cache,
+               AttentionMetadata.dense(pos, pos, causal_mask(jnp.zeros(b, jnp.int32), t, 64)))
     assert out.logits.dtype == jnp.float32 and out.cache.k.dtype == jnp.bfloat16
     assert rel_err(out.logits, ref) < 3e-2

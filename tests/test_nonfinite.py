@@ -11,12 +11,20 @@ import pytest
 from spec_helpers import random_head
 
 from eagle3_jax import Generator, SamplingParams, load_target
-from eagle3_jax.decoding.common import (FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE, RUNNING, DecodeResult,
-                                        DecodeSettings, finish_reasons)
+from eagle3_jax.decoding.common import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_NONFINITE,
+    RUNNING,
+    DecodeResult,
+    DecodeSettings,
+    finish_reasons,
+)
 
 NEW = 12
 KNOBS = dict(num_steps=3, topk=2, num_draft_tokens=6)
-MODES = ["plain-greedy", "plain-sampled", "spec-greedy", "spec-sampled"]
+MODES = ["plain-greedy"] + [pytest.param(m, marks=pytest.mark.slow)  # the quick loop (-m "not slow") runs one mode
+                            for m in ("plain-sampled", "spec-greedy", "spec-sampled")]
 PROMPTS = [[11, 23, 42, 8, 61], [17, 30, 9, 77, 50, 64, 12]]
 
 
@@ -113,6 +121,7 @@ def test_inf_that_appears_later(load, draft, mode):
 
 
 @pytest.mark.parametrize("mode", ["spec-greedy", "spec-sampled"])
+@pytest.mark.slow
 def test_nan_draft_head(load, mode):
     """A finite target with a NaN draft head: the first token (from the target's prefill) stays, then the row
     stops rather than drafting from NaN scores."""

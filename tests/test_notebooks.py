@@ -59,6 +59,7 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+@pytest.mark.slow
 def test_notebook_runs_in_demo_mode(path, tmp_path, monkeypatch, compile_cache):
     import nbformat
     from nbclient import NotebookClient

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NEEDS_HUB = re.compile(r"^#.*needs the hub", re.I)
@@ -39,6 +41,7 @@ def test_readme_has_runnable_python_blocks():
         compile(code, f"README.md:{line}", "exec")
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path):
     runnable = [(line, code) for line, code in python_blocks() if not NEEDS_HUB.match(code.lstrip())]
     script = textwrap.dedent("""

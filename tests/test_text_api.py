@@ -8,8 +8,15 @@ from spec_helpers import random_head, tiny_target
 
 from eagle3_jax import Generator, InputError, load_target
 from eagle3_jax.generation import GenerationOutput, batch_summary
-from eagle3_jax.text import (covering_prefix, cut_at_stop, find_stop, opens_thinking, partial_stop_length,
-                             reasoning_and_answer, split_thinking)
+from eagle3_jax.text import (
+    covering_prefix,
+    cut_at_stop,
+    find_stop,
+    opens_thinking,
+    partial_stop_length,
+    reasoning_and_answer,
+    split_thinking,
+)
 
 EOS = 5  # tiny_target's eos id
 N = 24  # max_new_tokens of every tiny-target call, and
@@ -79,6 +86,7 @@ def test_chat_prompt_equals_apply_chat_template(real):
         assert by_chat.prompt_length == len(ids) and by_chat.token_ids == by_ids.token_ids
 
 
+@pytest.mark.slow
 def test_mixed_batch_and_single_prompts(real):
     target, tok = real
     gen = Generator(target)
@@ -90,6 +98,7 @@ def test_mixed_batch_and_single_prompts(real):
     assert [o.token_ids for o in batch] == [s[0].token_ids for s in singles]
 
 
+@pytest.mark.slow
 def test_target_tokenizer_is_loaded_lazily_and_only_with_files(real, hf_qwen3, tiny):
     target, _ = real
     gen = Generator(target)
@@ -104,6 +113,7 @@ def test_target_tokenizer_is_loaded_lazily_and_only_with_files(real, hf_qwen3, t
     assert out.text is None
 
 
+@pytest.mark.slow
 def test_explicit_tokenizer_path_or_object(real, hf_qwen3_real_vocab, tiny):
     target, tok = real
     by_path = Generator(target, tokenizer=hf_qwen3_real_vocab.path).generate("Hi", max_new_tokens=REAL_N)
@@ -125,6 +135,7 @@ def test_text_leaves_out_a_final_stop_token(tiny):
     assert out.text == words.decode(out.token_ids[:-1]) and words.pieces[stop_id] not in out.text
 
 
+@pytest.mark.slow
 def test_outputs_json_has_text_and_batch_fields_apart(tiny):
     outs = _free_runs(Generator(tiny, tokenizer=WordTokenizer()), PROMPTS)
     row = outs[0].to_json()
@@ -216,7 +227,7 @@ def _check_stopped(words, free, out, stop, include=False):
     return True
 
 
-@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("draft", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_stop_strings_cut_and_stop_early(tiny, draft):
     """Greedy: each row is the unstopped row cut at its first stop string; the loop ends early."""
     words = WordTokenizer()

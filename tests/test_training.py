@@ -21,7 +21,7 @@ from eagle3_jax.training.data import Batcher, ChatEncoder, Example, encode_text,
 from eagle3_jax.training.offline import TeacherStore
 from eagle3_jax.training.regenerate import regenerate
 from eagle3_jax.training.run import new_head, set_vocab_map
-from eagle3_jax.training.trainer import DraftParts, Trainer, TrainConfig, data_fingerprint
+from eagle3_jax.training.trainer import DraftParts, TrainConfig, Trainer, data_fingerprint
 from eagle3_jax.training.ttt import teacher_from_logits, ttt_loss
 from eagle3_jax.training.vocab import coverage, token_counts, vocab_map
 
@@ -36,6 +36,7 @@ def rel_err(a, b):
 
 # ------------------------------------------------------------ the objective
 
+@pytest.mark.slow
 def test_loss_and_gradients_equal_specforge(tmp_path):
     ref, _ = make_reference_head(tmp_path, seed=2, rope_theta=1e4)
     head = load_draft(tmp_path, TARGET, dtype="float32", progress=False)
@@ -153,7 +154,8 @@ def test_text_files_train_on_every_token(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
     examples = load_examples([str(tmp_path / "a.txt")], tokenizer, 32)
     assert len(examples) > 2 and all(len(e.tokens) <= 32 and e.loss_mask.all() for e in examples)
-    assert sum(len(e.tokens) for e in examples) == len(tokenizer(("def add(a, b):\n    return a + b\n" * 20))["input_ids"])
+    expected = len(tokenizer("def add(a, b):\n    return a + b\n" * 20)["input_ids"])
+    assert sum(len(e.tokens) for e in examples) == expected
     assert len(encode_text(tokenizer, "x", 8)) == 0  # too short to predict anything
 
 
@@ -200,6 +202,7 @@ def make_trainer(target, examples, workdir, *, steps=6, save_every=2, batch=4, l
                    teacher_store=store)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accuracy_rises(small_run, tmp_path):
     target, examples = small_run
     trainer = make_trainer(target, examples, tmp_path, steps=80, save_every=1000, lr=1e-2, batch=8)
@@ -220,6 +223,7 @@ def _flat(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(small_run, tmp_path):
     target, examples = small_run
     straight = make_trainer(target, examples, tmp_path / "a")
@@ -242,6 +246,7 @@ def test_kill_and_resume_is_exact(small_run, tmp_path):
         other.restore_latest()
 
 
+@pytest.mark.slow
 def test_precomputed_teacher_matches_online(small_run, tmp_path):
     target, examples = small_run
     online = make_trainer(target, examples, tmp_path / "on", steps=2, save_every=100)
@@ -284,6 +289,7 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     code = MULTI_DEVICE.format(tests=tests, work=str(tmp_path))
@@ -298,6 +304,7 @@ def test_four_devices_equal_one(tmp_path):
 
 # ------------------------------------------------------------ CLI and regeneration
 
+@pytest.mark.slow
 def test_train_cli_end_to_end(hf_qwen3_real_vocab, tmp_path, capsys):
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"messages": CONV}) for _ in range(3)) + "\n")
@@ -332,6 +339,7 @@ def test_train_cli_end_to_end(hf_qwen3_real_vocab, tmp_path, capsys):
     assert "asked for 9 devices" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_regenerate_answers_with_the_target(hf_qwen3_real_vocab, tokenizer, tmp_path, capsys):
     from eagle3_jax import load_target
 

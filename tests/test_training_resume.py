@@ -148,6 +148,7 @@ CORRUPTIONS = [truncate_data, garbage_metadata, delete_a_file, empty_directory]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
+@pytest.mark.slow
 def test_resume_skips_a_corrupt_newest_checkpoint(setup, straight, killed, corrupt, tmp_path, capfd):
     out = tmp_path / "run"
     shutil.copytree(killed, out)
@@ -166,6 +167,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(setup, straight, killed, corru
     assert_same_run(out, straight)
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_is_ignored_and_cleaned(setup, straight, killed, tmp_path, capfd):
     """kill -9 during a save leaves orbax's temporary directory, never a step: orbax skips it and removes it."""
     out = tmp_path / "run"
@@ -177,6 +179,7 @@ def test_a_save_killed_midway_is_ignored_and_cleaned(setup, straight, killed, tm
     assert_same_run(out, straight)
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_a_clear_error(setup, killed, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(killed, out)
@@ -197,6 +200,7 @@ def _cli_args(setup, out, steps) -> list[str]:
             "--dtype", "float32", "--compute-dtype", "float32", "--no-export-embedding", "--json"]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_with_a_corrupt_checkpoint(setup, tmp_path):
     steps = 30
     out = tmp_path / "run"
@@ -232,6 +236,7 @@ def test_kill_9_then_resume_with_a_corrupt_checkpoint(setup, tmp_path):
 
 # ------------------------------------------------------------ killed before the first checkpoint
 
+@pytest.mark.slow
 def test_killed_before_the_first_checkpoint_resumes_and_reuses_the_teacher(setup, straight, tmp_path, monkeypatch,
                                                                           capfd):
     from eagle3_jax.atomic import LOCK_NAME
@@ -266,7 +271,7 @@ def test_killed_before_the_first_checkpoint_resumes_and_reuses_the_teacher(setup
     assert summary["finished"] and built == [] and index.stat().st_mtime_ns == stamp
     assert [s for s, _ in losses(first)] == list(range(1, STEPS + 1))
     # the precomputed teacher gives the online teacher's losses up to float rounding
-    for (s1, a), (s2, b) in zip(losses(first), losses(straight), strict=True):
+    for (_, a), (_, b) in zip(losses(first), losses(straight), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4)
 
     # the half-written teacher is not trusted: it is computed again, and the partial directory is removed
@@ -335,6 +340,7 @@ def test_bad_output_directories_fail_before_loading_anything(setup, tmp_path, ca
     assert "no-such-target" in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_resume_with_another_head_shape_is_refused(setup, tmp_path):
     """The checkpoint records the head's config: another draft vocabulary or feature layers is a clear refusal."""
     import dataclasses
@@ -348,6 +354,7 @@ def test_resume_with_another_head_shape_is_refused(setup, tmp_path):
     assert run_training(job(setup, out, resume=True, steps=4), progress=False)["finished"]
 
 
+@pytest.mark.slow
 def test_one_run_directory_one_process(setup, tmp_path):
     """A second training process on a run directory in use is refused, with or without --resume."""
     from eagle3_jax.training.run import LOCK_FILE, lock_run_directory, prepare_run_directory

@@ -380,6 +380,7 @@ def _params_files(directory) -> list[str]:
 @settings(max_examples=12, deadline=datetime.timedelta(seconds=30),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
+@pytest.mark.slow
 def test_broken_params_give_checkpoint_error(converted_dir, hf_qwen3, tmp_path_factory, data):
     """Deleted, truncated or overwritten files under params/: CheckpointError naming the directory, or
     (for the files orbax does not need) the same weights."""
