@@ -386,6 +386,14 @@ class LlamaConfig(TargetConfig):
     qk_norm: bool = False
     model_type: str = "llama"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.qk_norm:
+            raise ConfigError("qk_norm must be false for a llama target (Llama has no q/k norm)")
+        if self.o_bias != self.qkv_bias:
+            raise ConfigError(f"qkv_bias ({self.qkv_bias}) and o_bias ({self.o_bias}) must agree for a llama target "
+                              "(attention_bias puts biases on q, k, v and o)")
+
     @classmethod
     def llama_3_1_8b_instruct(cls) -> LlamaConfig:
         """meta-llama/Llama-3.1-8B-Instruct (the target of the first published EAGLE-3 heads)."""
@@ -429,9 +437,10 @@ class Eagle3Config:
     mapped to target ids by ``d2t``.
 
     Attributes:
-      aux_layer_ids: ``eagle_config.eagle_aux_hidden_state_layer_ids`` as
-        written in config.json (None: the target's default layers). The
-        features are taken at the *inputs* of layers ``id + 1``.
+      aux_layer_ids: SpecForge's ``eagle_config.eagle_aux_hidden_state_layer_ids``
+        (None: the target's default layers): the features are taken at the
+        *inputs* of layers ``id + 1``. Other formats' ids are translated to
+        this meaning when parsed (docs/architecture.md#head-formats).
       rope_theta: the draft's RoPE base. Some published heads were trained
         with 10000 whatever their config says; override it when loading
         (``rope_theta=`` / ``--draft-rope-theta``) if acceptance is poor.

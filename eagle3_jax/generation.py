@@ -35,7 +35,6 @@ from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.memory import check_generation_memory
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.models.transformer import DecoderLM
 from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.text import check_stop_strings, prompt_opens_thinking, reasoning_and_answer
 from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, check_template_kwargs, encode_prompts
@@ -335,7 +334,7 @@ class Generator:
                  max_cache_len: int | None = None, cache_dtype=None, compile_cache=None,
                  tokenizer: Any = None, attention: str = DEFAULT_BACKEND):
         compile_cache_module.enable(compile_cache)
-        if not isinstance(target, DecoderLM):
+        if not isinstance(target, TargetModel):
             raise InputError(f"target must be a loaded Qwen3ForCausalLM or LlamaForCausalLM (see load_target), "
                              f"got {type(target).__name__}")
         if draft is not None and not isinstance(draft, Eagle3DraftHead):

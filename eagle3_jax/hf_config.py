@@ -127,17 +127,22 @@ def _check_act(raw: Mapping[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: hidden_act {_show(act)} is not supported (only 'silu')")
 
 
-def _rope_settings(raw: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+def _rope_settings(raw: Mapping[str, Any], where: str,
+                   default_theta: float | None = None) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from either the transformers-4 or -5 spelling.
 
     transformers 4 writes ``rope_theta`` and ``rope_scaling`` at the top level;
     transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``.
-    Scaling types other than ``default`` and ``llama3`` are refused.
+    Scaling types other than ``default`` and ``llama3`` are refused. A missing
+    rope_theta is an error unless ``default_theta`` is given (Llama configs
+    before 3 and the EAGLE authors' heads leave it out: 10000).
     """
     params = _mapping(raw, "rope_parameters", where)
     key, theta = "rope_theta", raw.get("rope_theta")
     if theta is None and params is not None:
         key, theta = "rope_parameters.rope_theta", params.get("rope_theta")
+    if theta is None:
+        theta = default_theta
     if theta is None:
         raise ConfigError(f"{where}: missing rope_theta (neither 'rope_theta' nor 'rope_parameters.rope_theta' is set)")
     theta = _check_float(theta, key, MIN_ROPE_THETA, MAX_ROPE_THETA, where=where)
@@ -268,7 +273,7 @@ def _check_full_attention(raw: Mapping[str, Any], where: str) -> None:
 
 
 def _target_fields(raw: Mapping[str, Any], where: str, generation_config: Mapping[str, Any] | None,
-                   generation_where: str) -> dict[str, Any]:
+                   generation_where: str, default_theta: float | None = None) -> dict[str, Any]:
     """The fields every decoder-only target shares, read from config.json (+ generation_config.json)."""
     _require(raw, where, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads"))
@@ -282,7 +287,7 @@ def _target_fields(raw: Mapping[str, Any], where: str, generation_config: Mappin
         for t in _eos_in_vocabulary(extra, vocab_size, generation_where):
             if t not in eos:
                 eos = eos + (t,)
-    theta, scaling = _rope_settings(raw, where)
+    theta, scaling = _rope_settings(raw, where, default_theta)
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -345,6 +350,9 @@ def parse_qwen3(raw: Mapping[str, Any], where: str = "config.json",
     return _build(Qwen3Config, where, model_type=model_type, **fields, **flags)
 
 
+LLAMA_DEFAULT_ROPE_THETA = 10000.0
+
+
 def parse_llama(raw: Mapping[str, Any], where: str = "config.json",
                 generation_config: Mapping[str, Any] | None = None, *,
                 generation_where: str = "generation_config.json") -> LlamaConfig:
@@ -359,7 +367,8 @@ def parse_llama(raw: Mapping[str, Any], where: str = "config.json",
         raise ConfigError(f"{where}: mlp_bias=true is not supported")
     if raw.get("pretraining_tp") is not None:  # HF's forward ignores it; only its type is checked
         _check_int(raw["pretraining_tp"], "pretraining_tp", 1, 1 << 16, where)
-    fields = _target_fields(raw, where, generation_config, generation_where)
+    # transformers' LlamaConfig defaults rope_theta to 10000; Llama 2 configs (and Vicuna's) leave it out
+    fields = _target_fields(raw, where, generation_config, generation_where, default_theta=LLAMA_DEFAULT_ROPE_THETA)
     bias = _bool(raw, "attention_bias", where)
     return _build(LlamaConfig, where, **fields, qkv_bias=bias, o_bias=bias, qk_norm=False)
 
@@ -423,7 +432,6 @@ def target_to_hf(cfg: TargetConfig) -> dict[str, Any]:
 #                index k), norm_before_residual; tensors ``layers.0.*``.
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
-HEAD_FORMATS = ("specforge", "eagle", "speculators")
 EAGLE_DEFAULT_ROPE_THETA = 10000.0  # the EAGLE authors' code when config.json has no rope_theta
 
 
@@ -449,7 +457,9 @@ def head_format(raw: Mapping[str, Any], where: str = "config.json") -> str:
         return "eagle"  # the EAGLE authors' config: a plain Llama config plus draft_vocab_size, no SpecForge keys
     raise ConfigError(f"{where}: not an EAGLE-3 draft head (architectures={_show(archs)}; expected one of "
                       f"{', '.join(EAGLE3_ARCHITECTURES)}, the EAGLE authors' single-layer LlamaForCausalLM with "
-                      "draft_vocab_size, or a speculators config with speculators_model_type 'eagle3')")
+                      "draft_vocab_size and no SpecForge keys (target_hidden_size, eagle_config), or a speculators "
+                      "config with speculators_model_type 'eagle3'). A SpecForge-trained head whose architectures "
+                      "say LlamaForCausalLM loads once they say LlamaForCausalLMEagle3.")
 
 
 def parse_eagle3(raw: Mapping[str, Any], where: str = "config.json") -> Eagle3Config:
@@ -496,10 +506,7 @@ def _parse_llama_head(raw: Mapping[str, Any], where: str, *, eagle_format: bool,
     hidden, heads, head_dim = _attention_sizes(raw, lw)
     vocab = _int(raw, "vocab_size", lw)
     eos = _ids(raw, "eos_token_id", lw)
-    if eagle_format and raw.get("rope_theta") is None and raw.get("rope_parameters") is None:
-        theta, scaling = EAGLE_DEFAULT_ROPE_THETA, None
-    else:
-        theta, scaling = _rope_settings(raw, lw)
+    theta, scaling = _rope_settings(raw, lw, EAGLE_DEFAULT_ROPE_THETA if eagle_format else None)
     fields = dict(
         hidden_size=hidden,
         intermediate_size=_int(raw, "intermediate_size", lw),
@@ -528,8 +535,8 @@ def _parse_speculators(raw: Mapping[str, Any], where: str) -> Eagle3Config:
     if layer is None:
         raise ConfigError(f"{where}: missing required key(s): transformer_layer_config")
     layer_where = f"{where}: transformer_layer_config"
-    model_type = layer.get("model_type", "llama")
-    if model_type != "llama":
+    model_type = layer.get("model_type")
+    if model_type is not None and model_type != "llama":
         raise ConfigError(f"{layer_where}: model_type {_show(model_type)} is not supported for the head's layer "
                           "(only 'llama')")
     for flag in ("norm_before_fc", "fc_norm", "norm_output"):
@@ -544,7 +551,7 @@ def _parse_speculators(raw: Mapping[str, Any], where: str) -> Eagle3Config:
     merged = dict(layer)
     for key in ("draft_vocab_size", "target_hidden_size"):
         if raw.get(key) is not None:
-            merged[key] = raw[key]
+            merged[key] = _int(raw, key, where)  # checked here, so an error names the top-level key
     return _parse_llama_head(merged, where, eagle_format=False, layer_where=layer_where, aux_ids=aux,
                              norm_before_residual=_bool(raw, "norm_before_residual", where))
 

@@ -9,16 +9,20 @@ from eagle3_jax.errors import CheckpointError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-# What a model directory needs; never the pickled *.bin / *.pt files.
+# What a model directory needs; never the pickled *.bin / *.pt files of a target.
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*")
+# A draft head may be the EAGLE authors' pytorch_model.bin (read with PyTorch's restricted
+# unpickler, eagle3_jax/weights/torch_bin.py); nothing else pickled is fetched.
+DRAFT_HUB_PATTERNS = (*HUB_PATTERNS, "pytorch_model.bin")
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
+def resolve_model_dir(name_or_path: str | os.PathLike, *, draft: bool = False) -> str:
     """A local directory for ``name_or_path``.
 
     A path to an existing directory is returned as is. Anything else that
     looks like a Hub id (``org/name``) is downloaded with ``huggingface_hub``
-    (safetensors and JSON files only); offline, that fails with a clear error.
+    (safetensors and JSON files only, plus ``pytorch_model.bin`` for a
+    ``draft`` head); offline, that fails with a clear error.
     """
     if isinstance(name_or_path, bytes) or not isinstance(name_or_path, (str, os.PathLike)):
         raise CheckpointError(f"a model must be named by a path or a Hub id (str or os.PathLike), got "
@@ -37,7 +41,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=path, allow_patterns=list(HUB_PATTERNS))
+        return snapshot_download(repo_id=path, allow_patterns=list(DRAFT_HUB_PATTERNS if draft else HUB_PATTERNS))
     except Exception as e:  # network errors, missing repos, offline mode: all reported the same way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -77,8 +77,8 @@ class KVCache:
         Args:
           layer: static layer index.
           k_new, v_new: [batch, seq, kv_heads, head_dim].
-          slots: [batch, seq] int32 destination slots; entries outside
-            [0, capacity) are dropped.
+          slots: [batch, seq] int32 destination slots, never negative (JAX
+            would wrap a negative index); entries at or past capacity are dropped.
         """
         b = jnp.arange(k_new.shape[0])[:, None]
         # (batch, slot) index pairs around the head slice: the update is [batch, seq, kv_heads, head_dim]

@@ -211,7 +211,7 @@ def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | No
         SGLang and vLLM do.
       check_finite: as for :func:`load_target`.
     """
-    model_dir = resolve_model_dir(name_or_path)
+    model_dir = resolve_model_dir(name_or_path, draft=True)
     dtype = parse_dtype(dtype)
     config_path = os.path.join(model_dir, "config.json")
     raw = read_json(config_path)
@@ -268,7 +268,7 @@ def convert_draft(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None,
                   progress: bool = True) -> str:
     """Converts a draft head into the orbax format (what :func:`convert_target` does for targets)."""
     check_destination(dst, overwrite=overwrite, replaceable=converted.is_converted, what="converted checkpoint")
-    model_dir = resolve_model_dir(src)
+    model_dir = resolve_model_dir(src, draft=True)
     head = load_draft(model_dir, dtype=parse_dtype(dtype or "bfloat16"), progress=progress)
     return converted.save_converted(head, model_dir, os.fspath(dst), kind="draft", overwrite=overwrite,
                                     extra={"source": os.fspath(src)})

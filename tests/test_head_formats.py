@@ -275,3 +275,35 @@ def test_rope_theta_override_makes_the_heads_rope_plain():
     assert out.rope_theta == 10000.0 and out.rope_scaling is None
     assert cfg.with_overrides(feature_layers=(1, 2, 3)).rope_scaling == cfg.rope_scaling
     assert Eagle3Config.from_hf_dict(cfg.to_hf_dict()) == cfg  # the SpecForge export keeps the scaling
+
+
+def test_eagle_format_without_rope_theta_still_refuses_unsupported_scaling():
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1, "hidden_size": 40,
+           "intermediate_size": 56, "num_attention_heads": 4, "vocab_size": 97, "draft_vocab_size": 32}
+    assert Eagle3Config.from_hf_dict(raw).rope_theta == 10000.0
+    with pytest.raises(ConfigError, match="rope type 'linear'"):
+        Eagle3Config.from_hf_dict({**raw, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    layer_null = _speculators_config(**{"layer.model_type": None})
+    assert Eagle3Config.from_hf_dict(layer_null).draft_vocab_size == 32  # null model_type means absent
+
+
+def test_tensors_without_an_array_form_are_a_checkpoint_error(tmp_path):
+    from eagle3_jax.weights.torch_bin import bin_to_safetensors
+
+    torch.save({"fc.weight": torch.zeros(2, 2, dtype=torch.float8_e4m3fn)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="tensor 'fc.weight' .* can not be read as an array"):
+        bin_to_safetensors(str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out.safetensors"))
+
+
+def test_hub_downloads_fetch_the_bin_only_for_draft_heads(monkeypatch):
+    import huggingface_hub
+
+    from eagle3_jax.hub import resolve_model_dir
+
+    seen = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: seen.append(allow_patterns) or "/nowhere")
+    resolve_model_dir("org/target")
+    resolve_model_dir("org/head", draft=True)
+    assert "pytorch_model.bin" not in seen[0] and "pytorch_model.bin" in seen[1]
+    assert not any(p.endswith((".pt", "*.bin")) for p in seen[1])

@@ -159,3 +159,23 @@ def test_llama_converts_to_orbax_and_back(hf_llama, tmp_path):
     ids = np.random.default_rng(8).integers(0, 97, size=(1, 40))
     ours = np.asarray(model.forward_sequence(jnp.asarray(ids, jnp.int32)).logits)
     assert rel_err(ours, hf_logits(hf_llama, ids)) < REL_TOL
+
+
+def test_llama2_config_without_rope_theta_takes_transformers_default(hf_llama_tied):
+    with open(os.path.join(hf_llama_tied.path, "config.json")) as f:
+        raw = {k: v for k, v in json.load(f).items() if k not in ("rope_theta", "rope_parameters", "rope_scaling")}
+    cfg = TargetConfig.from_hf_dict(raw)
+    assert cfg.rope_theta == 10000.0 == transformers.LlamaConfig().rope_parameters["rope_theta"]
+
+
+def test_llama_config_refuses_flags_it_can_not_write():
+    base = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, rope_theta=1e4)
+    with pytest.raises(ConfigError, match="qk_norm must be false for a llama target"):
+        LlamaConfig(**base, qk_norm=True)
+    with pytest.raises(ConfigError, match="must agree for a llama target"):
+        LlamaConfig(**base, qkv_bias=True, o_bias=False)
+    from eagle3_jax import Qwen3Config
+
+    with pytest.raises(ConfigError, match="TargetConfig.from_pretrained / from_hf_dict read every supported type"):
+        Qwen3Config.from_hf_dict(LlamaConfig(**base).to_hf_dict())

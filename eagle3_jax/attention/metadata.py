@@ -40,8 +40,9 @@ DEFAULT_BACKEND = "reference"
 class AttentionMetadata:
     """Attributes:
       positions: [batch, T] int32 RoPE positions of the new tokens.
-      slots: [batch, T] int32 cache slots of their K/V; entries outside
-        ``[0, capacity)`` are dropped (finished rows, rejected tokens).
+      slots: [batch, T] int32 cache slots of their K/V, never negative;
+        entries at or past the capacity are dropped (finished rows and
+        rejected tokens get the int32 maximum; nothing adds to a slot).
       kv_lengths: [batch] int32 committed prefix seen in full by every new token.
       local_mask: [batch or 1, T, W] bool over slots ``kv_lengths + j``.
       backend: static name of the attention implementation

@@ -143,7 +143,7 @@ def check_configs(target: str, draft: str | None = None, **overrides):
     target_config = TargetConfig.from_pretrained(target_dir)
     draft_dir = draft_config = None
     if draft is not None:
-        draft_dir = resolve_model_dir(draft)
+        draft_dir = resolve_model_dir(draft, draft=True)
         draft_config = Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides)
         draft_config.check_target(target_config, where=f"draft head {draft_dir}")
     return target_dir, target_config, draft_dir, draft_config

@@ -86,6 +86,10 @@ def target_architecture(raw_or_config: Mapping[str, Any] | TargetConfig, where: 
                           "pass it as the draft (--draft / load_draft)")
     model_type = raw_or_config.get("model_type")
     if not isinstance(model_type, str) or model_type not in supported:
+        if among and isinstance(model_type, str) and model_type in TARGETS:  # a Qwen3Config asked to read a llama
+            raise ConfigError(f"{where}: unknown model_type {_show(model_type)} for a config class that reads "
+                              f"{', '.join(supported)}; TargetConfig.from_pretrained / from_hf_dict read every "
+                              f"supported type ({', '.join(TARGETS)})")
         raise ConfigError(f"{where}: unknown model_type {_show(model_type)}; eagle3-jax supports "
                           f"{', '.join(supported)} targets")
     return TARGETS[model_type]

@@ -28,7 +28,7 @@ from flax import nnx
 
 from eagle3_jax.atomic import atomic_file, try_lock
 from eagle3_jax.config import Eagle3Config
-from eagle3_jax.errors import CheckpointError, InputError
+from eagle3_jax.errors import CheckpointError, ConfigError, InputError
 from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.loading import load_draft, load_target, save_draft
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
@@ -250,6 +250,9 @@ def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | Non
     counts = token_counts(examples, target.config.vocab_size)
     if job.init_head:
         head = load_draft(job.init_head, target.config, dtype="float32", progress=progress)
+        if head.config.norm_before_residual:
+            raise ConfigError(f"{job.init_head}: a speculators head with norm_before_residual=true can not be "
+                              "exported in the SpecForge format training writes; start from another head")
     else:
         head = new_head(target.config, min(job.draft_vocab_size, target.config.vocab_size), job.feature_layers,
                         cfg.seed)

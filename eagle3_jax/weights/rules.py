@@ -101,7 +101,7 @@ qwen3_rules = decoder_lm_rules
 llama_rules = decoder_lm_rules
 
 
-# Where each head format keeps its decoder layer (eagle3_jax/hf_config.py: HEAD_FORMATS).
+# Where each head format keeps its decoder layer (eagle3_jax/hf_config.py: head_format).
 HEAD_LAYER_PREFIX = {"specforge": "midlayer.", "eagle": "midlayer.", "speculators": "layers.0."}
 
 

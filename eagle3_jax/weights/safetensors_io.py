@@ -13,7 +13,8 @@ files are opened, so a FIFO or a device never blocks a load.
 
 Tensors come back as NumPy arrays (bfloat16 through ``ml_dtypes``) and are
 copied out one at a time, so host memory holds at most one tensor beyond
-what the caller keeps. Pickled ``.bin`` checkpoints are never read.
+what the caller keeps. Pickled ``.bin`` checkpoints are never read here (the
+EAGLE authors' draft heads go through ``eagle3_jax/weights/torch_bin.py``).
 
 Format: 8-byte little-endian header length N, N bytes of UTF-8 JSON
 ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,

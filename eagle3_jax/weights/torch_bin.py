@@ -54,13 +54,17 @@ def bin_to_safetensors(path: str, out_path: str) -> str:
         raise CheckpointError(f"{path}: not a state dict of tensors")
     tensors = {}
     for name, tensor in state.items():
-        t = tensor.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
+        try:
+            t = tensor.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                import ml_dtypes
 
-            tensors[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            tensors[name] = t.numpy()
-        tensors[name] = np.ascontiguousarray(tensors[name])
+                array = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                array = t.numpy()
+        except Exception as e:  # sparse, meta, quantised or float8 tensors have no NumPy form
+            raise CheckpointError(f"{path}: tensor {name!r} ({tensor.dtype}, {tensor.layout}) can not be read as an "
+                                  f"array ({type(e).__name__}: {str(e).strip()[:200]})") from None
+        tensors[name] = np.ascontiguousarray(array)
     save_file(tensors, out_path, metadata={"format": "pt", "converted_from": os.path.basename(path)})
     return out_path
