@@ -272,13 +272,48 @@ def _check_full_attention(raw: Mapping[str, Any], where: str) -> None:
                               f"got layer_types={_show(sorted(set(layer_types)))}")
 
 
+def _layer_fields(raw: Mapping[str, Any], where: str, default_theta: float | None = None) -> dict[str, Any]:
+    """The decoder-layer fields targets and draft heads share (Llama-style attention, RoPE,
+    RMSNorm), read from a config.json dict; :func:`_layer_to_hf` writes them back."""
+    hidden, heads, head_dim = _attention_sizes(raw, where)
+    theta, scaling = _rope_settings(raw, where, default_theta)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=_int(raw, "intermediate_size", where),
+        num_attention_heads=heads,
+        num_key_value_heads=_int(raw, "num_key_value_heads", where, default=heads),
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=_float(raw, "rms_norm_eps", where, 0.0, MAX_RMS_NORM_EPS, hi_open=True, default=1e-6),
+        max_position_embeddings=_int(raw, "max_position_embeddings", where, default=32768),
+        bos_token_id=_id(raw, "bos_token_id", where),
+    )
+
+
+def _layer_to_hf(cfg: TargetConfig | Eagle3Config) -> dict[str, Any]:
+    """The fields :func:`_layer_fields` reads, as config.json writes them (``rope_scaling`` aside)."""
+    return {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+    }
+
+
 def _target_fields(raw: Mapping[str, Any], where: str, generation_config: Mapping[str, Any] | None,
                    generation_where: str, default_theta: float | None = None) -> dict[str, Any]:
     """The fields every decoder-only target shares, read from config.json (+ generation_config.json)."""
     _require(raw, where, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads"))
     _check_act(raw, where)
-    hidden, heads, head_dim = _attention_sizes(raw, where)
+    layer = _layer_fields(raw, where, default_theta)
     vocab_size = _int(raw, "vocab_size", where)
     eos = _eos_in_vocabulary(_ids(raw, "eos_token_id", where), vocab_size, where)
     if generation_config is not None:
@@ -287,22 +322,12 @@ def _target_fields(raw: Mapping[str, Any], where: str, generation_config: Mappin
         for t in _eos_in_vocabulary(extra, vocab_size, generation_where):
             if t not in eos:
                 eos = eos + (t,)
-    theta, scaling = _rope_settings(raw, where, default_theta)
     return dict(
+        **layer,
         vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=_int(raw, "intermediate_size", where),
         num_hidden_layers=_int(raw, "num_hidden_layers", where),
-        num_attention_heads=heads,
-        num_key_value_heads=_int(raw, "num_key_value_heads", where, default=heads),
-        head_dim=head_dim,
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rms_norm_eps=_float(raw, "rms_norm_eps", where, 0.0, MAX_RMS_NORM_EPS, hi_open=True, default=1e-6),
-        max_position_embeddings=_int(raw, "max_position_embeddings", where, default=32768),
         tie_word_embeddings=_bool(raw, "tie_word_embeddings", where),
         eos_token_ids=eos,
-        bos_token_id=_id(raw, "bos_token_id", where),
         pad_token_id=_id(raw, "pad_token_id", where),
     )
 
@@ -317,7 +342,8 @@ def _build(cls, where: str, **fields):
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _model_type(raw: Mapping[str, Any], where: str, supported: tuple[str, ...]) -> str:
+def check_model_type(raw: Mapping[str, Any], where: str, supported: tuple[str, ...]) -> str:
+    """``raw``'s model_type if it is one of ``supported``, else a ConfigError naming ``where``."""
     _check_object(raw, where)
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in supported:
@@ -339,7 +365,7 @@ def parse_qwen3(raw: Mapping[str, Any], where: str = "config.json",
       ConfigError: a key is missing, of the wrong type, out of range (see
         the ``MAX_*`` limits of ``eagle3_jax.config``) or asks for something unsupported.
     """
-    model_type = _model_type(raw, where, Qwen3Config.MODEL_TYPES)
+    model_type = check_model_type(raw, where, Qwen3Config.MODEL_TYPES)
     _check_full_attention(raw, where)
     fields = _target_fields(raw, where, generation_config, generation_where)
     if model_type == "qwen3":
@@ -362,7 +388,7 @@ def parse_llama(raw: Mapping[str, Any], where: str = "config.json",
     ``mlp_bias`` is refused; ``rope_scaling`` of type ``llama3`` is honoured.
     Otherwise as :func:`parse_qwen3`.
     """
-    _model_type(raw, where, LlamaConfig.MODEL_TYPES)
+    check_model_type(raw, where, LlamaConfig.MODEL_TYPES)
     if _bool(raw, "mlp_bias", where):
         raise ConfigError(f"{where}: mlp_bias=true is not supported")
     if raw.get("pretraining_tp") is not None:  # HF's forward ignores it; only its type is checked
@@ -386,18 +412,9 @@ def target_to_hf(cfg: TargetConfig) -> dict[str, Any]:
         "architectures": [architectures[cfg.model_type]],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
+        **_layer_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
     }
     if cfg.rope_scaling is not None:
@@ -503,25 +520,15 @@ def _parse_llama_head(raw: Mapping[str, Any], where: str, *, eagle_format: bool,
             aux_ids = _ids(eagle, "eagle_aux_hidden_state_layer_ids", lw,
                            name="eagle_config.eagle_aux_hidden_state_layer_ids", lo=MIN_AUX_LAYER_ID,
                            hi=MAX_LAYERS - 2)
-    hidden, heads, head_dim = _attention_sizes(raw, lw)
+    layer = _layer_fields(raw, lw, EAGLE_DEFAULT_ROPE_THETA if eagle_format else None)
     vocab = _int(raw, "vocab_size", lw)
     eos = _ids(raw, "eos_token_id", lw)
-    theta, scaling = _rope_settings(raw, lw, EAGLE_DEFAULT_ROPE_THETA if eagle_format else None)
     fields = dict(
-        hidden_size=hidden,
-        intermediate_size=_int(raw, "intermediate_size", lw),
-        num_attention_heads=heads,
-        num_key_value_heads=_int(raw, "num_key_value_heads", lw, default=heads),
-        head_dim=head_dim,
+        **layer,
         vocab_size=vocab,
         draft_vocab_size=_int(raw, "draft_vocab_size", lw, default=vocab),
-        target_hidden_size=_int(raw, "target_hidden_size", lw, default=hidden),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rms_norm_eps=_float(raw, "rms_norm_eps", lw, 0.0, MAX_RMS_NORM_EPS, hi_open=True, default=1e-6),
-        max_position_embeddings=_int(raw, "max_position_embeddings", lw, default=32768),
+        target_hidden_size=_int(raw, "target_hidden_size", lw, default=layer["hidden_size"]),
         aux_layer_ids=aux_ids,
-        bos_token_id=_id(raw, "bos_token_id", lw),
         eos_token_id=eos[0] if eos else None,
     )
     fields.update(extra)
@@ -565,23 +572,14 @@ def eagle3_to_hf(cfg: Eagle3Config) -> dict[str, Any]:
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
         "num_hidden_layers": 1,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
+        **_layer_to_hf(cfg),
         "rope_scaling": _rope_to_hf(cfg.rope_scaling),
-        "max_position_embeddings": cfg.max_position_embeddings,
         "vocab_size": cfg.vocab_size,
         "draft_vocab_size": cfg.draft_vocab_size,
         "target_hidden_size": cfg.target_hidden_size,
         "tie_word_embeddings": False,
         "attention_bias": False,
         "torch_dtype": "bfloat16",
-        "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
     }
     if cfg.aux_layer_ids is not None:

@@ -50,38 +50,23 @@ TINY = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_laye
             initializer_range=0.2, eos_token_id=5, bos_token_id=1, pad_token_id=0)
 
 
+# kind -> (transformers config class, model class, defaults over TINY)
+HF_KINDS = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 12}),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+            "llama": ("LlamaConfig", "LlamaForCausalLM", {})}
+
+
 def make_hf_model(path: pathlib.Path, *, kind: str = "qwen3", seed: int = 0, max_shard_size: str | None = None,
                   **overrides) -> HFModel:
     """Builds a random tiny model, saves it with ``save_pretrained`` and returns it (eval mode, eager attention)."""
     torch.manual_seed(seed)
-    kwargs = dict(TINY)
-    if kind == "qwen3":
-        kwargs.update(head_dim=12, tie_word_embeddings=False)
-        kwargs.update(overrides)
-        config = transformers.Qwen3Config(**kwargs)
-        model = transformers.Qwen3ForCausalLM(config)
-    elif kind == "qwen2":
-        kwargs.update(tie_word_embeddings=False)
-        kwargs.update(overrides)
-        config = transformers.Qwen2Config(**kwargs)
-        model = transformers.Qwen2ForCausalLM(config)
-        with torch.no_grad():  # HF initialises biases to zero; make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
-    elif kind == "llama":
-        kwargs.update(tie_word_embeddings=False)
-        kwargs.update(overrides)
-        config = transformers.LlamaConfig(**kwargs)
-        model = transformers.LlamaForCausalLM(config)
-        with torch.no_grad():  # HF initialises biases to zero; make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                             layer.self_attn.o_proj):
-                    if proj.bias is not None:
-                        proj.bias.normal_(0.0, 0.5)
-    else:
-        raise ValueError(kind)
+    config_class, model_class, defaults = HF_KINDS[kind]
+    config = getattr(transformers, config_class)(**{**TINY, "tie_word_embeddings": False, **defaults, **overrides})
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():  # HF initialises biases to zero (Qwen2's q/k/v, Llama's attention_bias); make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model = model.eval()
     model.config._attn_implementation = "eager"
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

@@ -78,15 +78,12 @@ class AttentionMetadata:
           write: optional [batch, seq] bool; False drops that token's K/V write
             (a finished row, a rejected token).
         """
-        kv_lengths = kv_lengths.astype(jnp.int32)
-        batch = kv_lengths.shape[0]
-        positions = kv_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        offsets = jnp.arange(seq, dtype=jnp.int32)[None, :]
         local = jnp.tril(jnp.ones((seq, seq), bool))[None]
         if valid is not None:
             local = local & valid[:, None, :]
-        slots = positions if write is None else jnp.where(write, positions, jnp.iinfo(jnp.int32).max)
-        return cls(positions=positions, slots=slots, kv_lengths=kv_lengths,
-                   local_mask=jnp.broadcast_to(local, (batch if valid is not None else 1, seq, seq)), backend=backend)
+        return cls.window_of(kv_lengths, kv_lengths.astype(jnp.int32)[:, None] + offsets, offsets, local, write=write,
+                             backend=backend)
 
     @classmethod
     def window_of(cls, kv_lengths: jax.Array, positions: jax.Array, offsets: jax.Array, local_mask: jax.Array, *,

@@ -229,7 +229,6 @@ def step(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, param
     commits nothing and finishes with 'nonfinite' (see the module docstring).
     """
     active = state.result.finish_reason == 0
-    n = state.target_cache.lengths
     tree, dcache = draft(target, head, state, active, spec, settings)
     out = verify(target, head, tree, state.target_cache, active, settings)
     rng, sub = jax.random.split(state.rng)
@@ -237,7 +236,7 @@ def step(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, param
     tcache, result, emitted = commit(out.cache, state.result, tree, acc, length, nonfinite, active, params, settings)
     # The draft extends over the accepted tokens: (f at path node j, the token after it).
     feats = jnp.take_along_axis(out.features, acc.path[:, :, None], axis=1)
-    root = extend(target, head, dcache.with_lengths(n), emitted, feats, length, spec, settings)
+    root = extend(target, head, dcache, emitted, feats, length, spec, settings)  # dcache.lengths is still n
     new_root = jnp.take_along_axis(emitted, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
 
     keep = active[:, None]

@@ -17,10 +17,11 @@ from flax import nnx
 
 from eagle3_jax.config import LlamaConfig, Qwen3Config, TargetConfig, _show
 from eagle3_jax.errors import ConfigError
+from eagle3_jax.hf_config import check_model_type, parse_llama, parse_qwen3
 from eagle3_jax.models.layers import DEFAULT_INIT_STD
 from eagle3_jax.models.llama import LlamaForCausalLM
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
-from eagle3_jax.weights.rules import RuleTable, llama_rules, qwen3_rules
+from eagle3_jax.weights.rules import RuleTable, decoder_lm_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,27 +45,18 @@ class TargetArchitecture:
     weight_rules: Callable[[TargetConfig], RuleTable]
 
 
-def _parsers():
-    from eagle3_jax import hf_config
-
-    return hf_config.parse_qwen3, hf_config.parse_llama
-
-
-def _parse_qwen3(*args, **kwargs):
-    return _parsers()[0](*args, **kwargs)
-
-
-def _parse_llama(*args, **kwargs):
-    return _parsers()[1](*args, **kwargs)
+def _decoder_rules(cfg: TargetConfig) -> RuleTable:
+    """The three architectures share their checkpoint names (``DecoderLM``)."""
+    return decoder_lm_rules(cfg.tie_word_embeddings)
 
 
 TARGETS: dict[str, TargetArchitecture] = {
-    "qwen3": TargetArchitecture("qwen3", "Qwen3ForCausalLM", Qwen3Config, _parse_qwen3, Qwen3ForCausalLM,
-                                lambda cfg: qwen3_rules(cfg.tie_word_embeddings)),
-    "qwen2": TargetArchitecture("qwen2", "Qwen2ForCausalLM", Qwen3Config, _parse_qwen3, Qwen3ForCausalLM,
-                                lambda cfg: qwen3_rules(cfg.tie_word_embeddings)),
-    "llama": TargetArchitecture("llama", "LlamaForCausalLM", LlamaConfig, _parse_llama, LlamaForCausalLM,
-                                lambda cfg: llama_rules(cfg.tie_word_embeddings)),
+    "qwen3": TargetArchitecture("qwen3", "Qwen3ForCausalLM", Qwen3Config, parse_qwen3, Qwen3ForCausalLM,
+                                _decoder_rules),
+    "qwen2": TargetArchitecture("qwen2", "Qwen2ForCausalLM", Qwen3Config, parse_qwen3, Qwen3ForCausalLM,
+                                _decoder_rules),
+    "llama": TargetArchitecture("llama", "LlamaForCausalLM", LlamaConfig, parse_llama, LlamaForCausalLM,
+                                _decoder_rules),
 }
 
 
@@ -77,22 +69,18 @@ def target_architecture(raw_or_config: Mapping[str, Any] | TargetConfig, where: 
     """
     if isinstance(raw_or_config, TargetConfig):
         return TARGETS[raw_or_config.model_type]
-    if not isinstance(raw_or_config, Mapping):
-        raise ConfigError(f"{where}: expected a JSON object, got {_show(raw_or_config)}")
     supported = among or tuple(TARGETS)
-    if raw_or_config.get("draft_vocab_size") is not None or raw_or_config.get("speculators_model_type") is not None:
-        key = "draft_vocab_size" if raw_or_config.get("draft_vocab_size") is not None else "speculators_model_type"
-        raise ConfigError(f"{where}: this is an EAGLE-3 draft head's config (it has {key}), not a target's; "
-                          "pass it as the draft (--draft / load_draft)")
-    model_type = raw_or_config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in supported:
-        if among and isinstance(model_type, str) and model_type in TARGETS:  # a Qwen3Config asked to read a llama
+    if isinstance(raw_or_config, Mapping):
+        for key in ("draft_vocab_size", "speculators_model_type"):
+            if raw_or_config.get(key) is not None:
+                raise ConfigError(f"{where}: this is an EAGLE-3 draft head's config (it has {key}), not a "
+                                  "target's; pass it as the draft (--draft / load_draft)")
+        model_type = raw_or_config.get("model_type")
+        if isinstance(model_type, str) and model_type in TARGETS and model_type not in supported:
             raise ConfigError(f"{where}: unknown model_type {_show(model_type)} for a config class that reads "
                               f"{', '.join(supported)}; TargetConfig.from_pretrained / from_hf_dict read every "
                               f"supported type ({', '.join(TARGETS)})")
-        raise ConfigError(f"{where}: unknown model_type {_show(model_type)}; eagle3-jax supports "
-                          f"{', '.join(supported)} targets")
-    return TARGETS[model_type]
+    return TARGETS[check_model_type(raw_or_config, where, supported)]
 
 
 def build_target(cfg: TargetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,

@@ -97,8 +97,7 @@ def decoder_lm_rules(tie_word_embeddings: bool) -> RuleTable:
     return RuleTable(tuple(rules), tuple(ignore))
 
 
-qwen3_rules = decoder_lm_rules
-llama_rules = decoder_lm_rules
+qwen3_rules = decoder_lm_rules  # the name it had before Llama shared it
 
 
 # Where each head format keeps its decoder layer (eagle3_jax/hf_config.py: head_format).
