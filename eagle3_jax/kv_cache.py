@@ -27,52 +27,72 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+# Decoders allocate buffers in whole blocks (:func:`aligned_capacity`), so that blocked attention
+# kernels tile every cache without a remainder: 128 slots, doubling up to 1024 while the rounding
+# stays within 1/32 of the capacity.
+SLOT_ALIGN = 128
+MAX_SLOT_ALIGN = 1024
+
+
+def aligned_capacity(capacity: int) -> int:
+    """``capacity`` rounded up to a multiple of 128 slots, or of a larger power of two up to 1024
+    for long caches (at most ``capacity / 32`` slots added past 4096)."""
+    align = SLOT_ALIGN
+    while align * 2 <= min(MAX_SLOT_ALIGN, capacity // 32):
+        align *= 2
+    return -(-capacity // align) * align
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """Per-layer keys and values in static buffers.
 
-    The head-major layout ([..., kv_heads, capacity, head_dim]) is what the
-    attention dots read directly; a slot-major layout costs a transpose of
-    the whole buffer per layer and step.
+    Each layer has its own pair of buffers, not a slice of one stacked
+    array: a layer's attention reads its buffer where it lies and a write
+    updates it in place, with no per-layer slice copied out first
+    (docs/architecture.md#kv-cache). The head-major layout
+    ([batch, kv_heads, capacity, head_dim]) is what the attention dots and
+    the GPU kernel read directly.
 
     Attributes:
-      k: [layers, batch, kv_heads, capacity, head_dim] keys (after RoPE).
-      v: [layers, batch, kv_heads, capacity, head_dim] values.
+      k: per layer, [batch, kv_heads, capacity, head_dim] keys (after RoPE).
+      v: per layer, [batch, kv_heads, capacity, head_dim] values.
       lengths: [batch] int32, committed entries per row; slots >= length are
         free (they may hold stale or provisional K/V).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     lengths: jax.Array
 
     @classmethod
     def create(cls, *, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                dtype=jnp.bfloat16) -> KVCache:
         """An empty cache (all lengths 0) of static ``capacity`` slots per row."""
-        shape = (num_layers, batch, kv_heads, capacity, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return len(self.k)
 
     @property
     def dtype(self):
-        return self.k.dtype
+        return self.k[0].dtype
 
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, slots: jax.Array) -> KVCache:
-        """Stores new K/V of one layer at per-token slots.
+        """Stores new K/V of one layer at per-token slots (an in-place scatter).
 
         Args:
           layer: static layer index.
@@ -82,9 +102,9 @@ class KVCache:
         """
         b = jnp.arange(k_new.shape[0])[:, None]
         # (batch, slot) index pairs around the head slice: the update is [batch, seq, kv_heads, head_dim]
-        k = self.k.at[layer, b, :, slots].set(k_new.astype(self.k.dtype), mode="drop")
-        v = self.v.at[layer, b, :, slots].set(v_new.astype(self.v.dtype), mode="drop")
-        return dataclasses.replace(self, k=k, v=v)
+        k = self.k[layer].at[b, :, slots].set(k_new.astype(self.dtype), mode="drop")
+        v = self.v[layer].at[b, :, slots].set(v_new.astype(self.dtype), mode="drop")
+        return dataclasses.replace(self, k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
 
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
@@ -97,9 +117,15 @@ class KVCache:
         """
         b = jnp.arange(src.shape[0])[:, None]
         src = jnp.clip(src, 0, self.capacity - 1)
-        k = self.k.at[:, b, :, dst].set(self.k[:, b, :, src], mode="drop")
-        v = self.v.at[:, b, :, dst].set(self.v[:, b, :, src], mode="drop")
-        return dataclasses.replace(self, k=k, v=v)
+
+        def move(buf):
+            return buf.at[b, :, dst].set(buf[b, :, src], mode="drop")
+
+        return dataclasses.replace(self, k=tuple(map(move, self.k)), v=tuple(map(move, self.v)))
+
+
+def _replace(buffers: tuple[jax.Array, ...], layer: int, new: jax.Array) -> tuple[jax.Array, ...]:
+    return buffers[:layer] + (new,) + buffers[layer + 1:]
 
 
 def append_slots(lengths: jax.Array, seq: int) -> jax.Array:

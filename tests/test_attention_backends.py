@@ -22,7 +22,7 @@ from eagle3_jax.decoding.tree import Tree, ancestor_closure, verify_attention
 from eagle3_jax.errors import InputError
 from eagle3_jax.kv_cache import KVCache
 
-B, HQ, HKV, D, CAP = 3, 4, 2, 8, 40
+B, HQ, HKV, D, CAP = 3, 4, 2, 8, 64
 
 
 def numpy_attention(q, k_new, v_new, k_cache, v_cache, meta: AttentionMetadata):
@@ -84,8 +84,8 @@ def test_backend_computes_the_definition(backend, name, meta):
     t = meta.num_tokens
     q = rng.normal(size=(B, t, HQ, D)).astype(np.float32)
     k_new, v_new = (rng.normal(size=(B, t, HKV, D)).astype(np.float32) for _ in range(2))
-    cache = KVCache(k=jnp.asarray(rng.normal(size=(1, B, HKV, CAP, D)), jnp.float32),
-                    v=jnp.asarray(rng.normal(size=(1, B, HKV, CAP, D)), jnp.float32),
+    cache = KVCache(k=(jnp.asarray(rng.normal(size=(B, HKV, CAP, D)), jnp.float32),),
+                    v=(jnp.asarray(rng.normal(size=(B, HKV, CAP, D)), jnp.float32),),
                     lengths=meta.kv_lengths)
     out, new_cache = jax.jit(attend, static_argnums=4)(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new),
                                                         cache, 0, meta.with_backend(backend))
@@ -93,6 +93,74 @@ def test_backend_computes_the_definition(backend, name, meta):
     np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(new_cache.k[0]), k_want, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(new_cache.v[0]), v_want, rtol=1e-6)
+
+
+def _check_definition(backend, meta, capacity=CAP):
+    rng = np.random.default_rng(1)
+    t = meta.num_tokens
+    q = rng.normal(size=(B, t, HQ, D)).astype(np.float32)
+    k_new, v_new = (rng.normal(size=(B, t, HKV, D)).astype(np.float32) for _ in range(2))
+    cache = KVCache(k=(jnp.asarray(rng.normal(size=(B, HKV, capacity, D)), jnp.float32),),
+                    v=(jnp.asarray(rng.normal(size=(B, HKV, capacity, D)), jnp.float32),),
+                    lengths=meta.kv_lengths)
+    out, _ = jax.jit(attend, static_argnums=4)(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), cache, 0,
+                                               meta.with_backend(backend))
+    want, _, _ = numpy_attention(q, k_new, v_new, cache.k[0], cache.v[0], meta)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("block", [8, 24])
+def test_blockwise_prefix_in_several_blocks(monkeypatch, block):
+    """Prefixes of 17 and 40 slots over blocks of 8 (five trips) and of 24, which does not divide the
+    64-slot buffer (the last block overlaps the one before it and the overlap is masked)."""
+    import eagle3_jax.attention.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "PREFIX_BLOCK", block)
+    lengths = jnp.asarray([0, 17, 40], jnp.int32)
+    _check_definition("blockwise", AttentionMetadata.causal(lengths, 5))
+    _check_definition("blockwise", AttentionMetadata.causal(jnp.asarray([0, 0, 3], jnp.int32), 1))
+
+
+def test_pallas_gpu_runs_the_kernel_for_decode_and_verify():
+    """On these shapes the GPU backend's prefix goes through the Pallas kernel (interpret mode on CPU),
+    not the portable fallback; a prefill-sized forward falls back."""
+    from eagle3_jax.attention.pallas_gpu import MAX_KERNEL_ROWS, kernel_tiling
+
+    from eagle3_jax.kv_cache import aligned_capacity
+
+    assert kernel_tiling(CAP) == (1, 64) and kernel_tiling(1024) == (16, 64) and kernel_tiling(40) is None
+    for capacity in (256 + 8, 2048 + 8, 16384 + 8, 32768 + 8, 40000):  # what the decoders allocate tiles well
+        splits, block_k = kernel_tiling(aligned_capacity(capacity))
+        assert block_k >= 64 and (splits == 16 or capacity < 32768)
+    assert aligned_capacity(32768 + 8) == 33792 and aligned_capacity(100) == 128 and aligned_capacity(2048) == 2048
+
+    def traced(t):
+        meta = AttentionMetadata.causal(jnp.asarray([0, 5, 17], jnp.int32), t, backend="pallas_gpu")
+        q = jnp.zeros((B, t, HQ, D))
+        kv = jnp.zeros((B, t, HKV, D))
+        cache = KVCache.create(num_layers=1, batch=B, capacity=CAP, kv_heads=HKV, head_dim=D, dtype=jnp.float32)
+        return str(jax.make_jaxpr(lambda *a: attend(*a, 0, meta))(q, kv, kv, cache))
+
+    assert "pallas_call" in traced(1) and "pallas_call" in traced(8)
+    assert "pallas_call" not in traced(MAX_KERNEL_ROWS // (HQ // HKV) + 1)
+
+
+def test_pallas_gpu_kernel_over_sixteen_splits():
+    """A 1024-slot cache: 16 splits of 64 slots, prefixes ending inside the first, the second and the
+    eleventh split, for a decode step and a verify forward."""
+    lengths = jnp.asarray([0, 70, 700], jnp.int32)
+    _check_definition("pallas_gpu", AttentionMetadata.causal(lengths, 1), capacity=1024)
+    _check_definition("pallas_gpu", AttentionMetadata.causal(lengths, 6), capacity=1024)
+
+
+def test_auto_is_the_platform_default():
+    from eagle3_jax.attention import PLATFORM_DEFAULTS, resolve_backend
+
+    assert resolve_backend("auto") == PLATFORM_DEFAULTS.get(jax.default_backend(), "blockwise")
+    assert resolve_backend("reference") == "reference"
+    assert PLATFORM_DEFAULTS["gpu"] == "pallas_gpu"
+    if jax.default_backend() == "cpu":
+        assert resolve_backend("auto") == "blockwise"
 
 
 def test_dense_mask_is_prefix_plus_window():
@@ -122,7 +190,8 @@ def test_backend_in_whole_forwards_matches_reference(backend):
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(InputError, match="unknown attention backend 'flash'; choose one of reference"):
+    with pytest.raises(InputError,
+                       match="unknown attention backend 'flash'; choose one of auto, blockwise, pallas_gpu, reference"):
         check_backend("flash")
     from eagle3_jax.decoding.common import DecodeSettings
 

@@ -32,7 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-DEFAULT_BACKEND = "reference"
+DEFAULT_BACKEND = "auto"  # the platform's default backend (eagle3_jax.attention.resolve_backend)
 
 
 @jax.tree_util.register_dataclass

@@ -12,11 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.attention.metadata import AttentionMetadata
+from eagle3_jax.attention.partial import MASK_VALUE
 from eagle3_jax.kv_cache import KVCache
-
-# Masked attention scores use a large finite value, not -inf, so that a row
-# with nothing visible (a padding row) yields a uniform softmax, not NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata, check_backend
-from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.target import TargetModel, new_cache
 
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
@@ -195,7 +195,7 @@ def prefill(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, se
     """
     cfg = model.config
     batch, bucket = tokens.shape
-    cache = new_cache(cfg, batch, settings.capacity, settings.cache_dtype)
+    cache = new_cache(cfg, batch, aligned_capacity(settings.capacity), settings.cache_dtype)
     last = prompt_lengths - 1
     chunk = min(chunk, bucket)  # a prompt that fits is one chunk
     num_chunks = -(-bucket // chunk)

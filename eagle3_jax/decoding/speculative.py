@@ -42,7 +42,7 @@ from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimePara
 from eagle3_jax.decoding.loop import run_loop
 from eagle3_jax.decoding.tree import Tree, TreeSpec, draft_tree, root_candidates, verify_attention
 from eagle3_jax.decoding.verify import Acceptance, accept_greedy, accept_sampling
-from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import ForwardOutput, TargetModel
 from eagle3_jax.sampling import select_tokens
@@ -208,8 +208,8 @@ def start(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_
 
     batch, bucket = tokens.shape
     cfg = head.config
-    draft_cache = KVCache.create(num_layers=1, batch=batch, capacity=alloc.capacity, kv_heads=cfg.num_key_value_heads,
-                                 head_dim=cfg.head_dim, dtype=settings.cache_dtype)
+    draft_cache = KVCache.create(num_layers=1, batch=batch, capacity=aligned_capacity(alloc.capacity),
+                                 kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype)
     # Draft input at position t pairs the target feature f_t with token x_{t+1}; x_P is the first new token.
     idx = jnp.arange(bucket, dtype=jnp.int32)[None, :]
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros((batch, 1), tokens.dtype)], axis=1)
