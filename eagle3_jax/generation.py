@@ -227,7 +227,7 @@ def check_memory(config, settings: DecodeSettings, batch: int, bucket: int, *, d
         config, extra_bytes=weights_bytes, batch=batch, bucket=bucket, capacity=settings.capacity,
         max_new_tokens=settings.max_new_tokens, cache_dtype=settings.cache_dtype, draft_config=draft_config,
         num_draft_tokens=spec.num_draft_tokens if spec else 0,
-        headroom=speculative.cache_headroom(spec) if spec else 0)
+        headroom=speculative.cache_headroom(spec) if spec else 0, attention=settings.attention)
 
 
 @contextlib.contextmanager

@@ -80,8 +80,13 @@ def available_bytes() -> tuple[int | None, str]:
 
 def generation_bytes(config: Any, *, batch: int, bucket: int, capacity: int, max_new_tokens: int,
                      cache_dtype: Any, draft_config: Any = None, num_draft_tokens: int = 0,
-                     headroom: int = 0, prefill_chunk: int = 512) -> dict[str, int]:
+                     headroom: int = 0, prefill_chunk: int = 512, attention: str = "auto") -> dict[str, int]:
     """The main buffers of one generation, by part, in bytes.
+
+    The caches are counted at the size the decoders allocate
+    (``kv_cache.aligned_capacity``). The largest transient is a forward's
+    attention scores: over every slot with the ``reference`` backend, over a
+    prefix block plus the forward's own tokens with the live-length ones.
 
     Args:
       config: the target's config; draft_config: the head's, or None for plain decoding.
@@ -90,17 +95,28 @@ def generation_bytes(config: Any, *, batch: int, bucket: int, capacity: int, max
         speculative tree (allocated for the target and the draft).
       max_new_tokens: the result buffer width.
       num_draft_tokens: tree nodes verified per cycle (0 for plain decoding).
+      attention: the attention backend's name.
     """
+    from eagle3_jax.attention import resolve_backend
+    from eagle3_jax.attention.blockwise import PREFIX_BLOCK
+    from eagle3_jax.kv_cache import aligned_capacity
+
     item = np.dtype(cache_dtype).itemsize
-    slots = capacity + headroom
+    slots = aligned_capacity(capacity + headroom)
+    dense = resolve_backend(attention) == "reference"
+
+    def width(new_tokens: int) -> int:  # key slots scored at once by a forward of new_tokens
+        return slots if dense else min(slots, new_tokens + PREFIX_BLOCK)
+
     parts = {"target KV cache": 2 * config.num_hidden_layers * batch * config.num_key_value_heads * slots
              * config.head_dim * item}
-    transients = [batch * config.num_attention_heads * min(bucket, prefill_chunk) * slots * _F32]
+    chunk = min(bucket, prefill_chunk)
+    transients = [batch * config.num_attention_heads * chunk * width(chunk) * _F32]
     results = batch * max_new_tokens * _I32
     if draft_config is not None:
         parts["draft KV cache"] = 2 * batch * draft_config.num_key_value_heads * slots * draft_config.head_dim * item
-        transients.append(batch * draft_config.num_attention_heads * bucket * slots * _F32)
-        transients.append(batch * config.num_attention_heads * num_draft_tokens * slots * _F32)
+        transients.append(batch * draft_config.num_attention_heads * bucket * width(bucket) * _F32)
+        transients.append(batch * config.num_attention_heads * num_draft_tokens * width(num_draft_tokens) * _F32)
         results *= 2  # the accept lengths beside the tokens
     parts["result buffers"] = results
     parts["attention scores"] = 2 * max(transients)  # scores and their softmax

@@ -125,7 +125,6 @@ def test_pallas_gpu_runs_the_kernel_for_decode_and_verify():
     """On these shapes the GPU backend's prefix goes through the Pallas kernel (interpret mode on CPU),
     not the portable fallback; a prefill-sized forward falls back."""
     from eagle3_jax.attention.pallas_gpu import MAX_KERNEL_ROWS, kernel_tiling
-
     from eagle3_jax.kv_cache import aligned_capacity
 
     assert kernel_tiling(CAP) == (1, 64) and kernel_tiling(1024) == (16, 64) and kernel_tiling(40) is None

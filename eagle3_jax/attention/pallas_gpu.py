@@ -15,13 +15,15 @@ work. The window (the new tokens' own slots, with the causal or tree mask)
 is the portable ``window_part``, merged by log-sum-exp.
 
 Off a GPU the kernel runs in Pallas interpret mode (how the backend tests
-run it on CPU). Forwards with many new tokens (prefill chunks) and caches the
-kernel cannot tile go to the portable block loop instead.
+run it on CPU). Forwards with many new tokens (prefill chunks), caches the
+kernel cannot tile, and a JAX without the module (JAX 0.11 deprecates it) go
+to the portable block loop instead.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +56,25 @@ def kernel_tiling(capacity: int) -> tuple[int, int] | None:
     return None
 
 
-def _kernel_prefix(qg: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array, tiling) -> Partial:
-    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+@functools.cache
+def kernel_module():
+    """JAX's Pallas decode-attention module, or None where this JAX has none.
 
+    JAX 0.11 marks the module deprecated (a DeprecationWarning on import,
+    silenced here); when a release drops it, the backend runs the portable
+    block loop instead.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu import decode_attention
+    except ImportError:
+        return None
+    return decode_attention if hasattr(decode_attention, "decode_attn_unbatched") else None
+
+
+def _kernel_prefix(qg: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array, tiling) -> Partial:
+    pallas_decode = kernel_module()
     b, hkv, g, t, d = qg.shape
     k_splits, block_k = tiling
     rows = qg.reshape(b, hkv, g * t, d)
@@ -79,7 +97,7 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCach
     kc, vc = cache.k[layer], cache.v[layer]
     qg = group_queries(q, kc.shape[1])
     tiling = kernel_tiling(cache.capacity)
-    if tiling is not None and qg.shape[2] * qg.shape[3] <= MAX_KERNEL_ROWS:
+    if tiling is not None and qg.shape[2] * qg.shape[3] <= MAX_KERNEL_ROWS and kernel_module() is not None:
         prefix = _kernel_prefix(qg, kc, vc, meta.kv_lengths, tiling)
     else:
         prefix = prefix_blocks(qg, kc, vc, meta.kv_lengths, PREFIX_BLOCK)

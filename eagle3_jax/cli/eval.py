@@ -102,6 +102,7 @@ def run(args) -> int:
     results = evaluate(target, draft, tokenizer, benchmarks, knob_list, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
                        repeats=args.repeats, use_chat=args.chat, max_cache_len=args.max_cache_len,
+                       attention=args.attention,
                        progress=not args.json, target_name=model_name(args.target),
                        draft_name=model_name(args.draft))
     paths = write_report(results, args.output, overwrite=args.overwrite)

@@ -116,7 +116,7 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype)
     prompts, settings, _, bucket = plan_batch(
         target_config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
-        max_cache_len=args.max_cache_len, cache_dtype=dtype)
+        max_cache_len=args.max_cache_len, cache_dtype=dtype, attention=args.attention)
     check_memory(target_config, settings, len(prompts), bucket, draft_config=draft_config, spec=spec,
                  weights_bytes=weights_bytes(target_config, dtype))
 
@@ -127,7 +127,7 @@ def run(args) -> int:
                            check_finite=args.check_finite, **overrides)
     gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
                     num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len,
-                    tokenizer=tokenizer if tokenizer is not None else False)
+                    tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention)
     opened = [thinking_opened(tokenizer, p) for p in prompts]
     stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)
     printer = StreamPrinter(tokenizer, len(prompts), stop_strings, opened[0]) if stream else None

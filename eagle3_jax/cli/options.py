@@ -96,11 +96,16 @@ def add_sampling_options(p) -> None:
 
 
 def add_runtime_options(p) -> None:
-    """--max-cache-len and --dtype."""
+    """--max-cache-len, --dtype, --attention and --no-check-finite."""
     p.add_argument("--max-cache-len", type=positive_int, default=None, metavar="S",
                    help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to 128)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    from eagle3_jax.attention import BACKENDS
+
+    p.add_argument("--attention", choices=["auto", *sorted(BACKENDS)], default="auto",
+                   help="attention backend (auto: pallas_gpu on GPU, blockwise elsewhere; both cost the live "
+                        "length, not the cache's capacity; reference scores every slot, the definition for tests)")
     p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
                    help="load weights that hold NaN or Inf instead of refusing them (generation still stops a row "
                         "on non-finite logits, with finish_reason 'nonfinite')")

@@ -72,7 +72,7 @@ def run(args) -> int:
                  if draft_dir else None)
         gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
                         num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, attention=args.attention)
         result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens, sampling=sampling,
                             batch_size=args.batch_size, seed=args.seed)
         write_jsonl(result, tmp)
