@@ -11,7 +11,7 @@ Two parts, printed as tables and written to JSON:
    ratio near 1; one that scores every slot shows capacity / L. The cache
    holds random K/V (attention's cost does not depend on the values), so no
    prefill of L tokens is needed. Every backend in --attention is measured in
-   the same run, interleaved per configuration.
+   the same run, interleaved over backends and capacities.
 2. Compiled memory (--memory). ``compiled.memory_analysis()`` of the plain
    and the speculative decode loop (and of the whole speculative generation,
    prefill included) for the --memory-preset shape with a --memory-capacity
@@ -82,34 +82,35 @@ def _random_cache(cfg, batch: int, capacity: int, live: int, dtype, seed: int = 
 
 
 def step_times(target, *, lives, capacity: int, sizes, backends, batch: int, repeats: int) -> list[dict]:
-    """Median seconds per forward of T tokens at live length L, capacity L+room vs ``capacity``."""
+    """Median ms per forward of T tokens at live length L, in a cache of L + room slots and of ``capacity``.
+
+    For each (L, T), every backend at both capacities is compiled and warmed
+    up, then the repeats run interleaved over all of them, so that machine
+    noise falls on every configuration alike.
+    """
     cfg = target.config
     graphdef, weights = nnx.split(target)
     room = max(sizes)
+    fns = {b: _forward_fn(graphdef, b) for b in backends}
     rows = []
     for live in lives:
-        caps = sorted({live + room, max(capacity, live + room)})
-        for cap in caps:
-            cache = _random_cache(cfg, batch, cap, live, target.dtype)
-            for t in sizes:
-                tokens = jnp.ones((batch, t), jnp.int32)
-                fns = {b: _forward_fn(graphdef, b) for b in backends}
-                times = {b: [] for b in backends}
-                for fn in fns.values():  # compile and warm up
-                    out, cache = fn(weights, cache, tokens)
+        caches = {cap: _random_cache(cfg, batch, cap, live, target.dtype)
+                  for cap in sorted({live + room, max(capacity, live + room)})}
+        for t in sizes:
+            tokens = jnp.ones((batch, t), jnp.int32)
+            runs = [(b, cap) for b in backends for cap in caches]
+            times = {run: [] for run in runs}
+            for _ in range(repeats + 1):  # the first round compiles and warms up
+                for b, cap in runs:
+                    t0 = time.perf_counter()
+                    out, caches[cap] = fns[b](weights, caches[cap], tokens)
                     jax.block_until_ready(out)
-                for _ in range(repeats):
-                    for b, fn in fns.items():
-                        t0 = time.perf_counter()
-                        out, cache = fn(weights, cache, tokens)
-                        jax.block_until_ready(out)
-                        times[b].append(time.perf_counter() - t0)
-                for b in backends:
-                    rows.append({"backend": b, "live": live, "capacity": cap, "tokens": t,
-                                 "ms": 1e3 * statistics.median(times[b])})
-                    print(f"  {b:>10}  live {live:>6}  capacity {cap:>6}  T {t:>3}  {rows[-1]['ms']:9.2f} ms",
-                          flush=True)
-            del cache
+                    times[(b, cap)].append(time.perf_counter() - t0)
+            for b, cap in runs:
+                rows.append({"backend": b, "live": live, "capacity": cap, "tokens": t,
+                             "ms": 1e3 * statistics.median(times[(b, cap)][1:])})
+                print(f"  {b:>10}  live {live:>6}  capacity {cap:>6}  T {t:>3}  {rows[-1]['ms']:9.2f} ms", flush=True)
+        del caches
     return rows
 
 

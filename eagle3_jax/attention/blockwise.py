@@ -7,6 +7,7 @@ Writes the new K/V in place, attends over the prefix with a loop over
 the two by their log-sum-exp (``attention/partial.py``). Its cost follows the
 live length, not the capacity; plain ``jax.numpy`` and ``lax``, so it runs
 on CPU, GPU and TPU, and it is the default where no kernel is chosen.
+A gradient through it takes the dense prefix's VJP (``partial.with_dense_gradient``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from __future__ import annotations
 import jax
 
 from eagle3_jax.attention.metadata import AttentionMetadata
-from eagle3_jax.attention.partial import group_queries, merge, prefix_blocks, ungroup, window_part
+from eagle3_jax.attention.partial import (
+    group_queries,
+    merge,
+    prefix_blocks,
+    ungroup,
+    window_part,
+    with_dense_gradient,
+)
 from eagle3_jax.kv_cache import KVCache
 
 # Slots per prefix block: large enough that the loop's per-trip cost is small next to its dots,
@@ -29,6 +37,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache
     cache = cache.write(layer, k, v, meta.slots)
     kc, vc = cache.k[layer], cache.v[layer]
     qg = group_queries(q, kc.shape[1])
-    prefix = prefix_blocks(qg, kc, vc, meta.kv_lengths, PREFIX_BLOCK)
+    blocks = with_dense_gradient(lambda *a: prefix_blocks(*a, PREFIX_BLOCK))
+    prefix = blocks(qg, kc, vc, meta.kv_lengths)
     out = merge(prefix, window_part(qg, kc, vc, meta)).finish()
     return ungroup(out, q.dtype), cache

@@ -30,7 +30,15 @@ import jax.numpy as jnp
 
 from eagle3_jax.attention.blockwise import PREFIX_BLOCK
 from eagle3_jax.attention.metadata import AttentionMetadata
-from eagle3_jax.attention.partial import Partial, group_queries, merge, prefix_blocks, ungroup, window_part
+from eagle3_jax.attention.partial import (
+    Partial,
+    group_queries,
+    merge,
+    prefix_blocks,
+    ungroup,
+    window_part,
+    with_dense_gradient,
+)
 from eagle3_jax.kv_cache import KVCache
 
 # Query rows (groups * T) per KV head up to which the kernel serves the prefix; more (prefill
@@ -98,8 +106,9 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCach
     qg = group_queries(q, kc.shape[1])
     tiling = kernel_tiling(cache.capacity)
     if tiling is not None and qg.shape[2] * qg.shape[3] <= MAX_KERNEL_ROWS and kernel_module() is not None:
-        prefix = _kernel_prefix(qg, kc, vc, meta.kv_lengths, tiling)
+        prefix_fn = functools.partial(_kernel_prefix, tiling=tiling)
     else:
-        prefix = prefix_blocks(qg, kc, vc, meta.kv_lengths, PREFIX_BLOCK)
+        prefix_fn = functools.partial(prefix_blocks, block=PREFIX_BLOCK)
+    prefix = with_dense_gradient(prefix_fn)(qg, kc, vc, meta.kv_lengths)
     out = merge(prefix, window_part(qg, kc, vc, meta)).finish()
     return ungroup(out, q.dtype), cache

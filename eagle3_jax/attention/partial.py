@@ -20,6 +20,7 @@ by KV head: ``[batch, kv_heads, groups, T, head_dim]`` with
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,39 @@ def prefix_blocks(qg: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Arr
         return merge(acc, part(qg, kb, vb, visible[:, None, None, None, :]))
 
     return jax.lax.fori_loop(0, trips, body, Partial.empty(qg))
+
+
+def dense_prefix(qg: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array) -> Partial:
+    """The same :class:`Partial` as :func:`prefix_blocks`, scoring every slot of the buffer at once."""
+    slot = jnp.arange(k.shape[2], dtype=jnp.int32)
+    return part(qg, k, v, (slot[None, :] < kv_lengths[:, None])[:, None, None, None, :])
+
+
+def with_dense_gradient(prefix_fn: Callable[..., Partial]) -> Callable[..., Partial]:
+    """``prefix_fn(qg, k, v, kv_lengths) -> Partial``, made reverse-differentiable.
+
+    A loop with a traced trip count (and a Pallas kernel) has no reverse-mode
+    derivative in JAX. The prefix's attention is the same function however it
+    is computed, so the backward pass takes the VJP of :func:`dense_prefix`
+    (whose cost follows the capacity, which only a gradient through a cached
+    forward pays: fitting a head through its cache in the tests; training
+    uses its own attention, ``training/ttt_attention.py``). Forward-mode
+    derivatives (``jax.jvp``) of the wrapped function are not defined.
+    """
+    @jax.custom_vjp
+    def prefix(qg, k, v, kv_lengths):
+        return prefix_fn(qg, k, v, kv_lengths)
+
+    def forward(qg, k, v, kv_lengths):
+        return prefix_fn(qg, k, v, kv_lengths), (qg, k, v, kv_lengths)
+
+    def backward(saved, cotangent):
+        qg, k, v, kv_lengths = saved
+        _, vjp = jax.vjp(lambda q_, k_, v_: dense_prefix(q_, k_, v_, kv_lengths), qg, k, v)
+        return (*vjp(cotangent), None)
+
+    prefix.defvjp(forward, backward)
+    return prefix
 
 
 def window_part(qg: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMetadata) -> Partial:
