@@ -63,3 +63,19 @@ def test_help_texts_name_the_defaults():
     assert f"(default {d})" in _help("regenerate", "--num-steps")
     assert "(default {},{},{})".format(*DEMO_TREE) in _help("demo", "--knobs")
     assert "(default: {},{},{} {},{},{})".format(*DEFAULT_TREE, *WIDE_TREE) in _help("eval", "--knobs")
+
+
+def test_attention_choices_are_the_registered_backends():
+    from eagle3_jax.attention import BACKENDS
+    from eagle3_jax.cli.options import ATTENTION_CHOICES
+
+    assert list(ATTENTION_CHOICES) == ["auto", *sorted(BACKENDS)]
+
+
+def test_building_the_parser_imports_no_jax():
+    import subprocess
+    import sys
+
+    code = "import sys; from eagle3_jax.cli import build_parser; build_parser(); print('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"

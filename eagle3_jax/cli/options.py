@@ -95,15 +95,17 @@ def add_sampling_options(p) -> None:
     p.add_argument("--seed", type=seed_type, default=0, metavar="S", help="PRNG seed for sampling (0 to 2**32-1)")
 
 
+# eagle3_jax.attention.BACKENDS' names and "auto", as text: the parser imports no JAX (a test keeps them equal).
+ATTENTION_CHOICES = ("auto", "blockwise", "pallas_gpu", "reference")
+
+
 def add_runtime_options(p) -> None:
     """--max-cache-len, --dtype, --attention and --no-check-finite."""
     p.add_argument("--max-cache-len", type=positive_int, default=None, metavar="S",
                    help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to 128)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    from eagle3_jax.attention import BACKENDS
-
-    p.add_argument("--attention", choices=["auto", *sorted(BACKENDS)], default="auto",
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                    help="attention backend (auto: pallas_gpu on GPU, blockwise elsewhere; both cost the live "
                         "length, not the cache's capacity; reference scores every slot, the definition for tests)")
     p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
