@@ -1,6 +1,6 @@
 """The static-capacity KV cache (docs/architecture.md#kv-cache).
 
-A cache is a pytree of two stacked buffers and per-row lengths. Its capacity is
+A cache is a pytree of one pair of buffers per layer and per-row lengths. Its capacity is
 fixed at creation (it is a compiled shape); what varies between calls and loop
 steps lives in ``lengths``. A forward pass writes the K/V of its new tokens at
 explicit slots and attends as its :class:`~eagle3_jax.attention.AttentionMetadata`

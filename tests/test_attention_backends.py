@@ -79,15 +79,14 @@ def cases():
                                                          jnp.asarray([[3, 4, 5]]), jnp.asarray(anc))
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("name, meta", list(cases()), ids=[c[0] for c in cases()])
-def test_backend_computes_the_definition(backend, name, meta):
+def _check_definition(backend, meta, capacity=CAP):
+    """The backend's output and written cache equal the NumPy definition's on random inputs."""
     rng = np.random.default_rng(1)
     t = meta.num_tokens
     q = rng.normal(size=(B, t, HQ, D)).astype(np.float32)
     k_new, v_new = (rng.normal(size=(B, t, HKV, D)).astype(np.float32) for _ in range(2))
-    cache = KVCache(k=(jnp.asarray(rng.normal(size=(B, HKV, CAP, D)), jnp.float32),),
-                    v=(jnp.asarray(rng.normal(size=(B, HKV, CAP, D)), jnp.float32),),
+    cache = KVCache(k=(jnp.asarray(rng.normal(size=(B, HKV, capacity, D)), jnp.float32),),
+                    v=(jnp.asarray(rng.normal(size=(B, HKV, capacity, D)), jnp.float32),),
                     lengths=meta.kv_lengths)
     out, new_cache = jax.jit(attend, static_argnums=4)(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new),
                                                         cache, 0, meta.with_backend(backend))
@@ -97,18 +96,10 @@ def test_backend_computes_the_definition(backend, name, meta):
     np.testing.assert_allclose(np.asarray(new_cache.v[0]), v_want, rtol=1e-6)
 
 
-def _check_definition(backend, meta, capacity=CAP):
-    rng = np.random.default_rng(1)
-    t = meta.num_tokens
-    q = rng.normal(size=(B, t, HQ, D)).astype(np.float32)
-    k_new, v_new = (rng.normal(size=(B, t, HKV, D)).astype(np.float32) for _ in range(2))
-    cache = KVCache(k=(jnp.asarray(rng.normal(size=(B, HKV, capacity, D)), jnp.float32),),
-                    v=(jnp.asarray(rng.normal(size=(B, HKV, capacity, D)), jnp.float32),),
-                    lengths=meta.kv_lengths)
-    out, _ = jax.jit(attend, static_argnums=4)(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), cache, 0,
-                                               meta.with_backend(backend))
-    want, _, _ = numpy_attention(q, k_new, v_new, cache.k[0], cache.v[0], meta)
-    np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("name, meta", list(cases()), ids=[c[0] for c in cases()])
+def test_backend_computes_the_definition(backend, name, meta):
+    _check_definition(backend, meta)
 
 
 @pytest.mark.parametrize("block", [8, 24])

@@ -12,17 +12,12 @@ A gradient through it takes the dense prefix's VJP (``partial.with_dense_gradien
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from eagle3_jax.attention.metadata import AttentionMetadata
-from eagle3_jax.attention.partial import (
-    group_queries,
-    merge,
-    prefix_blocks,
-    ungroup,
-    window_part,
-    with_dense_gradient,
-)
+from eagle3_jax.attention.partial import live_length_attention, prefix_blocks
 from eagle3_jax.kv_cache import KVCache
 
 # Slots per prefix block: large enough that the loop's per-trip cost is small next to its dots,
@@ -34,10 +29,4 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache
                         meta: AttentionMetadata) -> tuple[jax.Array, KVCache]:
     """Writes ``k``/``v`` [batch, T, kv_heads, head_dim] at ``meta.slots`` of ``layer``, then attends
     ``q`` [batch, T, q_heads, head_dim] over the prefix (in blocks) and the window."""
-    cache = cache.write(layer, k, v, meta.slots)
-    kc, vc = cache.k[layer], cache.v[layer]
-    qg = group_queries(q, kc.shape[1])
-    blocks = with_dense_gradient(lambda *a: prefix_blocks(*a, PREFIX_BLOCK))
-    prefix = blocks(qg, kc, vc, meta.kv_lengths)
-    out = merge(prefix, window_part(qg, kc, vc, meta)).finish()
-    return ungroup(out, q.dtype), cache
+    return live_length_attention(functools.partial(prefix_blocks, block=PREFIX_BLOCK), q, k, v, cache, layer, meta)

@@ -30,15 +30,7 @@ import jax.numpy as jnp
 
 from eagle3_jax.attention.blockwise import PREFIX_BLOCK
 from eagle3_jax.attention.metadata import AttentionMetadata
-from eagle3_jax.attention.partial import (
-    Partial,
-    group_queries,
-    merge,
-    prefix_blocks,
-    ungroup,
-    window_part,
-    with_dense_gradient,
-)
+from eagle3_jax.attention.partial import Partial, live_length_attention, prefix_blocks
 from eagle3_jax.kv_cache import KVCache
 
 # Query rows (groups * T) per KV head up to which the kernel serves the prefix; more (prefill
@@ -101,14 +93,10 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCach
                          meta: AttentionMetadata) -> tuple[jax.Array, KVCache]:
     """Writes ``k``/``v`` [batch, T, kv_heads, head_dim] at ``meta.slots`` of ``layer``, then attends
     ``q`` [batch, T, q_heads, head_dim]: the prefix by the Pallas kernel, the window portably."""
-    cache = cache.write(layer, k, v, meta.slots)
-    kc, vc = cache.k[layer], cache.v[layer]
-    qg = group_queries(q, kc.shape[1])
     tiling = kernel_tiling(cache.capacity)
-    if tiling is not None and qg.shape[2] * qg.shape[3] <= MAX_KERNEL_ROWS and kernel_module() is not None:
+    rows = (q.shape[2] // k.shape[2]) * q.shape[1]  # groups * T query rows per KV head
+    if tiling is not None and rows <= MAX_KERNEL_ROWS and kernel_module() is not None:
         prefix_fn = functools.partial(_kernel_prefix, tiling=tiling)
     else:
         prefix_fn = functools.partial(prefix_blocks, block=PREFIX_BLOCK)
-    prefix = with_dense_gradient(prefix_fn)(qg, kc, vc, meta.kv_lengths)
-    out = merge(prefix, window_part(qg, kc, vc, meta)).finish()
-    return ungroup(out, q.dtype), cache
+    return live_length_attention(prefix_fn, q, k, v, cache, layer, meta)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.attention.metadata import AttentionMetadata
+from eagle3_jax.kv_cache import KVCache
 
 # Scores of hidden keys; finite (as in the reference backend), and the starting maximum of a part.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -159,3 +160,24 @@ def window_part(qg: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMetada
     vw = jnp.take_along_axis(v, index, axis=2)
     visible = meta.local_mask & (slots < capacity)[:, None, :]  # [batch, T, W]
     return part(qg, kw, vw, visible[:, None, None, :, :])
+
+
+PrefixFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Partial]
+
+
+def live_length_attention(prefix_fn: PrefixFn, q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
+                          meta: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+    """What every live-length backend does, given how it reads the prefix.
+
+    Writes ``k``/``v`` [batch, T, kv_heads, head_dim] at ``meta.slots`` of
+    ``layer``, attends ``q`` [batch, T, q_heads, head_dim] over the prefix with
+    ``prefix_fn(qg, k_buffer, v_buffer, kv_lengths) -> Partial`` (made
+    reverse-differentiable by :func:`with_dense_gradient`) and over the window
+    with :func:`window_part`, and merges the two.
+    """
+    cache = cache.write(layer, k, v, meta.slots)
+    kc, vc = cache.k[layer], cache.v[layer]
+    qg = group_queries(q, kc.shape[1])
+    prefix = with_dense_gradient(prefix_fn)(qg, kc, vc, meta.kv_lengths)
+    out = merge(prefix, window_part(qg, kc, vc, meta)).finish()
+    return ungroup(out, q.dtype), cache
