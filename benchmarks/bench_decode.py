@@ -50,6 +50,9 @@ PRESETS = {
     "qwen3-0.6b": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                               num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                               max_position_embeddings=40960, tie_word_embeddings=True, eos_token_ids=(151645,)),
+    "qwen3-32b": Qwen3Config(vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                             num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                             max_position_embeddings=40960, tie_word_embeddings=False, eos_token_ids=(151645,)),
     "small": Qwen3Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, rope_theta=1e6,
                          max_position_embeddings=8192, tie_word_embeddings=True, eos_token_ids=(2,)),
@@ -139,17 +142,18 @@ def bench_prompts(args, target_dir, vocab_size):
     return out
 
 
-def end_to_end(target, draft, prompts, knob_list, *, max_new_tokens, batch, repeats):
+def end_to_end(target, draft, prompts, knob_list, *, max_new_tokens, batch, repeats, mesh=None):
     """Plain and speculative generation on the same prompts, interleaved (eagle3_jax/timing.py).
 
     Every method generates each batch once untimed (compilation), then all
     methods run ``repeats`` times in alternating order, batch by batch; a
     repeat's tokens/s is its tokens over its seconds summed over the batches,
     and the speedup is the median of the per-repeat ratios with its spread.
+    ``mesh``: run every method on this device mesh.
     """
-    methods = {"plain": Generator(target)}
+    methods = {"plain": Generator(target, mesh=mesh)}
     for d, k, n in knob_list:
-        methods[f"({d},{k},{n})"] = Generator(target, draft, num_steps=d, topk=k, num_draft_tokens=n)
+        methods[f"({d},{k},{n})"] = Generator(target, draft, num_steps=d, topk=k, num_draft_tokens=n, mesh=mesh)
     per_repeat = {name: [[0, 0.0] for _ in range(repeats)] for name in methods}
     taus = {name: [] for name in methods}
     for i in range(0, len(prompts), batch):
@@ -204,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-end-to-end", action="store_true")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="end to end on a mesh: the target split over N devices (the step costs stay on one)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="M", help="end to end: the batch over M groups")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.target and not args.draft:
@@ -241,8 +248,14 @@ def main(argv=None) -> int:
 
     if not args.skip_end_to_end:
         prompts = bench_prompts(args, args.target, target.config.vocab_size)
+        mesh = None
+        if args.tensor_parallel * args.data_parallel > 1:
+            from eagle3_jax.sharding import make_mesh
+
+            mesh = make_mesh(args.tensor_parallel, args.data_parallel)
+            result["mesh"] = {"data": args.data_parallel, "tensor": args.tensor_parallel}
         rows = end_to_end(target, draft, prompts, args.knobs, max_new_tokens=args.max_new_tokens,
-                          batch=args.batch, repeats=args.repeats)
+                          batch=args.batch, repeats=args.repeats, mesh=mesh)
         print(f"\n{'decoding':>12s} {'tok/s':>9s} {'accept len':>11s}  speedup (median of {args.repeats} interleaved "
               "repeats, lowest-highest)")
         for r in rows:

@@ -43,6 +43,7 @@ _EXPORTS = {
     "build_target": "eagle3_jax.models.registry",
     "TargetModel": "eagle3_jax.models.target",
     "SamplingParams": "eagle3_jax.sampling",
+    "make_mesh": "eagle3_jax.sharding",
     "apply_default_flags": "eagle3_jax.xla_flags",
 }
 
@@ -75,4 +76,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from eagle3_jax.models.registry import build_target
     from eagle3_jax.models.target import TargetModel
     from eagle3_jax.sampling import SamplingParams
+    from eagle3_jax.sharding import make_mesh
     from eagle3_jax.xla_flags import apply_default_flags

@@ -4,7 +4,7 @@
 whether one happened. Generation reports compile time apart from run time and
 the tests assert that a second call does not recompile, so hot functions go
 through :class:`CompiledFunction`, which compiles once per (static arguments,
-argument shapes and dtypes), counts its compilations, and keeps the
+argument shapes, dtypes and shardings, and the mesh set with ``jax.set_mesh``), counts its compilations, and keeps the
 ``MAX_EXECUTABLES`` most recently used programs.
 
 A compilation that is not in that cache is announced to the listeners added
@@ -104,8 +104,17 @@ def _start_counting() -> None:
 
 
 def _signature(tree: Any):
+    """What a compiled program is specific to: the tree's structure and each leaf's shape, dtype and
+    sharding (on a device mesh, the same shapes laid out otherwise are another program)."""
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves)
+    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))), _sharding(x)) for x in leaves)
+
+
+def _sharding(x: Any):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return None  # one device: the program is the same on any of them (JAX places it by its inputs)
+    return sharding
 
 
 class CompiledFunction:
@@ -146,7 +155,7 @@ class CompiledFunction:
     def __call__(self, *args) -> tuple[Any, float]:
         """Runs the function; returns (outputs, seconds spent compiling in this call)."""
         static, dynamic = args[: self.num_static], args[self.num_static:]
-        key = (static, _signature(dynamic))
+        key = (static, _signature(dynamic), jax.sharding.get_abstract_mesh())
         executable = self._executables.get(key)
         compile_seconds = 0.0
         if executable is None:

@@ -240,7 +240,8 @@ def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | 
              knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = 256, batch_size: int = 8,
              sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False, repeats: int = 3,
              use_chat: bool | None = None, max_cache_len: int | None = None, progress: bool = True,
-             target_name: str | None = None, draft_name: str | None = None, attention: str = "auto") -> dict:
+             target_name: str | None = None, draft_name: str | None = None, attention: str = "auto",
+             mesh=None) -> dict:
     """Acceptance length (and with ``measure_plain`` the speedup over plain decoding) per benchmark and tree shape.
 
     ``benchmarks`` is a dict of prompts or a :class:`BenchmarkSet` (whose
@@ -249,7 +250,8 @@ def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | 
     ``repeats`` timed times per batch (see :func:`run_methods`); every tree
     shape gets ``speedup`` (the median ratio), ``speedup_low``/``_high``,
     ``speedup_samples``, ``speedup_noise`` and ``speedup_text``, and under
-    greedy decoding ``identical_to_plain``.
+    greedy decoding ``identical_to_plain``. ``mesh``: a device mesh to run
+    on (see :class:`~eagle3_jax.generation.Generator`).
     """
     sampling = sampling or SamplingParams()
     if measure_plain and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
@@ -259,13 +261,14 @@ def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | 
     found = benchmarks if isinstance(benchmarks, BenchmarkSet) else BenchmarkSet(prompts=dict(benchmarks))
     formatter = PromptFormatter(tokenizer, use_chat)
     knob_list = list(dict.fromkeys(tuple(k) for k in knob_list))
-    generators = ({PLAIN: Generator(target, max_cache_len=max_cache_len, tokenizer=False, attention=attention)}
+    generators = ({PLAIN: Generator(target, max_cache_len=max_cache_len, tokenizer=False, attention=attention,
+                                    mesh=mesh)}
                   if measure_plain else {})
     for knobs in knob_list:
         generators[knob_label(knobs)] = Generator(target, draft, num_steps=knobs[0], topk=knobs[1],
                                                   num_draft_tokens=knobs[2], max_cache_len=max_cache_len,
                                                   # ids only: no decoding inside the timed runs
-                                                  tokenizer=False, attention=attention)
+                                                  tokenizer=False, attention=attention, mesh=mesh)
     results = {"knobs": [knob_label(k) for k in knob_list], "benchmarks": {}, "target": target_name,
                "draft": draft_name, "chat_template": formatter.chat, "max_new_tokens": max_new_tokens,
                "batch_size": batch_size, "sampling": dataclasses.asdict(sampling), "seed": seed,

@@ -29,13 +29,23 @@ from eagle3_jax.attention import DEFAULT_BACKEND, check_backend
 from eagle3_jax.checks import check_int, check_seed, check_token_ids, is_int
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding import plain, speculative
-from eagle3_jax.decoding.common import RUNNING, DecodeSettings, RuntimeParams, finish_reasons
+from eagle3_jax.decoding.common import FINISH_LENGTH, RUNNING, DecodeSettings, RuntimeParams, finish_reasons
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.memory import check_generation_memory
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
 from eagle3_jax.sampling import SamplingParams
+from eagle3_jax.sharding import (
+    ShardingPlan,
+    check_mesh,
+    place_replicated,
+    place_target,
+    put,
+    put_like,
+    put_tree,
+    to_host,
+)
 from eagle3_jax.text import check_stop_strings, prompt_opens_thinking, reasoning_and_answer
 from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, check_template_kwargs, encode_prompts
 
@@ -218,13 +228,16 @@ def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
 
 
 def check_memory(config, settings: DecodeSettings, batch: int, bucket: int, *, draft_config=None,
-                 spec: TreeSpec | None = None, weights_bytes: int = 0) -> int:
-    """Refuses (InputError) a generation whose buffers can not fit in free memory; returns the bytes needed.
+                 spec: TreeSpec | None = None, weights_bytes: int = 0, plan: ShardingPlan | None = None) -> int:
+    """Refuses (InputError) a generation whose buffers can not fit in free memory; returns the bytes needed
+    (per device on a mesh: ``plan``).
 
     ``weights_bytes``: weights not loaded yet (when checking before loading).
     """
+    dp, kv_shards = (plan.data_parallel, plan.tensor_parallel if plan.shards_kv_heads else 1) if plan else (1, 1)
     return check_generation_memory(
-        config, extra_bytes=weights_bytes, batch=batch, bucket=bucket, capacity=settings.capacity,
+        config, extra_bytes=weights_bytes, devices=dp * plan.tensor_parallel if plan else 1,
+        data_parallel=dp, kv_shards=kv_shards, batch=batch, bucket=bucket, capacity=settings.capacity,
         max_new_tokens=settings.max_new_tokens, cache_dtype=settings.cache_dtype, draft_config=draft_config,
         num_draft_tokens=spec.num_draft_tokens if spec else 0,
         headroom=speculative.cache_headroom(spec) if spec else 0, attention=settings.attention)
@@ -322,6 +335,13 @@ class Generator:
         :mod:`eagle3_jax.compile_cache`).
       attention: the attention backend's name (``eagle3_jax.attention.BACKENDS``;
         docs/architecture.md#attention); a static part of the compiled programs.
+      mesh: a ``(data, tensor)`` device mesh (:func:`eagle3_jax.sharding.make_mesh`)
+        to run on (docs/architecture.md#device-mesh): the target
+        tensor-parallel over heads and MLP columns, the KV cache over KV
+        heads, the batch over ``data`` (a batch is padded to a multiple of
+        it); the draft head replicated. Weights not already on their
+        shards (:func:`~eagle3_jax.loading.load_target` with ``mesh``) are
+        moved there. None: one device.
       tokenizer: for text prompts, chat messages, stop strings and text
         outputs. None (default): the target's own, from the directory
         :func:`~eagle3_jax.loading.load_target` read it from, loaded on first
@@ -332,7 +352,7 @@ class Generator:
     def __init__(self, target: TargetModel, draft: Eagle3DraftHead | None = None, *,
                  num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
                  max_cache_len: int | None = None, cache_dtype=None, compile_cache=None,
-                 tokenizer: Any = None, attention: str = DEFAULT_BACKEND):
+                 tokenizer: Any = None, attention: str = DEFAULT_BACKEND, mesh=None):
         compile_cache_module.enable(compile_cache)
         if not isinstance(target, TargetModel):
             raise InputError(f"target must be a loaded Qwen3ForCausalLM or LlamaForCausalLM (see load_target), "
@@ -346,6 +366,16 @@ class Generator:
         self.max_cache_len = max_cache_len
         self.cache_dtype = check_cache_dtype(target.dtype if cache_dtype is None else cache_dtype)
         self.attention = check_backend(attention)
+        self.mesh = check_mesh(mesh)
+        self.plan = None
+        if self.mesh is not None:
+            self.plan = ShardingPlan.for_target(self.mesh, self.config)
+            for note in self.plan.notes:
+                warnings.warn(note, stacklevel=2)
+        self.tokenizers = TokenizerSource(tokenizer, target)  # the given target's: a placed copy has no directory
+        if self.plan is not None:
+            target = place_target(target, self.plan)
+            draft = place_replicated(draft, self.mesh) if draft is not None else None
         target_graph, target_params = nnx.split(target)
         if draft is None:
             if any(v is not None for v in (num_steps, topk, num_draft_tokens)):
@@ -362,7 +392,6 @@ class Generator:
             self.draft_config = draft.config
             draft_graph, draft_params = nnx.split(draft)
             self._graphdefs, self._weights = (target_graph, draft_graph), (target_params, draft_params)
-        self.tokenizers = TokenizerSource(tokenizer, target)
 
     @property
     def speculative(self) -> bool:
@@ -431,45 +460,69 @@ class Generator:
                                                        sampling=sampling, stop_token_ids=stop_token_ids,
                                                        max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype,
                                                        attention=self.attention)
-        check_memory(self.config, settings, len(prompts), bucket, spec=self.spec, draft_config=self.draft_config)
+        check_memory(self.config, settings, self._padded_rows(len(prompts)), bucket, spec=self.spec,
+                     draft_config=self.draft_config, plan=self.plan)
         with device_errors():
             outputs = self._run(prompts, settings, params, bucket, seed, stream, stream_every, text)
         return outputs if text is None else [_with_text(out, p, text) for out, p in zip(outputs, prompts)]
 
     def _run(self, prompts, settings, params, bucket, seed, stream, stream_every,
              text: TextOptions | None = None) -> list[GenerationOutput]:
-        tokens = np.zeros((len(prompts), bucket), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = p
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        rng = jax.random.key(seed)
+        rows = self._padded_rows(len(prompts))
+        tokens = np.zeros((rows, bucket), np.int32)
+        lengths = np.zeros((rows,), np.int32)
+        for i in range(rows):  # rows past the prompts repeat the last one (a mesh's data axis): never longer
+            p = prompts[min(i, len(prompts) - 1)]
+            tokens[i, : len(p)], lengths[i] = p, len(p)
+        inputs = self._inputs(tokens, lengths, jax.random.key(seed), params)
         if self.speculative:
             start_fn, loop_fn, statics = _SPEC_START, _SPEC_LOOP, (settings, self.spec)
         else:
             start_fn, loop_fn, statics = _PLAIN_START, _PLAIN_LOOP, settings
 
-        t0 = time.perf_counter()
-        state, prefill_compile = start_fn(self._graphdefs, statics, self._weights, jnp.asarray(tokens),
-                                          jnp.asarray(lengths), rng, params)
-        jax.block_until_ready(state)
-        prefill_seconds = time.perf_counter() - t0 - prefill_compile
-        t1 = time.perf_counter()
-        watcher = StopWatcher(text, len(prompts)) if text is not None and text.stops else None
-        chunked = stream is not None or watcher is not None
-        state, sent = self._between_chunks(state, stream, watcher, [0] * len(prompts))
-        loop_compile = 0.0
-        chunk = jnp.int32(stream_every if chunked else _NO_LIMIT)
-        while True:
-            state, seconds = loop_fn(self._graphdefs, statics, self._weights, state, params, chunk)
-            loop_compile += seconds
-            if not chunked:
-                break
-            state, sent = self._between_chunks(state, stream, watcher, sent)
-            if not np.any(np.asarray(state.result.finish_reason) == RUNNING):
-                break
-        result = jax.device_get(state.result)
+        with self._on_mesh():
+            t0 = time.perf_counter()
+            state, prefill_compile = start_fn(self._graphdefs, statics, self._weights, *inputs)
+            params = inputs[-1]
+            jax.block_until_ready(state)
+            prefill_seconds = time.perf_counter() - t0 - prefill_compile
+            t1 = time.perf_counter()
+            if rows > len(prompts):  # padding rows end now: sampled, they could otherwise outrun every prompt
+                state = _end_rows(state, len(prompts))
+            watcher = StopWatcher(text, rows) if text is not None and text.stops else None
+            chunked = stream is not None or watcher is not None
+            state, sent = self._between_chunks(state, stream, watcher, [0] * len(prompts))
+            loop_compile = 0.0
+            chunk = jnp.int32(stream_every if chunked else _NO_LIMIT)
+            while True:
+                state, seconds = loop_fn(self._graphdefs, statics, self._weights, state, params, chunk)
+                loop_compile += seconds
+                if not chunked:
+                    break
+                state, sent = self._between_chunks(state, stream, watcher, sent)
+                if not np.any(to_host(state.result.finish_reason) == RUNNING):
+                    break
+            result = to_host(state.result)
         decode_seconds = time.perf_counter() - t1 - loop_compile
-        return self._outputs(result, lengths, prefill_seconds, decode_seconds, prefill_compile + loop_compile)
+        return self._outputs(result, lengths[: len(prompts)], prefill_seconds, decode_seconds,
+                             prefill_compile + loop_compile)
+
+    def _padded_rows(self, n: int) -> int:
+        """Rows of a batch of ``n`` prompts: a multiple of the mesh's data axis."""
+        dp = self.plan.data_parallel if self.plan is not None else 1
+        return -(-n // dp) * dp
+
+    def _inputs(self, tokens: np.ndarray, lengths: np.ndarray, rng, params):
+        """The loop's inputs on the device(s): on a mesh, rows over ``data`` and the rest replicated."""
+        if self.plan is None:
+            return jnp.asarray(tokens), jnp.asarray(lengths), rng, params
+        rows = self.plan.sharding(tokens.shape, ("batch", None))
+        return (put(tokens, rows), put(lengths, self.plan.sharding(lengths.shape, ("batch",))),
+                put_tree(rng, self.plan.replicate), put_tree(params, self.plan.replicate))
+
+    def _on_mesh(self):
+        """The context the compiled programs are traced and run in: ``jax.set_mesh`` on a mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @classmethod
     def _between_chunks(cls, state, stream: StreamCallback | None, watcher: StopWatcher | None, sent: list[int]):
@@ -483,7 +536,7 @@ class Generator:
     @staticmethod
     def _emit(stream: StreamCallback, result, sent: list[int], kept: list[int | None] | None = None) -> list[int]:
         """Calls ``stream`` with each row's tokens past ``sent`` (up to ``kept``, for rows ended by a stop string)."""
-        tokens, counts = jax.device_get((result.tokens, result.num_generated))
+        tokens, counts = to_host((result.tokens, result.num_generated))
         counts = [int(c) for c in counts]
         if kept is not None:
             counts = [c if k is None else max(min(c, k), done) for c, k, done in zip(counts, kept, sent)]
@@ -514,6 +567,14 @@ class Generator:
                 tokens_per_second=n / elapsed,
             ))
         return outputs
+
+
+def _end_rows(state, first: int):
+    """The loop state with rows ``first..`` marked finished (their outputs are never read)."""
+    codes = np.array(to_host(state.result.finish_reason))
+    codes[first:] = FINISH_LENGTH
+    result = dataclasses.replace(state.result, finish_reason=put_like(codes, state.result.finish_reason))
+    return dataclasses.replace(state, result=result)
 
 
 def _with_text(out: GenerationOutput, prompt: list[int], text: TextOptions) -> GenerationOutput:

@@ -27,6 +27,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.sharding import KV_CACHE_AXES, LogicalAxes, constrain
+
 # Decoders allocate buffers in whole blocks (:func:`aligned_capacity`), so that blocked attention
 # kernels tile every cache without a remainder: 128 slots, doubling up to 1024 while the rounding
 # stays within 1/32 of the capacity.
@@ -60,20 +62,27 @@ class KVCache:
       v: per layer, [batch, kv_heads, capacity, head_dim] values.
       lengths: [batch] int32, committed entries per row; slots >= length are
         free (they may hold stale or provisional K/V).
+      axes: static; the buffers' logical axes on a device mesh
+        (``eagle3_jax/sharding.py``): rows over ``data`` and KV heads over
+        ``tensor`` for the target; the draft head's cache keeps its heads whole.
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array
+    axes: LogicalAxes = dataclasses.field(default=KV_CACHE_AXES, metadata=dict(static=True))
 
     @classmethod
     def create(cls, *, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
-               dtype=jnp.bfloat16) -> KVCache:
-        """An empty cache (all lengths 0) of static ``capacity`` slots per row."""
+               dtype=jnp.bfloat16, axes: LogicalAxes = KV_CACHE_AXES) -> KVCache:
+        """An empty cache (all lengths 0) of static ``capacity`` slots per row, laid out on the
+        current device mesh by ``axes`` (if there is one)."""
         shape = (batch, kv_heads, capacity, head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+
+        def buffers():
+            return tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(num_layers))
+
+        return cls(k=buffers(), v=buffers(), lengths=constrain(jnp.zeros((batch,), jnp.int32), axes[:1]), axes=axes)
 
     @property
     def capacity(self) -> int:
@@ -104,10 +113,18 @@ class KVCache:
         # (batch, slot) index pairs around the head slice: the update is [batch, seq, kv_heads, head_dim]
         k = self.k[layer].at[b, :, slots].set(k_new.astype(self.dtype), mode="drop")
         v = self.v[layer].at[b, :, slots].set(v_new.astype(self.dtype), mode="drop")
-        return dataclasses.replace(self, k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
+        return self.with_layer(layer, k, v)
 
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
+
+    def layer_view(self, layer: int) -> KVCache:
+        """A one-layer cache of ``layer``'s buffers (same lengths and axes), for per-shard attention."""
+        return dataclasses.replace(self, k=(self.k[layer],), v=(self.v[layer],))
+
+    def with_layer(self, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
+        """This cache with ``layer``'s buffers replaced."""
+        return dataclasses.replace(self, k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
 
     def gather_slots(self, src: jax.Array, dst: jax.Array) -> KVCache:
         """Copies K/V of every layer from slots ``src`` to slots ``dst`` (both [batch, n]).
@@ -119,7 +136,7 @@ class KVCache:
         src = jnp.clip(src, 0, self.capacity - 1)
 
         def move(buf):
-            return buf.at[b, :, dst].set(buf[b, :, src], mode="drop")
+            return constrain(buf.at[b, :, dst].set(buf[b, :, src], mode="drop"), self.axes)
 
         return dataclasses.replace(self, k=tuple(map(move, self.k)), v=tuple(map(move, self.v)))
 

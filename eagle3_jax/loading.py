@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from eagle3_jax.atomic import atomic_directory, check_destination
 from eagle3_jax.config import Eagle3Config, TargetConfig
@@ -27,6 +28,7 @@ from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.registry import abstract_target, target_rules
 from eagle3_jax.models.target import TargetModel
+from eagle3_jax.sharding import ShardingPlan, check_mesh, put
 from eagle3_jax.weights import converted, torch_bin
 from eagle3_jax.weights.params import export_safetensors, load_safetensors_into
 from eagle3_jax.weights.rules import eagle3_rules
@@ -84,7 +86,7 @@ def target_directory(model: TargetModel) -> str | None:
 
 
 def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool = True,
-                check_finite: bool = True) -> TargetModel:
+                check_finite: bool = True, mesh=None) -> TargetModel:
     """Loads a target: Qwen3, Qwen2 or Llama (any ``model_type`` of the registry).
 
     Args:
@@ -99,6 +101,10 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
         (about 0.1-0.3 s per GB on a CPU) and also catches values that
         overflow the requested dtype; generation separately stops a row on
         non-finite logits (finish_reason 'nonfinite').
+      mesh: a ``(data, tensor)`` device mesh (:func:`eagle3_jax.sharding.make_mesh`):
+        each tensor is placed straight onto its shards as it is read
+        (:data:`eagle3_jax.sharding.TARGET_PARAM_AXES`; a converted checkpoint
+        is restored into them), never whole on one device. None: the default device.
 
     The model remembers its directory (:func:`target_directory`): a
     :class:`~eagle3_jax.generation.Generator` takes the tokenizer there for
@@ -108,12 +114,22 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
     dtype = parse_dtype(dtype)
     cfg = TargetConfig.from_pretrained(model_dir)
     abstract = abstract_target(cfg, dtype)
+    place = sharding_of = None
+    if mesh is not None:
+        plan = ShardingPlan.for_target(mesh, cfg)
+
+        def sharding_of(path: str, shape: tuple[int, ...]):
+            return plan.param_sharding(path, shape)
+
+        def place(path: str, array: np.ndarray) -> jax.Array:
+            return put(array, sharding_of(path, array.shape))
+
     if converted.is_converted(model_dir):
         converted.read_marker(model_dir)
-        model = converted.restore_into(abstract, model_dir, check_finite=check_finite)
+        model = converted.restore_into(abstract, model_dir, check_finite=check_finite, sharding_of=sharding_of)
     else:
-        model = load_safetensors_into(abstract, checkpoint_files(model_dir), target_rules(cfg),
-                                      source=model_dir, progress=progress, check_finite=check_finite)
+        model = load_safetensors_into(abstract, checkpoint_files(model_dir), target_rules(cfg), source=model_dir,
+                                      progress=progress, check_finite=check_finite, place=place)
     _TARGET_DIRS[model] = os.path.abspath(model_dir)
     return model
 
@@ -185,7 +201,8 @@ def check_vocab_map(d2t: np.ndarray, t2d: np.ndarray, *, source: str) -> None:
 
 def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | None = None, *, dtype=None,
                rope_theta: float | None = None, feature_layers: tuple[int, ...] | None = None,
-               keep_embedding: bool = False, progress: bool = True, check_finite: bool = True) -> Eagle3DraftHead:
+               keep_embedding: bool = False, progress: bool = True, check_finite: bool = True,
+               mesh=None) -> Eagle3DraftHead:
     """Loads an EAGLE-3 draft head in any of the formats heads are published in.
 
     The format is read from config.json (``eagle3_jax.hf_config.head_format``):
@@ -210,6 +227,7 @@ def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | No
         one; by default it is skipped and the target's embedding is used, as
         SGLang and vLLM do.
       check_finite: as for :func:`load_target`.
+      mesh: a device mesh to replicate the head on (it is small); None: the default device.
     """
     model_dir = resolve_model_dir(name_or_path, draft=True)
     dtype = parse_dtype(dtype)
@@ -220,12 +238,22 @@ def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | No
                                                                           feature_layers=feature_layers)
     if target_config is not None:
         cfg.check_target(target_config, where=f"draft head {model_dir}")
+    replicated = place = None
+    if mesh is not None:
+        everywhere = check_mesh(mesh) and NamedSharding(mesh, PartitionSpec())
+
+        def replicated(path: str, shape: tuple[int, ...]):
+            return everywhere
+
+        def place(path: str, array: np.ndarray) -> jax.Array:
+            return put(array, everywhere)
+
     if converted.is_converted(model_dir):
         marker = converted.read_marker(model_dir)
         if marker.get("kind") != "draft":
             raise CheckpointError(f"{model_dir}: a converted {marker.get('kind')}, not a draft head")
         head = converted.restore_into(abstract_draft(cfg, dtype), model_dir,  # converted heads hold no embedding
-                                      check_finite=check_finite)
+                                      check_finite=check_finite, sharding_of=replicated)
     else:
         rules = eagle3_rules(keep_embedding, fmt, full_vocabulary=cfg.draft_vocab_size == cfg.vocab_size)
         pickled = torch_bin.find_bin(model_dir) if fmt == "eagle" else None
@@ -235,7 +263,7 @@ def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | No
             else:
                 files = checkpoint_files(model_dir)
             head = load_safetensors_into(abstract_draft(cfg, dtype, keep_embedding), files, rules, source=model_dir,
-                                         progress=progress, check_finite=check_finite)
+                                         progress=progress, check_finite=check_finite, place=place)
     check_vocab_map(np.asarray(head.d2t[...]), np.asarray(head.t2d[...]), source=model_dir)
     return head
 

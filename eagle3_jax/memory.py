@@ -80,8 +80,9 @@ def available_bytes() -> tuple[int | None, str]:
 
 def generation_bytes(config: Any, *, batch: int, bucket: int, capacity: int, max_new_tokens: int,
                      cache_dtype: Any, draft_config: Any = None, num_draft_tokens: int = 0,
-                     headroom: int = 0, prefill_chunk: int = 512, attention: str = "auto") -> dict[str, int]:
-    """The main buffers of one generation, by part, in bytes.
+                     headroom: int = 0, prefill_chunk: int = 512, attention: str = "auto",
+                     data_parallel: int = 1, kv_shards: int = 1) -> dict[str, int]:
+    """The main buffers of one generation, by part, in bytes (per device on a mesh).
 
     The caches are counted at the size the decoders allocate
     (``kv_cache.aligned_capacity``). The largest transient is a forward's
@@ -96,12 +97,16 @@ def generation_bytes(config: Any, *, batch: int, bucket: int, capacity: int, max
       max_new_tokens: the result buffer width.
       num_draft_tokens: tree nodes verified per cycle (0 for plain decoding).
       attention: the attention backend's name.
+      data_parallel: devices the batch is split over (rows per device: batch / data_parallel).
+      kv_shards: devices the target's KV heads are split over (its tensor
+        axis when that divides them, else 1).
     """
     from eagle3_jax.attention import resolve_backend
     from eagle3_jax.attention.blockwise import PREFIX_BLOCK
     from eagle3_jax.kv_cache import aligned_capacity
 
     item = np.dtype(cache_dtype).itemsize
+    batch = -(-batch // data_parallel)
     slots = aligned_capacity(capacity + headroom)
     dense = resolve_backend(attention) == "reference"
 
@@ -109,14 +114,15 @@ def generation_bytes(config: Any, *, batch: int, bucket: int, capacity: int, max
         return slots if dense else min(slots, new_tokens + PREFIX_BLOCK)
 
     parts = {"target KV cache": 2 * config.num_hidden_layers * batch * config.num_key_value_heads * slots
-             * config.head_dim * item}
+             * config.head_dim * item // kv_shards}
     chunk = min(bucket, prefill_chunk)
-    transients = [batch * config.num_attention_heads * chunk * width(chunk) * _F32]
+    transients = [batch * config.num_attention_heads * chunk * width(chunk) * _F32 // kv_shards]
     results = batch * max_new_tokens * _I32
     if draft_config is not None:
         parts["draft KV cache"] = 2 * batch * draft_config.num_key_value_heads * slots * draft_config.head_dim * item
         transients.append(batch * draft_config.num_attention_heads * bucket * width(bucket) * _F32)
-        transients.append(batch * config.num_attention_heads * num_draft_tokens * width(num_draft_tokens) * _F32)
+        transients.append(batch * config.num_attention_heads * num_draft_tokens * width(num_draft_tokens) * _F32
+                          // kv_shards)
         results *= 2  # the accept lengths beside the tokens
     parts["result buffers"] = results
     parts["attention scores"] = 2 * max(transients)  # scores and their softmax
@@ -127,17 +133,23 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
 
 
-def check_generation_memory(config: Any, *, extra_bytes: int = 0, **shapes: Any) -> int:
-    """Raises InputError when a generation of these shapes can not fit in free memory; returns the bytes needed.
+def check_generation_memory(config: Any, *, extra_bytes: int = 0, devices: int = 1, **shapes: Any) -> int:
+    """Raises InputError when a generation of these shapes can not fit in free memory; returns the bytes needed
+    (per device).
 
     ``extra_bytes`` adds memory not yet allocated (the weights, when the check
-    runs before loading). The keyword arguments are those of :func:`generation_bytes`.
+    runs before loading). ``devices``: the mesh's devices; on the CPU they
+    all share the host's memory. The other keyword arguments are those of
+    :func:`generation_bytes`.
     """
     parts = generation_bytes(config, **shapes)
     if extra_bytes:
         parts["weights"] = extra_bytes
     needed = sum(parts.values())
     free, where = available_bytes()
+    if where == "host memory" and devices > 1:  # simulated CPU devices: one memory for all of them
+        parts = {k: v * devices for k, v in parts.items()}
+        needed *= devices
     if free is not None and needed > free:
         detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if v)
         raise InputError(

@@ -16,14 +16,13 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.decoding.common import FINISH_STOP_STRING, RUNNING, finish_reasons
 from eagle3_jax.errors import InputError
 from eagle3_jax.loading import target_directory
 from eagle3_jax.models.target import TargetModel
+from eagle3_jax.sharding import put_like, to_host
 from eagle3_jax.text import (
     check_messages,
     covering_prefix,
@@ -203,7 +202,7 @@ class StopWatcher:
     def check(self, state):
         """The loop state with newly stopped running rows marked finished (FINISH_STOP_STRING)."""
         result = state.result
-        tokens, counts, codes = jax.device_get((result.tokens, result.num_generated, result.finish_reason))
+        tokens, counts, codes = to_host((result.tokens, result.num_generated, result.finish_reason))
         codes = np.array(codes)
         reasons = finish_reasons(codes)
         ended = False
@@ -228,4 +227,5 @@ class StopWatcher:
                 codes[row], ended = FINISH_STOP_STRING, True
         if not ended:
             return state
-        return dataclasses.replace(state, result=dataclasses.replace(result, finish_reason=jnp.asarray(codes)))
+        codes = put_like(codes, result.finish_reason)  # laid out as the loop's own buffer (on a mesh: sharded)
+        return dataclasses.replace(state, result=dataclasses.replace(result, finish_reason=codes))

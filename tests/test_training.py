@@ -278,25 +278,28 @@ MULTI_DEVICE = textwrap.dedent("""
     examples = greedy_data(target)
     one = make_trainer(target, examples, {work!r} + "/one", steps=3, save_every=100)
     h1 = one.run(progress=False)
-    four = make_trainer(target, examples, {work!r} + "/four", steps=3, save_every=100, mesh=make_mesh(4))
+    # 2 data-parallel groups of 2 devices, the frozen target tensor-parallel within each
+    four = make_trainer(target, examples, {work!r} + "/four", steps=3, save_every=100,
+                        mesh=make_mesh(2, tensor_parallel=2))
     h4 = four.run(progress=False)
     shards = len(four._batch_sharding.addressable_devices)
+    split = sum("tensor" in tuple(x.sharding.spec) for x in jax.tree.leaves(four.target_weights))
     diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(jax.device_get(one.state.params)),
                              jax.tree.leaves(jax.device_get(four.state.params)))]
-    print(json.dumps({{"max_abs_diff": max(diffs), "devices": shards, "losses": [[r["loss_steps"] for r in h1],
-                                                                             [r["loss_steps"] for r in h4]]}}))
+    print(json.dumps({{"max_abs_diff": max(diffs), "devices": shards, "tensor_split": split,
+                      "losses": [[r["loss_steps"] for r in h1], [r["loss_steps"] for r in h4]]}}))
 """)
 
 
 @pytest.mark.slow
-def test_four_devices_equal_one(tmp_path):
+def test_four_devices_with_a_sharded_target_equal_one(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     code = MULTI_DEVICE.format(tests=tests, work=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tests)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 4
+    assert result["devices"] == 4 and result["tensor_split"] > 0
     one, four = result["losses"]
     np.testing.assert_allclose(four, one, rtol=1e-5)
     assert result["max_abs_diff"] < 1e-5  # float reduction order, amplified by Adam, at lr 3e-3

@@ -19,6 +19,8 @@ Backends:
   auto        not a backend of its own: the platform's default, resolved
               when the forward is traced (:func:`resolve_backend`).
 
+On a device mesh every backend runs per shard (``attention/sharded.py``).
+
 A new backend is a function ``(q, k, v, cache, layer, meta) -> (out, cache)``
 added with :func:`register_backend`.
 """
@@ -33,8 +35,10 @@ from eagle3_jax.attention.blockwise import blockwise_attention
 from eagle3_jax.attention.metadata import DEFAULT_BACKEND, AttentionMetadata
 from eagle3_jax.attention.pallas_gpu import pallas_gpu_attention
 from eagle3_jax.attention.reference import MASK_VALUE, grouped_attention, reference_attention
+from eagle3_jax.attention.sharded import sharded_attention
 from eagle3_jax.errors import InputError
 from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.sharding import current_mesh
 
 Backend = Callable[[jax.Array, jax.Array, jax.Array, KVCache, int, AttentionMetadata],
                    tuple[jax.Array, KVCache]]
@@ -78,8 +82,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
       meta: the forward's attention metadata.
     Returns:
       ([batch, T, q_heads, head_dim] in q's dtype, the cache with the K/V written).
+
+    On a device mesh (``jax.set_mesh``) the backend runs per shard of the
+    cache's rows and KV heads (:func:`~eagle3_jax.attention.sharded.sharded_attention`).
     """
-    return BACKENDS[resolve_backend(meta.backend)](q, k, v, cache, layer, meta)
+    backend = BACKENDS[resolve_backend(meta.backend)]
+    mesh = current_mesh()
+    if mesh is not None and mesh.size > 1:
+        return sharded_attention(backend, mesh, q, k, v, cache, layer, meta)
+    return backend(q, k, v, cache, layer, meta)
 
 
 __all__ = ["AttentionMetadata", "BACKENDS", "DEFAULT_BACKEND", "MASK_VALUE", "PLATFORM_DEFAULTS", "attend",

@@ -70,9 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the top-level usage; the command's own is the useful one
         (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    import warnings
+
     from eagle3_jax.errors import Eagle3Error
 
     saved_env = os.environ.get(_CACHE_ENV)
+    saved_show = warnings.showwarning
+    warnings.showwarning = _show_warning  # the library's warnings as one 'warning: ...' line each
     remove_listener = None
     try:
         remove_listener = _start_compile_cache(args)
@@ -96,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in "
                        "eagle3-jax, please report it with the traceback that EAGLE3_JAX_DEBUG=1 shows", EXIT_INTERNAL)
     finally:
+        warnings.showwarning = saved_show
         if remove_listener is not None:
             remove_listener()
         _compile_messages.end_line()
@@ -156,6 +161,11 @@ class _CompileMessages:
 
 
 _compile_messages = _CompileMessages()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _compile_messages.end_line()
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _report(line: str, code: int) -> int:

@@ -10,14 +10,18 @@ from eagle3_jax.cli.options import (
     EXIT_INTERNAL,
     HelpFormatter,
     add_head_overrides,
+    add_mesh_options,
     add_runtime_options,
     add_sampling_options,
     bench_file,
     check_configs,
     head_overrides,
+    is_main_process,
     knob_triple,
     load_tokenizer,
+    mesh_from_args,
     positive_int,
+    start_distributed,
 )
 
 
@@ -65,6 +69,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=positive_int, default=3, metavar="R",
                    help="with --speed: timed repeats of every batch per method, after one untimed (compiling) run")
     add_runtime_options(p)
+    add_mesh_options(p)
     add_head_overrides(p)
     p.add_argument("--output", required=True, metavar="DIR",
                    help="where the table, JSON and PNG go: a new or empty directory (or an earlier report with "
@@ -93,18 +98,24 @@ def run(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     check_report_destination(args.output, overwrite=args.overwrite)  # before hours of work, not after
     overrides = head_overrides(args)
-    model_dir, _, draft_dir, _ = check_configs(args.target, args.draft, **overrides)
+    model_dir, target_config, draft_dir, _ = check_configs(args.target, args.draft, **overrides)
+    start_distributed(args)
+    mesh = mesh_from_args(args, target_config)
+    main = is_main_process()
     benchmarks = find_prompts(args)
     tokenizer = load_tokenizer(model_dir, required=True)
-    target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
-    draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
-                       check_finite=args.check_finite, **overrides)
+    progress = main and not args.json
+    target = load_target(model_dir, dtype=args.dtype, progress=progress, check_finite=args.check_finite, mesh=mesh)
+    draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=progress,
+                       check_finite=args.check_finite, mesh=mesh, **overrides)
     results = evaluate(target, draft, tokenizer, benchmarks, knob_list, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
                        repeats=args.repeats, use_chat=args.chat, max_cache_len=args.max_cache_len,
-                       attention=args.attention,
-                       progress=not args.json, target_name=model_name(args.target),
+                       attention=args.attention, mesh=mesh,
+                       progress=progress, target_name=model_name(args.target),
                        draft_name=model_name(args.draft))
+    if not main:  # the other processes of a --distributed run computed the same results
+        return 0
     paths = write_report(results, args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({**slim_results(results), "files": paths}))

@@ -10,6 +10,7 @@ from eagle3_jax.cli.options import (
     EXIT_ERROR,
     HelpFormatter,
     add_head_overrides,
+    add_mesh_options,
     add_runtime_options,
     add_sampling_options,
     add_tree_options,
@@ -19,8 +20,11 @@ from eagle3_jax.cli.options import (
     encode,
     head_overrides,
     int_list,
+    is_main_process,
     load_tokenizer,
+    mesh_from_args,
     positive_int,
+    start_distributed,
     usage,
 )
 
@@ -66,6 +70,7 @@ def add_parser(sub) -> None:
                         "before it (finish_reason stop); repeat for several; needs the target's tokenizer "
                         "(in bash, $'\\n\\n' is two newlines)")
     add_runtime_options(p)
+    add_mesh_options(p)
     spec = p.add_argument_group("speculative decoding (EAGLE-3)")
     spec.add_argument("--draft", metavar="DIR", default=None,
                       help="EAGLE-3 draft head (SpecForge/SGLang format or converted); enables speculative decoding")
@@ -94,6 +99,7 @@ def run(args) -> int:
     from eagle3_jax.generation import Generator, check_memory, plan_batch
     from eagle3_jax.loading import load_draft, load_target, parse_dtype
     from eagle3_jax.sampling import SamplingParams
+    from eagle3_jax.sharding import ShardingPlan
     from eagle3_jax.text import check_stop_strings
 
     if args.chat and not args.prompt:
@@ -108,6 +114,8 @@ def run(args) -> int:
     stop_strings = check_stop_strings([check_text(t, "--stop") for t in args.stop or []])
     overrides = head_overrides(args)
     model_dir, target_config, draft_dir, draft_config = check_configs(args.target, args.draft, **overrides)
+    start_distributed(args)
+    mesh = mesh_from_args(args, target_config)
     tokenizer = load_tokenizer(model_dir, required=bool(args.prompt))
     if stop_strings and tokenizer is None:
         raise InputError(f"--stop needs the target's tokenizer, and {model_dir} has none that loads")
@@ -117,22 +125,31 @@ def run(args) -> int:
     prompts, settings, _, bucket = plan_batch(
         target_config, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
         max_cache_len=args.max_cache_len, cache_dtype=dtype, attention=args.attention)
-    check_memory(target_config, settings, len(prompts), bucket, draft_config=draft_config, spec=spec,
-                 weights_bytes=weights_bytes(target_config, dtype))
+    plan = ShardingPlan.for_target(mesh, target_config) if mesh is not None else None
+    rows = -(-len(prompts) // plan.data_parallel) * plan.data_parallel if plan else len(prompts)
+    check_memory(target_config, settings, rows, bucket, draft_config=draft_config, spec=spec,
+                 weights_bytes=weights_bytes(target_config, dtype) // (plan.tensor_parallel if plan else 1), plan=plan)
 
-    target = load_target(model_dir, dtype=args.dtype, progress=not args.json, check_finite=args.check_finite)
+    main = is_main_process()
+    progress = main and not args.json
+    if plan is not None and progress:
+        print(plan.describe(), file=sys.stderr)
+    target = load_target(model_dir, dtype=args.dtype, progress=progress, check_finite=args.check_finite, mesh=mesh)
     draft = None
     if draft_dir is not None:
-        draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
-                           check_finite=args.check_finite, **overrides)
+        draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=progress,
+                           check_finite=args.check_finite, mesh=mesh, **overrides)
     gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
                     num_draft_tokens=spec.num_draft_tokens if spec else None, max_cache_len=args.max_cache_len,
-                    tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention)
+                    tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention, mesh=mesh)
     opened = [thinking_opened(tokenizer, p) for p in prompts]
     stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)
+    stream = stream and main
     printer = StreamPrinter(tokenizer, len(prompts), stop_strings, opened[0]) if stream else None
     outputs = gen.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                            stop_token_ids=stops, stop=stop_strings or None, stream=printer)
+    if not main:  # the other processes of a --distributed run computed the same outputs
+        return 0
     if args.json:
         print_json(outputs)
     else:

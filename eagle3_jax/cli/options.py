@@ -113,6 +113,68 @@ def add_runtime_options(p) -> None:
                         "on non-finite logits, with finish_reason 'nonfinite')")
 
 
+def add_mesh_options(p, *, data_parallel: bool = True) -> None:
+    """--tensor-parallel, --data-parallel and the multi-host options (docs/architecture.md#device-mesh)."""
+    g = p.add_argument_group("devices (a mesh: docs/architecture.md#device-mesh)")
+    g.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                   help="split the target's attention heads, MLP and KV cache over N devices (N must divide the "
+                        "attention heads; KV heads it does not divide are replicated, with a warning)")
+    if data_parallel:
+        g.add_argument("--data-parallel", type=positive_int, default=1, metavar="M",
+                       help="split each batch's prompts over M groups of devices (a batch is padded to a multiple "
+                            "of M); uses M x N devices in all")
+    g.add_argument("--distributed", action="store_true",
+                   help="several processes, one mesh: call jax.distributed.initialize() first; every host runs "
+                        "the same command, process 0 prints and writes (auto-detected on TPU pods, SLURM and "
+                        "Open MPI; elsewhere give the three options below)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="with --distributed: process 0's address, reachable from every process")
+    g.add_argument("--num-processes", type=positive_int, default=None, metavar="P", help="with --distributed")
+    g.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
+                   help="with --distributed: this process's index in [0, P)")
+
+
+def start_distributed(args) -> None:
+    """Runs ``jax.distributed.initialize()`` for --distributed (before anything touches a device)."""
+    if not getattr(args, "distributed", False):
+        if any(getattr(args, k, None) is not None for k in ("coordinator", "num_processes", "process_id")):
+            raise usage("--coordinator/--num-processes/--process-id need --distributed")
+        return
+    from eagle3_jax.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def mesh_from_args(args, target_config=None):
+    """The device mesh of --tensor-parallel/--data-parallel (None for one device of one process), checked
+    against the target's config when given (before any weights load)."""
+    tp, dp = args.tensor_parallel, getattr(args, "data_parallel", 1)
+    if tp * dp == 1 and not getattr(args, "distributed", False):
+        return None
+    from eagle3_jax.sharding import ShardingPlan, make_mesh
+
+    if getattr(args, "distributed", False):
+        import jax
+
+        if tp * dp != jax.device_count():
+            raise usage(f"--distributed: the mesh must span every process's devices: --tensor-parallel x "
+                        f"--data-parallel = {tp * dp}, but the {jax.process_count()} processes have "
+                        f"{jax.device_count()} devices")
+    mesh = make_mesh(tp, dp)
+    if target_config is not None:
+        ShardingPlan.for_target(mesh, target_config)  # refuses heads the tensor axis does not divide
+    return mesh
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes (process 0 of a --distributed run; always True otherwise)."""
+    if "jax" not in sys.modules:
+        return True
+    from eagle3_jax.distributed import is_main_process as main
+
+    return main()
+
+
 def add_tree_options(p) -> None:
     """--num-steps, --topk, --num-draft-tokens: the static tree shape (SGLang's knobs)."""
     p.add_argument("--num-steps", type=positive_int, default=None, metavar="D",

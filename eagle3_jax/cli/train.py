@@ -6,10 +6,12 @@ import json
 
 from eagle3_jax.cli.options import (
     HelpFormatter,
+    add_mesh_options,
     finite_float,
     int_list,
     positive_int,
     seed_type,
+    start_distributed,
 )
 
 
@@ -61,9 +63,10 @@ def add_parser(sub) -> None:
                    help="run the target once over the data, store its features and hidden states in "
                         "OUTPUT/teacher, and train from disk")
     p.add_argument("--devices", type=positive_int, default=None,
-                   help="data-parallel devices (default: all local devices)")
+                   help="data-parallel devices (default: all devices over --tensor-parallel)")
     p.add_argument("--no-export-embedding", action="store_true",
                    help="do not copy the target's embedding into the exported head")
+    add_mesh_options(p, data_parallel=False)
     p.add_argument("--json", action="store_true",
                    help="print JSON lines on stdout instead of progress bars: one per training step as it "
                         "finishes, {\"event\": \"step\", \"step\": S, \"total_steps\": T, ...} with the "
@@ -79,6 +82,7 @@ def _print_step(step: int, row: dict) -> None:
 
 
 def run(args) -> int:
+    start_distributed(args)  # before JAX starts a backend
     import jax
 
     from eagle3_jax.training.run import TrainJob, run_training
@@ -93,9 +97,13 @@ def run(args) -> int:
                    draft_vocab_size=args.draft_vocab_size, init_head=args.init_head,
                    feature_layers=tuple(args.feature_layers) if args.feature_layers else None,
                    precompute=args.precompute, resume=args.resume, devices=args.devices,
+                   tensor_parallel=args.tensor_parallel,
                    dtype=None if args.dtype == "auto" else args.dtype,
                    export_embedding=not args.no_export_embedding)
-    summary = run_training(job, progress=not args.json, on_step=_print_step if args.json else None)
+    main = jax.process_index() == 0
+    summary = run_training(job, progress=not args.json and main, on_step=_print_step if args.json and main else None)
+    if not main:  # the other processes of a --distributed run
+        return 0
     if args.json:
         print(json.dumps({"event": "summary", **summary}), flush=True)
     else:

@@ -46,6 +46,7 @@ from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import ForwardOutput, TargetModel
 from eagle3_jax.sampling import select_tokens
+from eagle3_jax.sharding import DRAFT_KV_CACHE_AXES
 
 
 @jax.tree_util.register_dataclass
@@ -209,7 +210,8 @@ def start(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_
     batch, bucket = tokens.shape
     cfg = head.config
     draft_cache = KVCache.create(num_layers=1, batch=batch, capacity=aligned_capacity(alloc.capacity),
-                                 kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype)
+                                 kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=settings.cache_dtype,
+                                 axes=DRAFT_KV_CACHE_AXES)
     # Draft input at position t pairs the target feature f_t with token x_{t+1}; x_P is the first new token.
     idx = jnp.arange(bucket, dtype=jnp.int32)[None, :]
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros((batch, 1), tokens.dtype)], axis=1)

@@ -28,6 +28,9 @@ from eagle3_jax.config import TargetConfig
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.layers import DEFAULT_INIT_STD, GatedMLP, RMSNorm, apply_rope, normal_init, rope_tables
 from eagle3_jax.models.target import ForwardOutput, new_cache
+from eagle3_jax.sharding import constrain
+
+RESIDUAL_AXES = ("batch", None, "embed")  # [batch, seq, hidden]: rows over the data axis, whole on the tensor axis
 
 
 class Attention(nnx.Module):
@@ -160,7 +163,10 @@ class DecoderLM(nnx.Module):
             if layer_idx in feature_layers:
                 captured[layer_idx] = x
             x, cache = layer(x, cos, sin, cache, layer_idx, attention)
-        features = jnp.concatenate([captured[i] for i in feature_layers], axis=-1) if feature_layers else None
+            x = constrain(x, RESIDUAL_AXES)  # on a mesh: after the tensor-parallel all-reduce, as Megatron has it
+        features = None
+        if feature_layers:  # what the (replicated) draft head reads: whole on the tensor axis
+            features = constrain(jnp.concatenate([captured[i] for i in feature_layers], axis=-1), RESIDUAL_AXES)
 
         rows = x if logits_indices is None else jnp.take_along_axis(x, logits_indices[:, :, None].astype(jnp.int32),
                                                                      axis=1)

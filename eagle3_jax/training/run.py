@@ -26,12 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eagle3_jax import sharding
 from eagle3_jax.atomic import atomic_file, try_lock
 from eagle3_jax.config import Eagle3Config
 from eagle3_jax.errors import CheckpointError, ConfigError, InputError
 from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.loading import load_draft, load_target, save_draft
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
+from eagle3_jax.sharding import to_host
 from eagle3_jax.training.data import Batcher, load_examples
 from eagle3_jax.training.offline import TeacherStore, is_teacher_store
 from eagle3_jax.training.trainer import CHECKPOINTS, TrainConfig, Trainer, warn
@@ -53,7 +55,8 @@ class TrainJob:
       precompute: run the target once over the data and train from disk.
       resume: continue the run in ``output`` from its newest readable checkpoint (from step 0 if it
         stopped before its first one).
-      devices: data-parallel devices (None: all local devices).
+      devices: data-parallel devices (None: all devices, over ``tensor_parallel``).
+      tensor_parallel: devices the frozen target is split over (heads, MLP, vocabulary).
       dtype: the target's dtype (None: bfloat16 on accelerators, float32 on CPU).
       export_embedding: write the target's embedding into the exported head
         (``embed_tokens.weight``), which SpecForge needs to reload it; SGLang
@@ -70,6 +73,7 @@ class TrainJob:
     precompute: bool = False
     resume: bool = False
     devices: int | None = None
+    tensor_parallel: int = 1
     dtype: str | None = None
     export_embedding: bool = True
 
@@ -116,13 +120,14 @@ def is_run_directory(path: str) -> bool:
     return isinstance(vocab, dict) and {"draft_vocab_size", "coverage_of_training_tokens"} <= set(vocab)
 
 
-def prepare_run_directory(output: str, resume: bool) -> str:
+def prepare_run_directory(output: str, resume: bool, *, create: bool = True) -> str:
     """Checks ``output`` before any expensive work, creates it, and returns its absolute path.
 
     Without ``resume`` it must be new, empty, or a run that stopped before
     writing anything but its ``run.json``; with ``resume`` it must be a run
     directory (:func:`is_run_directory`). In both cases it must be a
     directory that can be written. Raises InputError otherwise.
+    ``create=False`` only checks (nothing is created or written).
     """
     out = os.path.abspath(os.path.expanduser(output))
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -141,6 +146,8 @@ def prepare_run_directory(output: str, resume: bool) -> str:
         if not set(os.listdir(out)) <= RESTARTABLE:  # stopped before it computed anything: nothing to lose
             raise InputError(f"{out}: the run directory is not empty (pass --resume to continue it from its "
                              "newest checkpoint, or choose another --output)")
+    if not create:
+        return out
     try:
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
@@ -205,14 +212,21 @@ def new_head(target_config, draft_vocab_size: int, feature_layers, seed: int) ->
     return Eagle3DraftHead(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
 
 
-def make_mesh(devices: int | None):
+def make_mesh(devices: int | None, tensor_parallel: int = 1):
+    """The training mesh: ``devices`` data-parallel groups (None: as many as there are devices for) of
+    ``tensor_parallel`` devices each; None for a single device."""
     available = jax.devices()
-    n = len(available) if devices is None else devices
-    if not 1 <= n <= len(available):
-        raise InputError(f"asked for {n} devices but {len(available)} are available")
-    if n == 1:
+    tp = tensor_parallel
+    n = len(available) // tp if devices is None else devices
+    if n < 1 or n * tp > len(available):
+        raise InputError(f"asked for {max(n, 1)} data-parallel x {tp} tensor-parallel devices but "
+                         f"{len(available)} are available")
+    if jax.process_count() > 1 and n * tp != len(available):
+        raise InputError(f"a multi-process run must use every process's devices: --devices {n} x --tensor-parallel "
+                         f"{tp} = {n * tp}, but there are {len(available)}")
+    if n * tp == 1:
         return None
-    return jax.sharding.Mesh(np.array(available[:n]), ("data",))
+    return sharding.make_mesh(tp, n)
 
 
 def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None = None,
@@ -226,24 +240,46 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
     step, as it happens, with that step's line of ``metrics.jsonl`` (as a dict)
     and ``total_steps``.
     """
-    mesh = make_mesh(job.devices)  # what needs no model is checked before anything is written
-    out = prepare_run_directory(job.output, job.resume)
-    lock = lock_run_directory(out)
+    mesh = make_mesh(job.devices, job.tensor_parallel)  # what needs no model is checked before anything is written
+    if jax.process_count() == 1:
+        out = prepare_run_directory(job.output, job.resume)
+        lock = lock_run_directory(out)
+        try:
+            return _run(job, out, mesh, progress=progress, stop_after=stop_after, on_step=on_step)
+        finally:
+            os.close(lock)
+    # several processes, one run directory on a filesystem they all see: every process checks it, then
+    # process 0 creates, locks and writes it; the others only take part in the checkpoints' writes
+    from jax.experimental import multihost_utils
+
+    if job.precompute:
+        raise InputError("--precompute is not supported in a multi-process run; train with the target online")
+    out = prepare_run_directory(job.output, job.resume, create=False)
+    multihost_utils.sync_global_devices("eagle3_jax: run directory checked")
+    lock = None
+    if jax.process_index() == 0:
+        out = prepare_run_directory(job.output, job.resume)
+        lock = lock_run_directory(out)
+    multihost_utils.sync_global_devices("eagle3_jax: run directory ready")
     try:
-        return _run(job, out, mesh, progress=progress, stop_after=stop_after, on_step=on_step)
+        return _run(job, out, mesh, progress=progress and jax.process_index() == 0, stop_after=stop_after,
+                    on_step=on_step)
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | None,
          on_step: Callable[[int, dict], None] | None = None) -> dict:
     cfg = job.config
-    write_run_file(out, job)
+    main = jax.process_index() == 0  # the process that writes the run's files (all of them write checkpoints)
+    if main:
+        write_run_file(out, job)
     target_dir = resolve_model_dir(job.target)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    target = load_target(target_dir, dtype=job.dtype, progress=progress)
+    target = load_target(target_dir, dtype=job.dtype, progress=progress, mesh=mesh)
     examples = load_examples(job.data, tokenizer, cfg.max_length)
     batcher = Batcher(examples, cfg.batch_size, cfg.max_length, cfg.seed)
 
@@ -260,7 +296,8 @@ def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | Non
     vocab_info = {"draft_vocab_size": head.config.draft_vocab_size,
                   "coverage_of_training_tokens": coverage(counts, np.asarray(head.t2d[...])),
                   "training_tokens": int(counts.sum())}
-    _write_json(os.path.join(out, "vocab.json"), vocab_info)
+    if main:
+        _write_json(os.path.join(out, "vocab.json"), vocab_info)
     share = vocab_info["coverage_of_training_tokens"]
     if share == 0:  # every position would be masked out of the loss: nothing to learn
         raise InputError(f"the draft vocabulary ({head.config.draft_vocab_size} ids) covers none of the training "
@@ -276,17 +313,22 @@ def _run(job: TrainJob, out: str, mesh, *, progress: bool, stop_after: int | Non
         trainer.teacher_store = prepare_teacher(target, examples, out, trainer.layers, trainer.fingerprint,
                                                 cfg.max_length, progress=progress)
     hook = None if on_step is None else (lambda step, row: on_step(step, {**row, "total_steps": trainer.total_steps}))
-    history = trainer.run(progress=progress, log_path=os.path.join(out, "metrics.jsonl"), stop_after=stop_after,
-                          on_step=hook)
+    history = trainer.run(progress=progress, log_path=os.path.join(out, "metrics.jsonl") if main else None,
+                          stop_after=stop_after, on_step=hook)
     if history and all(row.get("loss") == 0 for row in history):
         warn("every step's loss was 0: no position had a next token inside the draft vocabulary, so the head "
              "learned nothing (raise --draft-vocab-size, or check the data's loss masks)")
-    finished = int(trainer.state.step) >= trainer.total_steps
-    summary = {"steps": int(trainer.state.step), "total_steps": trainer.total_steps, "finished": finished,
+    finished = trainer.step >= trainer.total_steps
+    summary = {"steps": trainer.step, "total_steps": trainer.total_steps, "finished": finished,
                "examples": len(examples), "batches_per_epoch": trainer.batches_per_epoch, **vocab_info,
                "last": history[-1] if history else None, "config": dataclasses.asdict(cfg)}
     if finished:
         embedding = target.model.embed_tokens.embedding[...] if job.export_embedding else None
-        summary["head"] = save_draft(trainer.head(), os.path.join(out, "head"), embedding=embedding, overwrite=True)
-    _write_json(os.path.join(out, "summary.json"), summary)
+        head = trainer.head()
+        embedding = to_host(embedding) if embedding is not None else None
+        summary["head"] = os.path.join(out, "head")
+        if main:
+            save_draft(head, summary["head"], embedding=embedding, overwrite=True)
+    if main:
+        _write_json(os.path.join(out, "summary.json"), summary)
     return summary

@@ -15,12 +15,14 @@ not be read (truncated, garbage, half-written by a kill) and continues from
 the newest readable one; the unreadable newer ones are moved aside to
 ``corrupt-checkpoints/`` (never deleted) so that their steps can be saved again.
 
-Data parallelism: with a ``jax.sharding.Mesh`` over a ``data`` axis the batch
-is split across devices and everything else replicated; the loss is the
-same sum as on one device, so the result matches a single-device run up to
-floating-point reduction order. Multi-host runs call
-``jax.distributed.initialize()`` first and build the mesh over
-``jax.devices()`` (every host loads the same data and feeds its shard).
+On a device mesh (``eagle3_jax.sharding.make_mesh``: ``data`` x ``tensor``)
+the batch is split over ``data``, the frozen target is tensor-parallel over
+``tensor`` exactly as for inference (``eagle3_jax/sharding.py``), and the
+head and its optimizer state are replicated; the loss is the same sum as on
+one device, so the result matches a single-device run up to floating-point
+reduction order. Multi-host runs call ``jax.distributed.initialize()`` first
+(``eagle3_jax.distributed``) and build the mesh over ``jax.devices()``
+(every host loads the same data and feeds its shard).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from eagle3_jax.checks import check_int, check_real, check_seed
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
+from eagle3_jax.sharding import DATA, ShardingPlan, place_target, put, put_tree, to_host
 from eagle3_jax.training.data import Batch, Batcher
 from eagle3_jax.training.ttt import run_target, teacher_from_logits, ttt_loss
 
@@ -316,7 +319,7 @@ class Trainer:
       cfg: the run's knobs.
       workdir: checkpoints go to ``workdir/checkpoints``, metrics to
         ``workdir/metrics.jsonl``.
-      mesh: a Mesh with a ``data`` axis for data parallelism (None: one device).
+      mesh: a ``(data, tensor)`` mesh (``eagle3_jax.sharding.make_mesh``; None: one device).
       teacher_store: a :class:`eagle3_jax.training.offline.TeacherStore` of
         precomputed target outputs (None: run the target online).
     """
@@ -326,12 +329,14 @@ class Trainer:
         head.config.check_target(target.config)
         self.cfg, self.batcher, self.workdir = cfg, batcher, os.path.abspath(workdir)
         self.mesh = mesh
-        devices = mesh.devices.size if mesh is not None else 1
+        devices = mesh.shape[DATA] if mesh is not None else 1
         if cfg.batch_size % devices:
-            raise InputError(f"batch_size {cfg.batch_size} is not a multiple of the {devices} devices")
+            raise InputError(f"batch_size {cfg.batch_size} is not a multiple of the {devices} data-parallel devices")
         if batcher.batch_size != cfg.batch_size:
             raise InputError("the batcher's batch size differs from the config's")
         self.teacher_store = teacher_store
+        if mesh is not None:  # the frozen target tensor-parallel (sharded as for inference), the head replicated
+            target = place_target(target, ShardingPlan.for_target(mesh, target.config))
         self.target_graph, self.target_weights = nnx.split(target)
         self.parts = DraftParts(head)
         self.head_config = head.config
@@ -348,11 +353,17 @@ class Trainer:
         step = functools.partial(train_step, self.tx, self.parts, self.target_graph, cfg, self.layers)
         self._step = jax.jit(step, donate_argnums=(0,))
         if mesh is not None:
-            replicated = NamedSharding(mesh, PartitionSpec())
-            self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-            self.state = jax.device_put(self.state, replicated)
-            self.target_weights = jax.device_put(self.target_weights, replicated)
+            self._batch_sharding = NamedSharding(mesh, PartitionSpec(DATA))
+            self.state = put_tree(self.state, NamedSharding(mesh, PartitionSpec()))
         self._manager = None
+
+    @property
+    def step(self) -> int:
+        """Steps taken so far."""
+        return int(to_host(self.state.step))
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------ checkpoints
 
@@ -383,7 +394,7 @@ class Trainer:
 
         meta = {"epoch": self.position[0], "position": self.position[1], "fingerprint": self.fingerprint,
                 "config": dataclasses.asdict(self.cfg), "head": _as_json(dataclasses.asdict(self.head_config))}
-        step = int(self.state.step)
+        step = self.step
         if step in self.manager.all_steps():
             return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
@@ -425,8 +436,8 @@ class Trainer:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                                 self.state)
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        if int(state.step) != step:
-            raise ValueError(f"it holds step {int(state.step)}")
+        if int(to_host(state.step)) != step:
+            raise ValueError(f"it holds step {int(to_host(state.step))}")
         return state
 
     def _read_checkpoint(self, step: int) -> tuple[TrainState, dict]:
@@ -529,7 +540,7 @@ class Trainer:
         return batch, stored
 
     def _device(self, x):
-        return jax.device_put(x, self._batch_sharding) if self.mesh is not None else jnp.asarray(x)
+        return put(x, self._batch_sharding) if self.mesh is not None else jnp.asarray(x)
 
     def run(self, *, progress: bool = True, log_path: str | None = None,
             on_step: Callable[[int, dict], None] | None = None, stop_after: int | None = None) -> list[dict]:
@@ -538,23 +549,24 @@ class Trainer:
         Returns the metrics of the steps run (also appended to ``log_path`` as JSONL).
         """
         history = []
-        start = int(self.state.step)
+        start = self.step
         end = self.total_steps if stop_after is None else min(self.total_steps, start + stop_after)
         if log_path:
             truncate_log(log_path, start)
         log = open(log_path, "a", encoding="utf-8") if log_path else None
         bar = tqdm(total=self.total_steps, initial=start, desc="training", unit="step", disable=not progress)
         try:
-            while int(self.state.step) < end:
+            while self.step < end:
                 epoch = self.position[0]
                 batch, stored = self._next_batch()
                 arrays = {k: self._device(getattr(batch, k)) for k in ("tokens", "loss_mask", "valid")}
                 stored = None if stored is None else tuple(self._device(s) for s in stored)
                 t0 = time.perf_counter()
-                self.state, metrics = self._step(self.state, arrays, self.target_weights, stored)
-                metrics = jax.device_get(metrics)
+                with self._on_mesh():
+                    self.state, metrics = self._step(self.state, arrays, self.target_weights, stored)
+                metrics = to_host(metrics)
                 seconds = time.perf_counter() - t0
-                step = int(self.state.step)
+                step = self.step
                 row = {"step": step, "epoch": epoch, "loss": float(metrics["total"]),
                        "loss_steps": [float(x) for x in metrics["loss"]],
                        "kl_steps": [float(x) for x in metrics["kl"]],
@@ -579,5 +591,5 @@ class Trainer:
 
     def head(self) -> Eagle3DraftHead:
         """The head with the current (float32) parameters."""
-        params, buffers = jax.device_get((self.state.params, self.state.buffers))
+        params, buffers = to_host((self.state.params, self.state.buffers))
         return self.parts.merge(params, buffers)

@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from flax import nnx
 
 from eagle3_jax.atomic import atomic_directory
 from eagle3_jax.errors import CheckpointError
+from eagle3_jax.sharding import put
 from eagle3_jax.weights.params import count_nonfinite, flat_params, nonfinite_message, with_values
 from eagle3_jax.weights.safetensors_io import describe_json, read_json_file
 
@@ -141,7 +144,13 @@ def _as_device_arrays(values, target: dict[str, jax.ShapeDtypeStruct]) -> dict[s
         v = values[k]
         if tuple(getattr(v, "shape", ())) != want.shape:
             return None
-        out[k] = v if isinstance(v, jax.Array) and v.dtype == want.dtype else jax.device_put(np.asarray(v, want.dtype))
+        placed = want.sharding is None or getattr(v, "sharding", None) == want.sharding
+        if isinstance(v, jax.Array) and v.dtype == want.dtype and placed:
+            out[k] = v
+        elif want.sharding is not None:
+            out[k] = put(np.asarray(v, want.dtype), want.sharding)
+        else:
+            out[k] = jax.device_put(np.asarray(v, want.dtype))
     return out
 
 
@@ -152,7 +161,7 @@ def _all_finite(array: jax.Array) -> jax.Array:
 
 
 def _on_host(array: jax.Array) -> bool:
-    return all(d.platform == "cpu" for d in array.devices())
+    return array.is_fully_addressable and all(d.platform == "cpu" for d in array.devices())
 
 
 def check_finite_arrays(arrays: dict[str, jax.Array], source: str) -> None:
@@ -174,7 +183,8 @@ def check_finite_arrays(arrays: dict[str, jax.Array], source: str) -> None:
             raise CheckpointError(nonfinite_message(source, k, count, array))
 
 
-def restore_into(abstract: nnx.Module, model_dir: str, *, check_finite: bool = True) -> nnx.Module:
+def restore_into(abstract: nnx.Module, model_dir: str, *, check_finite: bool = True,
+                 sharding_of: Callable[[str, tuple[int, ...]], Any] | None = None) -> nnx.Module:
     """Restores ``params/`` of a converted directory into a copy of ``abstract``.
 
     The saved tree must have exactly the expected parameter names and shapes;
@@ -182,6 +192,8 @@ def restore_into(abstract: nnx.Module, model_dir: str, *, check_finite: bool = T
     ``check_finite`` (the default) a floating parameter holding NaN or Inf is
     a CheckpointError naming it and the count. Any broken file under
     ``params/`` is a CheckpointError naming the directory.
+    ``sharding_of(path, shape)`` gives each parameter's sharding on a device
+    mesh: orbax reads every shard straight onto its device.
     """
     params_dir = os.path.abspath(os.path.join(model_dir, PARAMS_DIR))
     if not os.path.isdir(params_dir):
@@ -202,7 +214,9 @@ def restore_into(abstract: nnx.Module, model_dir: str, *, check_finite: bool = T
             lines.append(f"unexpected: {', '.join(unexpected[:12])}")
         lines.extend(wrong[:12])
         raise CheckpointError("\n  ".join(lines))
-    target = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in expected.items()}
+    target = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype,
+                                      sharding=sharding_of(k, tuple(v.shape)) if sharding_of else None)
+              for k, v in expected.items()}
     values, failure = _restore(ckpt, params_dir, target)
     if failure is not None:
         raise CheckpointError(f"{model_dir}: broken converted checkpoint: restoring {params_dir} failed "

@@ -99,7 +99,7 @@ def _dtype_compatible(file_dtype: np.dtype, param_dtype) -> bool:
 
 def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: RuleTable, *,
                           source: str, progress: bool = True,
-                          place: Callable[[str, np.ndarray], jax.Array] = lambda path, a: jax.device_put(a),
+                          place: Callable[[str, np.ndarray], jax.Array] | None = None,
                           check_finite: bool = True,
                           ) -> nnx.Module:
     """Loads safetensors ``files`` into a copy of ``abstract`` (from ``nnx.eval_shape``).
@@ -109,7 +109,12 @@ def load_safetensors_into(abstract: nnx.Module, files: Iterable[str], table: Rul
     missing, unexpected, duplicated or mis-shaped tensor before reading data.
     With ``check_finite`` (the default) a floating tensor holding NaN or Inf
     after the cast is a CheckpointError naming it and the count.
+    ``place(path, array)`` puts each tensor on its device(s) as it is read
+    (default: the default device; on a mesh, onto its shards).
     """
+    if place is None:
+        def place(path: str, array: np.ndarray) -> jax.Array:
+            return jax.device_put(array)
     expected = flat_params(abstract)
     handles = [SafetensorsFile(f) for f in files]
     plan: list[tuple[SafetensorsFile, str, str]] = []

@@ -1,0 +1,137 @@
+"""Runs generation on simulated CPU device meshes and prints what tests/test_mesh.py checks, as JSON.
+
+Started by tests/test_mesh.py in a process of its own with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is
+fixed when JAX starts, and the rest of the suite runs on one device).
+Everything is compared with one device inside this process, so the JSON
+holds booleans and small figures, not tokens.
+
+The demo pair (4 query heads, 2 KV heads, a trained head: long accepted runs)
+covers data and tensor parallelism and the replicated-KV case (tensor 4 over
+2 KV heads); a tiny random target with 8 KV heads covers tensor parallel 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import jax
+import numpy as np
+from flax import nnx
+
+from eagle3_jax import Generator, Qwen3Config, Qwen3ForCausalLM, load_draft, load_target
+from eagle3_jax.config import Eagle3Config
+from eagle3_jax.demo import demo_paths
+from eagle3_jax.errors import InputError
+from eagle3_jax.models.eagle3 import Eagle3DraftHead
+from eagle3_jax.sharding import ShardingPlan, make_mesh, target_param_axes
+from eagle3_jax.weights.params import flat_params
+
+TREES = {"plain": None, "chain": dict(num_steps=3, topk=1, num_draft_tokens=4),
+         "tree": dict(num_steps=3, topk=4, num_draft_tokens=8)}
+# (batch, decoding, (data, tensor) meshes of 2, 4 and 8 devices); the demo target's 2 KV heads are
+# replicated at tensor 4. Each mesh compiles its own programs (seconds each on 2 cores): a spread, not all pairs.
+DEMO_CASES = [
+    (8, "plain", [(1, 2), (2, 4)]),
+    (8, "chain", [(1, 2), (2, 2), (8, 1)]),
+    (8, "tree", [(1, 2), (2, 2), (2, 4)]),
+    (1, "chain", [(1, 2)]),
+    (1, "tree", [(2, 2)]),
+]
+NEW_TOKENS = 20
+
+
+def prompts_of(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(10, vocab - 1, size=int(k)).tolist() for k in rng.integers(3, 30, size=n)]
+
+
+def run(target, draft, tree: str, prompts, mesh=None) -> list[list[list[int]]]:
+    knobs = TREES[tree] or {}
+    gen = Generator(target, draft if knobs else None, max_cache_len=128, mesh=mesh, **knobs)
+    outs = gen.generate(prompts, max_new_tokens=NEW_TOKENS, stop_token_ids=())
+    return [[o.token_ids, o.accept_lengths] for o in outs]
+
+
+def check_generation(target, draft, cases, name: str) -> dict:
+    """``cases``: (batch, tree, [(data, tensor), ...]) -> for each mesh, whether its tokens and accept
+    lengths equal one device's."""
+    results = {}
+    for batch, tree, meshes in cases:
+        prompts = prompts_of(batch, target.config.vocab_size, seed=batch)
+        alone = run(target, draft, tree, prompts)
+        accepted = float(np.mean([np.mean(a) for _, a in alone]))
+        for dp, tp in meshes:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sharded = run(target, draft, tree, prompts, make_mesh(tp, dp))
+            results[f"{name} {dp}x{tp} {tree} b{batch}"] = {
+                "identical": sharded == alone, "devices": dp * tp, "acceptance": accepted,
+                "replicated_kv_warning": any("KV heads" in str(w.message) for w in caught),
+                "seconds": round(time.perf_counter() - t0, 2)}
+    return results
+
+
+def check_loading(target_dir: str) -> dict:
+    """A target loaded onto a mesh: every parameter on its table's shards, values as loaded whole;
+    a converted checkpoint restored into the same shardings."""
+    from eagle3_jax import convert_target
+
+    mesh = make_mesh(2, 2)
+    whole = flat_params(load_target(target_dir, progress=False))
+    plan = ShardingPlan.for_target(mesh, load_target(target_dir, progress=False).config)
+    assert all(target_param_axes(p) for p in whole)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = convert_target(target_dir, os.path.join(tmp, "conv"), dtype="float32", progress=False)
+        for kind, path in (("safetensors", target_dir), ("converted", converted)):
+            placed = flat_params(load_target(path, progress=False, mesh=mesh))
+            wrong = [p for p, v in placed.items()
+                     if v[...].sharding != plan.param_sharding(p, v.shape)
+                     or not np.array_equal(np.asarray(v[...]), np.asarray(whole[p][...]))]
+            sharded = [p for p, v in placed.items() if any(a is not None for a in v[...].sharding.spec)]
+            shard = placed["model.layers.0.mlp.gate_proj.kernel"][...]
+            out[kind] = {"wrong": wrong, "sharded": len(sharded), "total": len(placed),
+                         "gate_shard_shape": list(shard.addressable_shards[0].data.shape),
+                         "gate_shape": list(shard.shape)}
+    config = load_target(target_dir, progress=False).config
+    try:
+        ShardingPlan.for_target(make_mesh(3), config)
+        refused = "not refused"
+    except InputError as e:
+        refused = str(e)
+    notes = " ".join(ShardingPlan.for_target(make_mesh(4), config).notes)
+    out["plan_errors"] = {"tensor 3": refused, "tensor 4": notes}
+    return out
+
+
+def tiny_eight_heads():
+    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=8, rope_theta=1e4,
+                      max_position_embeddings=256, eos_token_ids=(0,))
+    target = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), init_std=0.3)
+    head = Eagle3DraftHead(Eagle3Config.for_target(cfg), rngs=nnx.Rngs(1))
+    return target, head
+
+
+def main() -> None:
+    assert len(jax.devices()) == 8, jax.devices()
+    tdir, hdir = demo_paths()
+    target = load_target(tdir, dtype="float32", progress=False)
+    draft = load_draft(hdir, target.config, dtype="float32", progress=False)
+    results = {"devices": len(jax.devices())}
+    results.update(check_generation(target, draft, DEMO_CASES, "demo"))
+    tiny, tiny_head = tiny_eight_heads()
+    results.update(check_generation(tiny, tiny_head, [(8, "plain", [(1, 8)]), (8, "tree", [(1, 8)])], "tiny8"))
+    results["loading"] = check_loading(tdir)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Device meshes (docs/architecture.md#device-mesh): sharding as data, and generation on 2, 4 and 8
+simulated CPU devices giving exactly the tokens of one device.
+
+The multi-device checks run in one subprocess (``tests/mesh_worker.py``) with
+eight simulated devices: the device count is fixed when JAX starts, and the
+rest of the suite runs on one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from eagle3_jax.config import LlamaConfig, Qwen3Config
+from eagle3_jax.errors import InputError
+from eagle3_jax.models.llama import LlamaForCausalLM
+from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.sharding import KV_CACHE_AXES, check_mesh, logical_spec, make_mesh, target_param_axes
+from eagle3_jax.weights.params import flat_params
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)
+from mesh_worker import DEMO_CASES  # noqa: E402
+
+CASES = [f"demo {dp}x{tp} {tree} b{batch}" for batch, tree, meshes in DEMO_CASES for dp, tp in meshes]
+CASES += ["tiny8 1x8 plain b8", "tiny8 1x8 tree b8"]
+
+
+# ------------------------------------------------------------------ one device: the tables
+
+def _targets():
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, rope_theta=1e4, max_position_embeddings=64)
+    yield Qwen3ForCausalLM(Qwen3Config(**common), rngs=nnx.Rngs(0))
+    yield Qwen3ForCausalLM(Qwen3Config(**common, qkv_bias=True, qk_norm=False, tie_word_embeddings=True),
+                           rngs=nnx.Rngs(0))  # Qwen2
+    yield LlamaForCausalLM(LlamaConfig(**common, qkv_bias=True, o_bias=True), rngs=nnx.Rngs(0))
+
+
+def test_every_target_parameter_has_logical_axes_of_its_rank():
+    for target in _targets():
+        for path, var in flat_params(target).items():
+            axes = target_param_axes(path)
+            assert len(axes) == len(var.shape), (path, axes, var.shape)
+    with pytest.raises(ValueError, match="matches 0 rows"):
+        target_param_axes("model.layers.0.mlp.new_proj.kernel")
+
+
+def test_logical_spec_maps_axes_and_keeps_undivided_dimensions_whole():
+    sizes = {"data": 2, "tensor": 4}
+    assert logical_spec((8, 8, 256, 64), KV_CACHE_AXES, sizes) == P("data", "tensor", None, None)
+    assert logical_spec((3, 2, 256, 64), KV_CACHE_AXES, sizes) == P(None, None, None, None)  # 3 rows, 2 KV heads
+    assert logical_spec((64, 96), ("embed", "mlp"), sizes) == P(None, "tensor")
+    assert logical_spec((64, 96), ("embed", "mlp"), sizes, frozenset({"mlp"})) == P(None, None)
+    assert logical_spec((64, 96), ("embed", "mlp"), {"data": 2, "tensor": 1}) == P(None, None)
+    with pytest.raises(ValueError, match="do not match"):
+        logical_spec((64,), ("embed", "mlp"), sizes)
+
+
+def test_mesh_errors_are_clear():
+    with pytest.raises(InputError, match="needs 2 devices, but 1 are available.*device_count=2"):
+        make_mesh(tensor_parallel=2)
+    with pytest.raises(InputError, match="tensor_parallel must be a positive integer"):
+        make_mesh(tensor_parallel=0)
+    with pytest.raises(InputError, match="mesh axes must be"):
+        check_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)))
+    with pytest.raises(InputError, match="mesh must be a jax.sharding.Mesh"):
+        check_mesh("2x2")
+    assert make_mesh().shape == {"data": 1, "tensor": 1}
+
+
+def test_cli_refuses_a_mesh_larger_than_the_machine(capsys):
+    from eagle3_jax.cli import main
+    from eagle3_jax.demo import demo_paths
+
+    target, _ = demo_paths()
+    assert main(["generate", "--target", target, "--prompt-ids", "5,6", "--tensor-parallel", "2"]) == 1
+    assert "needs 2 devices, but 1 are available" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--target", target, "--prompt-ids", "5,6", "--coordinator", "127.0.0.1:1"])
+    assert exit_.value.code == 2 and "need --distributed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ eight simulated devices
+
+@pytest.fixture(scope="module")
+def mesh_results():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, os.path.join(TESTS, "mesh_worker.py")], capture_output=True, text=True,
+                          cwd=TESTS, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_tokens_on_a_mesh_equal_one_device(mesh_results, case):
+    result = mesh_results[case]
+    assert result["identical"], f"{case}: tokens or accept lengths differ from one device"
+    if " plain " not in case and case.startswith("demo"):  # the trained head accepts: paths are compacted
+        assert result["acceptance"] > 1.2
+
+
+@pytest.mark.slow
+def test_meshes_cover_two_four_and_eight_devices(mesh_results):
+    assert mesh_results["devices"] == 8
+    assert {mesh_results[c]["devices"] for c in CASES} == {2, 4, 8}
+    # the demo target has 2 KV heads: tensor 4 replicates them, and says so; tensor 2 shards them
+    assert mesh_results["demo 2x4 tree b8"]["replicated_kv_warning"]
+    assert not mesh_results["demo 1x2 tree b8"]["replicated_kv_warning"]
+
+
+@pytest.mark.slow
+def test_weights_load_onto_their_shards(mesh_results):
+    loading = mesh_results["loading"]
+    for kind in ("safetensors", "converted"):
+        got = loading[kind]
+        assert got["wrong"] == [], f"{kind}: parameters off their table's sharding or with other values"
+        assert got["sharded"] > got["total"] // 2  # projections, MLP and embedding: not replicated
+        assert got["gate_shard_shape"] == [got["gate_shape"][0], got["gate_shape"][1] // 2]
+    assert loading["plan_errors"]["tensor 3"].startswith("--tensor-parallel 3 does not divide the model's 4 attention")
+    assert "4 KV heads" not in loading["plan_errors"]["tensor 4"] and "2 KV heads" in loading["plan_errors"]["tensor 4"]
