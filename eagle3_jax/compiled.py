@@ -107,14 +107,8 @@ def _signature(tree: Any):
     """What a compiled program is specific to: the tree's structure and each leaf's shape, dtype and
     sharding (on a device mesh, the same shapes laid out otherwise are another program)."""
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))), _sharding(x)) for x in leaves)
-
-
-def _sharding(x: Any):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return None  # one device: the program is the same on any of them (JAX places it by its inputs)
-    return sharding
+    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None))
+                          for x in leaves)
 
 
 class CompiledFunction:

@@ -51,6 +51,7 @@ from eagle3_jax.bench_prompts import (  # noqa: F401  (re-exported: older code i
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import GenerationOutput, Generator, require_finite
 from eagle3_jax.sampling import SamplingParams
+from eagle3_jax.sharding import ShardingPlan, check_mesh, place_replicated, place_target
 from eagle3_jax.text import render_chat, token_ids
 from eagle3_jax.timing import interleaved, paired_speedup
 
@@ -261,6 +262,9 @@ def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | 
     found = benchmarks if isinstance(benchmarks, BenchmarkSet) else BenchmarkSet(prompts=dict(benchmarks))
     formatter = PromptFormatter(tokenizer, use_chat)
     knob_list = list(dict.fromkeys(tuple(k) for k in knob_list))
+    if mesh is not None:  # placed once here, not copied by each of the generators below
+        target = place_target(target, ShardingPlan.for_target(check_mesh(mesh), target.config))
+        draft = place_replicated(draft, check_mesh(mesh))
     generators = ({PLAIN: Generator(target, max_cache_len=max_cache_len, tokenizer=False, attention=attention,
                                     mesh=mesh)}
                   if measure_plain else {})

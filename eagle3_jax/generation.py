@@ -39,6 +39,7 @@ from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.sharding import (
     ShardingPlan,
     check_mesh,
+    constrain_state,
     place_replicated,
     place_target,
     put,
@@ -236,7 +237,7 @@ def check_memory(config, settings: DecodeSettings, batch: int, bucket: int, *, d
     """
     dp, kv_shards = (plan.data_parallel, plan.tensor_parallel if plan.shards_kv_heads else 1) if plan else (1, 1)
     return check_generation_memory(
-        config, extra_bytes=weights_bytes, devices=dp * plan.tensor_parallel if plan else 1,
+        config, extra_bytes=weights_bytes, devices=len(plan.mesh.local_devices) if plan else 1,
         data_parallel=dp, kv_shards=kv_shards, batch=batch, bucket=bucket, capacity=settings.capacity,
         max_new_tokens=settings.max_new_tokens, cache_dtype=settings.cache_dtype, draft_config=draft_config,
         num_draft_tokens=spec.num_draft_tokens if spec else 0,
@@ -256,22 +257,28 @@ def device_errors():
                          "max_new_tokens or the batch size") from None
 
 
+# The compiled programs. Each returns its loop state laid out by one rule (sharding.constrain_state), so
+# that on a mesh the prefill's output, a loop chunk's and the next chunk's input are one program's.
+
 def _plain_start(graphdef, settings, weights, tokens, lengths, rng, params):
-    return plain.start(nnx.merge(graphdef, weights), tokens, lengths, rng, params, settings)
+    state = plain.start(nnx.merge(graphdef, weights), tokens, lengths, rng, params, settings)
+    return constrain_state(state, tokens.shape[0])
 
 
 def _plain_loop(graphdef, settings, weights, state, params, max_iterations):
-    return plain.decode_loop(nnx.merge(graphdef, weights), state, params, settings, max_iterations)
+    state = plain.decode_loop(nnx.merge(graphdef, weights), state, params, settings, max_iterations)
+    return constrain_state(state, state.result.tokens.shape[0])
 
 
 def _spec_start(graphdefs, statics, weights, tokens, lengths, rng, params):
     target, draft = nnx.merge(graphdefs[0], weights[0]), nnx.merge(graphdefs[1], weights[1])
-    return speculative.start(target, draft, tokens, lengths, rng, params, *statics)
+    return constrain_state(speculative.start(target, draft, tokens, lengths, rng, params, *statics), tokens.shape[0])
 
 
 def _spec_loop(graphdefs, statics, weights, state, params, max_iterations):
     target, draft = nnx.merge(graphdefs[0], weights[0]), nnx.merge(graphdefs[1], weights[1])
-    return speculative.decode_loop(target, draft, state, params, *statics, max_iterations)
+    state = speculative.decode_loop(target, draft, state, params, *statics, max_iterations)
+    return constrain_state(state, state.result.tokens.shape[0])
 
 
 _PLAIN_START = CompiledFunction(_plain_start, num_static=2)
@@ -341,7 +348,9 @@ class Generator:
         heads, the batch over ``data`` (a batch is padded to a multiple of
         it); the draft head replicated. Weights not already on their
         shards (:func:`~eagle3_jax.loading.load_target` with ``mesh``) are
-        moved there. None: one device.
+        copied there (the given model keeps its own arrays). Greedy tokens
+        are those of one device (exactly in float32; in bfloat16 the
+        all-reduces' order can round a near-tie the other way). None: one device.
       tokenizer: for text prompts, chat messages, stop strings and text
         outputs. None (default): the target's own, from the directory
         :func:`~eagle3_jax.loading.load_target` read it from, loaded on first
@@ -611,8 +620,8 @@ def require_finite(outputs: Sequence[GenerationOutput], where: str = "") -> None
 
 def generate(target: TargetModel, prompts: Sequence[Sequence[int]], draft: Eagle3DraftHead | None = None, *,
              num_steps: int | None = None, topk: int | None = None, num_draft_tokens: int | None = None,
-             max_cache_len: int | None = None, tokenizer: Any = None, **kwargs) -> list[GenerationOutput]:
+             max_cache_len: int | None = None, tokenizer: Any = None, mesh=None, **kwargs) -> list[GenerationOutput]:
     """One-shot :meth:`Generator.generate` (compiled programs are still shared across calls)."""
     gen = Generator(target, draft, num_steps=num_steps, topk=topk, num_draft_tokens=num_draft_tokens,
-                    max_cache_len=max_cache_len, tokenizer=tokenizer)
+                    max_cache_len=max_cache_len, tokenizer=tokenizer, mesh=mesh)
     return gen.generate(prompts, **kwargs)

@@ -138,8 +138,8 @@ def check_generation_memory(config: Any, *, extra_bytes: int = 0, devices: int =
     (per device).
 
     ``extra_bytes`` adds memory not yet allocated (the weights, when the check
-    runs before loading). ``devices``: the mesh's devices; on the CPU they
-    all share the host's memory. The other keyword arguments are those of
+    runs before loading). ``devices``: the mesh's devices in this process; on
+    the CPU they all share the host's memory. The other keyword arguments are those of
     :func:`generation_bytes`.
     """
     parts = generation_bytes(config, **shapes)

@@ -119,12 +119,18 @@ def mesh_shape(mesh: Mesh | None) -> tuple[int, int]:
 
 
 def check_mesh(mesh: Any) -> Mesh | None:
-    """``mesh`` if it is None or a Mesh with exactly the axes ``data`` and ``tensor``, else an InputError."""
+    """``mesh`` if it is None or a Mesh with the axes ``data`` and ``tensor``, else an InputError.
+
+    A mesh of one ``data`` axis (what training took before tensor parallelism) is the same
+    devices with a tensor axis of 1.
+    """
     if mesh is None:
         return None
     if not isinstance(mesh, Mesh):
         raise InputError(f"mesh must be a jax.sharding.Mesh (see eagle3_jax.sharding.make_mesh), "
                          f"got {type(mesh).__name__}")
+    if tuple(mesh.axis_names) == (DATA,):
+        return Mesh(mesh.devices.reshape(-1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
     if tuple(mesh.axis_names) != MESH_AXES:
         raise InputError(f"mesh axes must be {MESH_AXES} (see eagle3_jax.sharding.make_mesh), "
                          f"got {tuple(mesh.axis_names)}")
@@ -165,6 +171,31 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_spec(x.shape, axes, dict(mesh.shape)))
 
 
+def constrain_state(tree: Any, rows: int) -> Any:
+    """Every array of a loop state laid out by one rule (a no-op outside a mesh): KV caches by their
+    ``axes``, arrays of ``rows`` leading rows over ``data``, the rest replicated.
+
+    Applied to what each compiled program returns, so that the prefill's state, a loop chunk's and
+    the next chunk's input have the same shardings (another layout would be another program).
+    """
+    if current_mesh() is None:
+        return tree
+    from eagle3_jax.kv_cache import KVCache
+
+    def layout(x):
+        if isinstance(x, KVCache):
+            return dataclasses.replace(x, k=tuple(constrain(b, x.axes) for b in x.k),
+                                       v=tuple(constrain(b, x.axes) for b in x.v),
+                                       lengths=constrain(x.lengths, x.axes[:1]))
+        if not isinstance(x, jax.Array) or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x
+        if x.ndim and x.shape[0] == rows:
+            return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+        return constrain(x, (None,) * x.ndim)
+
+    return jax.tree.map(layout, tree, is_leaf=lambda x: isinstance(x, KVCache))
+
+
 # ------------------------------------------------------------------ plans
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +226,8 @@ class ShardingPlan:
         heads, kv = config.num_attention_heads, config.num_key_value_heads
         if heads % tp:
             divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-            raise InputError(f"--tensor-parallel {tp} does not divide the model's {heads} attention heads; "
-                             f"choose one of {', '.join(map(str, divisors))}")
+            raise InputError(f"tensor parallel {tp} (the mesh's tensor axis, --tensor-parallel) does not divide "
+                             f"the model's {heads} attention heads; choose one of {', '.join(map(str, divisors))}")
         replicated, notes = set(), []
         sizes = {"kv_heads": (kv, "KV heads"), "mlp": (config.intermediate_size, "MLP columns"),
                  "vocab": (config.vocab_size, "vocabulary entries")}

@@ -74,6 +74,23 @@ def make_hf_model(path: pathlib.Path, *, kind: str = "qwen3", seed: int = 0, max
     return HFModel(path=str(path), model=model, config=config)
 
 
+def pytest_collection_finish(session):
+    """Starts the multi-device worker of tests/test_mesh.py at once when its tests are selected: a process
+    of its own that compiles mostly on the core the single-device tests leave idle."""
+    for item in session.items:
+        if "mesh_results" in getattr(item, "fixturenames", ()):
+            item.module.start_worker()
+            break
+
+
+def pytest_sessionfinish(session):
+    import sys
+
+    mesh = sys.modules.get("test_mesh")
+    if mesh is not None:
+        mesh.stop_worker()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _drop_compiled_programs():
     """Drops the compiled programs after each test module.

@@ -34,6 +34,7 @@ from eagle3_jax.cli.options import (
     EXIT_USAGE,
     UsageError,
     end_progress_lines,
+    is_main_process,
 )
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
@@ -140,6 +141,8 @@ class _CompileMessages:
         self.open = False
 
     def __call__(self, event) -> None:
+        if not is_main_process():  # the other processes of a --distributed run compile the same programs
+            return
         if not event.done:
             self.end_line()
             sys.stderr.write(f"compiling {event.what}... ")
@@ -164,6 +167,8 @@ _compile_messages = _CompileMessages()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if not is_main_process():  # process 0 of a --distributed run says it for all
+        return
     _compile_messages.end_line()
     print(f"warning: {message}", file=sys.stderr, flush=True)
 

@@ -144,10 +144,12 @@ def run(args) -> int:
                     tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention, mesh=mesh)
     opened = [thinking_opened(tokenizer, p) for p in prompts]
     stream = args.stream if args.stream is not None else (len(prompts) == 1 and not args.json)
-    stream = stream and main
-    printer = StreamPrinter(tokenizer, len(prompts), stop_strings, opened[0]) if stream else None
+    printer = StreamPrinter(tokenizer, len(prompts), stop_strings, opened[0]) if stream and main else None
+    # every process of a --distributed run runs the loop in the same chunks (reading tokens between them is a
+    # collective): the others stream into nothing
+    callback = printer if main or not stream else _discard
     outputs = gen.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                           stop_token_ids=stops, stop=stop_strings or None, stream=printer)
+                           stop_token_ids=stops, stop=stop_strings or None, stream=callback)
     if not main:  # the other processes of a --distributed run computed the same outputs
         return 0
     if args.json:
@@ -155,6 +157,10 @@ def run(args) -> int:
     else:
         print_text(outputs, printer, opened, speculative=draft is not None)
     return check_finite_outputs(outputs)
+
+
+def _discard(row: int, token_ids: list[int]) -> None:
+    """The stream callback of the processes that do not print."""
 
 
 def thinking_opened(tokenizer, prompt: list[int]) -> bool:

@@ -256,11 +256,18 @@ def run_training(job: TrainJob, *, progress: bool = True, stop_after: int | None
         raise InputError("--precompute is not supported in a multi-process run; train with the target online")
     out = prepare_run_directory(job.output, job.resume, create=False)
     multihost_utils.sync_global_devices("eagle3_jax: run directory checked")
-    lock = None
+    lock = failure = None
     if jax.process_index() == 0:
-        out = prepare_run_directory(job.output, job.resume)
-        lock = lock_run_directory(out)
-    multihost_utils.sync_global_devices("eagle3_jax: run directory ready")
+        try:
+            out = prepare_run_directory(job.output, job.resume)
+            lock = lock_run_directory(out)
+        except InputError as e:  # said to the others before raising: they would otherwise wait forever
+            failure = e
+    ready = int(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+    if failure is not None:
+        raise failure
+    if not ready:
+        raise InputError(f"{out}: process 0 could not prepare the run directory (its error says why)")
     try:
         return _run(job, out, mesh, progress=progress and jax.process_index() == 0, stop_after=stop_after,
                     on_step=on_step)

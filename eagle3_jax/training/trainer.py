@@ -51,7 +51,7 @@ from eagle3_jax.checks import check_int, check_real, check_seed
 from eagle3_jax.errors import CheckpointError, InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.sharding import DATA, ShardingPlan, place_target, put, put_tree, to_host
+from eagle3_jax.sharding import DATA, ShardingPlan, check_mesh, place_target, put, put_tree, to_host
 from eagle3_jax.training.data import Batch, Batcher
 from eagle3_jax.training.ttt import run_target, teacher_from_logits, ttt_loss
 
@@ -328,7 +328,7 @@ class Trainer:
                  workdir: str, *, mesh: Mesh | None = None, teacher_store=None):
         head.config.check_target(target.config)
         self.cfg, self.batcher, self.workdir = cfg, batcher, os.path.abspath(workdir)
-        self.mesh = mesh
+        self.mesh = mesh = check_mesh(mesh)
         devices = mesh.shape[DATA] if mesh is not None else 1
         if cfg.batch_size % devices:
             raise InputError(f"batch_size {cfg.batch_size} is not a multiple of the {devices} data-parallel devices")

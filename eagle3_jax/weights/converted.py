@@ -28,7 +28,7 @@ from flax import nnx
 
 from eagle3_jax.atomic import atomic_directory
 from eagle3_jax.errors import CheckpointError
-from eagle3_jax.sharding import put
+from eagle3_jax.sharding import put, to_host
 from eagle3_jax.weights.params import count_nonfinite, flat_params, nonfinite_message, with_values
 from eagle3_jax.weights.safetensors_io import describe_json, read_json_file
 
@@ -177,7 +177,7 @@ def check_finite_arrays(arrays: dict[str, jax.Array], source: str) -> None:
     for k in floating:
         if k in flags and flags[k]:
             continue
-        array = np.asarray(jax.device_get(arrays[k]))
+        array = np.asarray(to_host(arrays[k]))
         count = count_nonfinite(array)
         if count:
             raise CheckpointError(nonfinite_message(source, k, count, array))
