@@ -339,7 +339,7 @@ def test_train_cli_end_to_end(hf_qwen3_real_vocab, tmp_path, capsys):
     assert [(line["event"], line["step" if line["event"] == "step" else "steps"]) for line in lines] == [
         ("step", 4), ("summary", 4)]
     assert main(argv[:-1] + ["--resume", "--devices", "9"]) == 1
-    assert "asked for 9 devices" in capsys.readouterr().err
+    assert "asked for 9 data-parallel x 1 tensor-parallel devices but 1 are available" in capsys.readouterr().err
 
 
 @pytest.mark.slow
