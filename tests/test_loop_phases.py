@@ -48,11 +48,13 @@ def test_start_is_the_extend_over_the_prompt():
     target, head = models()
     prompt = jnp.asarray([[3, 9, 4, 11, 0, 0, 0, 0]], jnp.int32)
     lengths = jnp.asarray([4], jnp.int32)
-    state = speculative.start(target, head, prompt, lengths, jax.random.key(0), RuntimeParams.make(), SETTINGS, SPEC)
+    start = nnx.jit(speculative.start, static_argnums=(6, 7))  # compiled whole: op by op is slow
+    state = start(target, head, prompt, lengths, jax.random.key(0), RuntimeParams.make(), SETTINGS, SPEC)
     features = target.forward_sequence(prompt, feature_layers=head.config.feature_layers(CFG)).features
     nxt = jnp.asarray([[9, 4, 11, int(state.root[0]), 0, 0, 0, 0]], jnp.int32)
     empty = state.draft_cache.with_lengths(jnp.zeros((1,), jnp.int32))
-    root = speculative.extend(target, head, empty, nxt, features, lengths, SPEC, SETTINGS)
+    root = nnx.jit(speculative.extend, static_argnums=(6, 7))(target, head, empty, nxt, features, lengths, SPEC,
+                                                              SETTINGS)
     np.testing.assert_array_equal(np.asarray(root.children), np.asarray(state.root_children))
     np.testing.assert_allclose(np.asarray(root.logp), np.asarray(state.root_logp), rtol=1e-5, atol=1e-6)
     assert int(root.cache.lengths[0]) == 4
@@ -62,9 +64,10 @@ def test_start_is_the_extend_over_the_prompt():
 def test_plain_and_speculative_return_one_result_type():
     target, head = models()
     tokens, lengths = jnp.asarray([[3, 9, 4, 11]], jnp.int32), jnp.asarray([4], jnp.int32)
-    p = plain.generate(target, tokens, lengths, jax.random.key(0), RuntimeParams.make(), SETTINGS)
-    s = speculative.generate(target, head, tokens, lengths, jax.random.key(0), RuntimeParams.make(), SETTINGS,
-                             SPEC).result
+    p = nnx.jit(plain.generate, static_argnums=(5,))(target, tokens, lengths, jax.random.key(0),
+                                                     RuntimeParams.make(), SETTINGS)
+    s = nnx.jit(speculative.generate, static_argnums=(6, 7))(target, head, tokens, lengths, jax.random.key(0),
+                                                             RuntimeParams.make(), SETTINGS, SPEC).result
     assert type(p) is type(s) is DecodeResult
     np.testing.assert_array_equal(np.asarray(p.tokens), np.asarray(s.tokens))  # greedy: lossless
     forwards = int(p.num_forwards[0])

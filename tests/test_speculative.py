@@ -80,8 +80,9 @@ def reference_tree(target, head, prompt, knobs):
     depth_max, k, n_tree = knobs
     settings = DecodeSettings(max_new_tokens=4, capacity=64, cache_dtype=jnp.dtype(jnp.float32))
     tokens = jnp.asarray([prompt + [0] * (16 - len(prompt))], jnp.int32)
-    state = speculative.start(target, head, tokens, jnp.asarray([len(prompt)], jnp.int32), jax.random.key(0),
-                              RuntimeParams.make(), settings, TreeSpec(*knobs))
+    start = nnx.jit(speculative.start, static_argnums=(6, 7))  # compiled whole: op by op is slow
+    state = start(target, head, tokens, jnp.asarray([len(prompt)], jnp.int32), jax.random.key(0),
+                  RuntimeParams.make(), settings, TreeSpec(*knobs))
     n = int(state.draft_cache.lengths[0])
 
     def child_logp(path):
@@ -226,8 +227,9 @@ def test_finished_rows_stop_advancing(target, fitted, train_prompts):
     tokens = np.zeros((3, 16), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :6] = p
-    final = speculative.generate(target, fitted, jnp.asarray(tokens), jnp.full((3,), 6, jnp.int32),
-                                 jax.random.key(0), RuntimeParams.make(stop_ids=[stop]), settings, knobs)
+    generate = nnx.jit(speculative.generate, static_argnums=(6, 7))  # one program, not op by op
+    final = generate(target, fitted, jnp.asarray(tokens), jnp.full((3,), 6, jnp.int32),
+                     jax.random.key(0), RuntimeParams.make(stop_ids=[stop]), settings, knobs)
     result = final.result
     n = np.asarray(result.num_generated)
     lengths = np.asarray(final.target_cache.lengths)
