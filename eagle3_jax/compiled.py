@@ -171,6 +171,10 @@ class CompiledFunction:
             self._executables.move_to_end(key)
         return executable(*dynamic), compile_seconds
 
+    def eval_shape(self, *args) -> Any:
+        """The outputs' shapes and dtypes for these arguments, traced only (nothing compiled or run)."""
+        return self._jitted.eval_shape(*args)
+
     def _what(self, args) -> str:
         if callable(self.describe):
             try:

@@ -407,6 +407,25 @@ class Generator:
         return self.spec is not None
 
     @property
+    def graphdefs(self):
+        """The static graph(s) of the compiled programs' first argument (target, or (target, draft))."""
+        return self._graphdefs
+
+    @property
+    def weights(self):
+        """The weights the compiled programs take as an argument (target, or (target, draft))."""
+        return self._weights
+
+    def programs(self, settings: DecodeSettings) -> tuple[CompiledFunction, CompiledFunction, Any]:
+        """(prefill, loop, static arguments) of this generator's compiled programs. Called as
+        ``prefill(graphdefs, statics, weights, tokens, lengths, rng, params)`` and
+        ``loop(graphdefs, statics, weights, state, params, max_iterations)``; each returns
+        (result, seconds spent compiling). For engines built on the same programs (the server's)."""
+        if self.speculative:
+            return _SPEC_START, _SPEC_LOOP, (settings, self.spec)
+        return _PLAIN_START, _PLAIN_LOOP, settings
+
+    @property
     def num_compiles(self) -> int:
         """Compilations so far by all generators of this kind (prefill and loop together)."""
         if self.speculative:
@@ -484,10 +503,7 @@ class Generator:
             p = prompts[min(i, len(prompts) - 1)]
             tokens[i, : len(p)], lengths[i] = p, len(p)
         inputs = self._inputs(tokens, lengths, jax.random.key(seed), params)
-        if self.speculative:
-            start_fn, loop_fn, statics = _SPEC_START, _SPEC_LOOP, (settings, self.spec)
-        else:
-            start_fn, loop_fn, statics = _PLAIN_START, _PLAIN_LOOP, settings
+        start_fn, loop_fn, statics = self.programs(settings)
 
         with self._on_mesh():
             t0 = time.perf_counter()

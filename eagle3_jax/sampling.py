@@ -3,7 +3,14 @@
 The order of the filters is HF's: temperature, then top-k, then top-p. Greedy
 decoding and ``top_k`` change the compiled program and are static;
 ``temperature`` and ``top_p`` are traced arrays, so changing them does not
-recompile.
+recompile. They are scalars (one setting for the batch) or [batch] arrays (a
+setting per row, as the server's continuous batching needs, with a traced
+per-row top-k and per-row greedy rows beside them: :class:`RowSampling`).
+
+Randomness is per row: a loop state holds one PRNG key per row
+(:func:`row_keys`), split per row at each step (:func:`split_rows`), so a
+row's draws depend on its own key only, never on the other rows of its batch:
+a request sampled with seed s gives the same tokens alone or batched.
 """
 
 from __future__ import annotations
@@ -46,23 +53,40 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: int) -> jax.Array:
+def _per_row(x: jax.Array, ndim: int) -> jax.Array:
+    """A scalar, or a [batch] array reshaped to [batch, 1, ...] (``ndim`` dims) to broadcast over logits."""
+    x = jnp.asarray(x)
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim)) if x.ndim else x
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: int,
+                  row_top_k: jax.Array | None = None) -> jax.Array:
     """Temperature-scaled logits with everything outside top-k / top-p set to -inf.
 
     Args:
-      logits: [..., vocab] float32.
-      temperature, top_p: scalars or arrays broadcastable to logits[..., :1].
+      logits: [batch, ..., vocab] float32.
+      temperature, top_p: scalars, or [batch] arrays (one per row).
       top_k: static; 0 keeps the whole vocabulary.
+      row_top_k: None, or [batch] int32 traced top-k per row (0 = off), applied
+        with a full sort (for batches whose rows differ; ``top_k`` must be 0).
     Returns:
-      [..., vocab] float32; ``softmax`` of it is the sampling distribution.
+      [batch, ..., vocab] float32; ``softmax`` of it is the sampling distribution.
     """
-    logits = logits.astype(jnp.float32) / temperature
+    logits = logits.astype(jnp.float32) / _per_row(temperature, logits.ndim)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         ranked = jax.lax.top_k(logits, top_k)[0]  # [..., top_k], descending
         logits = jnp.where(logits < ranked[..., -1:], -jnp.inf, logits)
     else:
         ranked = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    if row_top_k is not None:
+        k = _per_row(row_top_k, logits.ndim)
+        on = (k > 0) & (k < vocab)
+        kth = jnp.take_along_axis(ranked, jnp.broadcast_to(jnp.clip(k - 1, 0, vocab - 1), ranked.shape[:-1] + (1,)),
+                                  axis=-1)
+        logits = jnp.where(on & (logits < kth), -jnp.inf, logits)
+        ranked = jnp.where(on & (jnp.arange(vocab) >= k), -jnp.inf, ranked)
+    top_p = _per_row(top_p, logits.ndim)
     probs = jax.nn.softmax(ranked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = mass_before < top_p  # the top token is always kept
@@ -71,10 +95,49 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, t
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def select_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-                  greedy: bool, top_k: int) -> jax.Array:
-    """Next tokens [...] int32 from logits [..., vocab]."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Sampling settings that differ between the rows of one batch (traced: they never recompile).
+
+    Attributes:
+      greedy: [batch] bool, rows decoded greedily (argmax, greedy acceptance)
+        inside a sampling program; their tokens are those of a greedy program.
+      top_k: [batch] int32 top-k per row (0 = off).
+    """
+
+    greedy: jax.Array
+    top_k: jax.Array
+
+
+def row_keys(rng: jax.Array, batch: int) -> jax.Array:
+    """[batch] PRNG keys: ``rng`` as given if it already holds one per row, else row i's key
+    ``fold_in(rng, i)`` (so row 0 of a batch and a batch of one draw alike). Typed keys
+    (``jax.random.key``) and raw ones (``jax.random.PRNGKey``) are both accepted."""
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # a raw key (``jax.random.PRNGKey``): uint32 [2], or [batch, 2]
+    if rng.ndim == 1:
+        return rng
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch, dtype=jnp.uint32))
+
+
+def split_rows(keys: jax.Array, num: int = 2) -> tuple[jax.Array, ...]:
+    """Splits each row's key: ``num`` arrays of [batch] keys."""
+    parts = jax.vmap(lambda k: jax.random.split(k, num))(keys)  # [batch, num]
+    return tuple(parts[:, i] for i in range(num))
+
+
+def categorical_rows(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from ``logits`` [batch, vocab] with that row's key: [batch] int32."""
+    return jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(keys, logits).astype(jnp.int32)
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                  greedy: bool, top_k: int, rows: RowSampling | None = None) -> jax.Array:
+    """Next tokens [batch] int32 from logits [batch, vocab], drawn with each row's key ([batch] keys)."""
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, temperature, top_p, top_k)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+        return argmax
+    filtered = filter_logits(logits, temperature, top_p, top_k, None if rows is None else rows.top_k)
+    drawn = categorical_rows(keys, filtered)
+    return drawn if rows is None else jnp.where(rows.greedy, argmax, drawn)

@@ -187,7 +187,7 @@ def constrain_state(tree: Any, rows: int) -> Any:
             return dataclasses.replace(x, k=tuple(constrain(b, x.axes) for b in x.k),
                                        v=tuple(constrain(b, x.axes) for b in x.v),
                                        lengths=constrain(x.lengths, x.axes[:1]))
-        if not isinstance(x, jax.Array) or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if not isinstance(x, jax.Array):
             return x
         if x.ndim and x.shape[0] == rows:
             return constrain(x, ("batch",) + (None,) * (x.ndim - 1))

@@ -75,11 +75,16 @@ def make_hf_model(path: pathlib.Path, *, kind: str = "qwen3", seed: int = 0, max
 
 
 def pytest_collection_finish(session):
-    """Starts the multi-device worker of tests/test_mesh.py at once when its tests are selected: a process
-    of its own that compiles mostly on the core the single-device tests leave idle."""
+    """Starts the multi-device worker of tests/test_mesh.py and the server of tests/test_serve.py at once when
+    their tests are selected: processes of their own that compile mostly on the core the single-device tests
+    leave idle."""
     for item in session.items:
         if "mesh_results" in getattr(item, "fixturenames", ()):
             item.module.start_worker()
+            break
+    for item in session.items:  # the OpenAI-compatible server of tests/test_serve.py: its start-up likewise
+        if "server" in getattr(item, "fixturenames", ()) and item.module.__name__ == "test_serve":
+            item.module.start_server()
             break
 
 
@@ -89,6 +94,9 @@ def pytest_sessionfinish(session):
     mesh = sys.modules.get("test_mesh")
     if mesh is not None:
         mesh.stop_worker()
+    serve = sys.modules.get("test_serve")
+    if serve is not None:
+        serve.stop_server()
 
 
 @pytest.fixture(scope="module", autouse=True)

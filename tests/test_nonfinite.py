@@ -18,6 +18,7 @@ from eagle3_jax.decoding.common import (
     RUNNING,
     DecodeResult,
     DecodeSettings,
+    RuntimeParams,
     finish_reasons,
 )
 
@@ -136,7 +137,7 @@ def test_nan_draft_head(load, mode):
 
 def test_append_flags_only_running_rows():
     settings = DecodeSettings(max_new_tokens=4, capacity=64)
-    stops = jnp.array([5, -1], jnp.int32)
+    stops = RuntimeParams.make(stop_ids=[5])
     result = DecodeResult.start(jnp.array([7, 5, 7, 7]), settings, jnp.array([3, 3, 3, 3]), stops,
                                 nonfinite=jnp.array([False, False, True, False]))
     assert finish_reasons(result.finish_reason) == [None, "eos", "nonfinite", None]

@@ -1,7 +1,8 @@
 """The README's code runs as written.
 
 Every ```python block of README.md is either runnable offline (on the
-embedded demo pair) or starts with a comment that says it needs the Hub.
+embedded demo pair) or starts with a comment that says it needs the Hub (or
+a running server).
 The runnable blocks are executed in order, in one fresh interpreter sharing
 one namespace (later blocks may use names of earlier ones), in an empty
 working directory, with the Hub switched off. The others are only compiled.
@@ -20,7 +21,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-NEEDS_HUB = re.compile(r"^#.*needs the hub", re.I)
+NEEDS_HUB = re.compile(r"^#.*needs (the hub|a running server)", re.I)
 
 
 def python_blocks() -> list[tuple[int, str]]:

@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from eagle3_jax.cli import convert, demo, eval, generate, regenerate, train
+from eagle3_jax.cli import convert, demo, eval, generate, regenerate, serve, train
 from eagle3_jax.cli.options import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -39,7 +39,7 @@ from eagle3_jax.cli.options import (
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
-COMMANDS = (generate, convert, train, regenerate, eval, demo)
+COMMANDS = (generate, serve, convert, train, regenerate, eval, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

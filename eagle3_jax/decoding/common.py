@@ -5,6 +5,7 @@ share is ``eagle3_jax/decoding/loop.py``.)"""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import numpy as np
 from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata, check_backend
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.target import TargetModel, new_cache
+from eagle3_jax.sampling import RowSampling
 
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
 # Set by the host between chunks of the loop, never inside it: the row's decoded text holds a stop
@@ -69,23 +71,60 @@ STOP_SLOTS = 8
 class RuntimeParams:
     """Per-call knobs that are traced, not compiled in: changing them reuses the program.
 
+    One setting for the whole batch (scalars, :meth:`make`), or one per row
+    (:meth:`per_row`: the server's continuous batching, where every row is
+    another request). The two are different pytrees, so different programs.
+
     Attributes:
-      temperature: [] float32 sampling temperature (ignored when greedy).
-      top_p: [] float32 nucleus mass.
-      stop_ids: [num_stops] int32 token ids that end a row; -1 fills unused entries.
+      temperature: [] or [batch] float32 sampling temperature (ignored when greedy).
+      top_p: [] or [batch] float32 nucleus mass.
+      stop_ids: [num_stops] or [batch, num_stops] int32 token ids that end a
+        row; -1 fills unused entries.
+      rows: None, or per-row greedy flags and top-k (:class:`RowSampling`, for
+        a sampling program whose rows differ).
+      max_new_tokens: None (the static ``DecodeSettings.max_new_tokens``), or
+        [batch] int32 per-row limits (at most the static one).
     """
 
     temperature: jax.Array
     top_p: jax.Array
     stop_ids: jax.Array
+    rows: RowSampling | None = None
+    max_new_tokens: jax.Array | None = None
 
     @classmethod
     def make(cls, temperature: float = 1.0, top_p: float = 1.0, stop_ids=()) -> RuntimeParams:
         """Stop ids are padded with -1 to a multiple of 8 entries, so their count rarely changes a shape."""
         stop_ids = [int(t) for t in stop_ids]
-        width = max(STOP_SLOTS, -(-len(stop_ids) // STOP_SLOTS) * STOP_SLOTS)
         return cls(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
-                   stop_ids=jnp.asarray(stop_ids + [-1] * (width - len(stop_ids)), jnp.int32))
+                   stop_ids=jnp.asarray(_pad_stops([stop_ids])[0], jnp.int32))
+
+    @classmethod
+    def per_row(cls, temperature: Sequence[float], top_p: Sequence[float], top_k: Sequence[int],
+                stop_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *, stop_slots: int = STOP_SLOTS,
+                as_numpy: bool = False) -> RuntimeParams:
+        """One setting per row; a temperature of 0 is a greedy row. Stop ids are padded with -1
+        to ``stop_slots`` entries (more if a row has more). ``as_numpy`` leaves the arrays on the host."""
+        xp = np if as_numpy else jnp
+        temperature = np.asarray(temperature, np.float32)
+        greedy = temperature == 0
+        return cls(temperature=xp.asarray(np.where(greedy, 1.0, temperature), np.float32),
+                   top_p=xp.asarray(np.asarray(top_p, np.float32)),
+                   stop_ids=xp.asarray(np.asarray(_pad_stops(stop_ids, stop_slots), np.int32)),
+                   rows=RowSampling(greedy=xp.asarray(greedy), top_k=xp.asarray(np.asarray(top_k, np.int32))),
+                   max_new_tokens=xp.asarray(np.asarray(max_new_tokens, np.int32)))
+
+    def row_stops(self, batch: int) -> jax.Array:
+        """[batch, num_stops] stop ids (a shared list broadcast to every row)."""
+        return self.stop_ids if self.stop_ids.ndim == 2 else jnp.broadcast_to(self.stop_ids, (batch,) +
+                                                                               self.stop_ids.shape)
+
+
+def _pad_stops(rows: Sequence[Sequence[int]], slots: int = STOP_SLOTS) -> list[list[int]]:
+    """Rows of stop ids padded with -1 to one width: a multiple of ``slots``, at least ``slots``."""
+    longest = max((len(r) for r in rows), default=0)
+    width = max(slots, -(-longest // STOP_SLOTS) * STOP_SLOTS)
+    return [[int(t) for t in r] + [-1] * (width - len(r)) for r in rows]
 
 
 @jax.tree_util.register_dataclass
@@ -115,7 +154,7 @@ class DecodeResult:
 
     @classmethod
     def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array,
-              stop_ids: jax.Array, nonfinite: jax.Array | None = None) -> DecodeResult:
+              params: RuntimeParams, nonfinite: jax.Array | None = None) -> DecodeResult:
         """The result after prefill: one generated token per row (none, and
         'nonfinite', for a row flagged in ``nonfinite`` [batch] bool)."""
         batch = first_token.shape[0]
@@ -123,15 +162,16 @@ class DecodeResult:
         empty = cls(tokens=jnp.full((batch, settings.max_new_tokens), -1, jnp.int32), num_generated=zeros,
                     finish_reason=zeros, num_forwards=zeros, prompt_lengths=prompt_lengths.astype(jnp.int32),
                     accept_lengths=jnp.zeros((batch, settings.max_new_tokens), jnp.int32))
-        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings, stop_ids,
+        return empty.append(first_token[:, None], jnp.ones((batch,), jnp.int32), settings, params,
                             nonfinite=nonfinite)
 
-    def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings, stop_ids: jax.Array,
+    def append(self, new_tokens: jax.Array, counts: jax.Array, settings: DecodeSettings, params: RuntimeParams,
                forwards: jax.Array | None = None, nonfinite: jax.Array | None = None) -> DecodeResult:
         """Appends up to ``counts[b]`` of ``new_tokens[b]`` to each running row.
 
         A row keeps tokens up to and including its first stop token, and no
-        more than ``max_new_tokens`` in all or than the cache can hold
+        more than ``max_new_tokens`` (the static one, or the row's own in
+        ``params.max_new_tokens``) in all or than the cache can hold
         (prompt + generated <= capacity); it then finishes with 'eos' or
         'length'. A running row flagged in ``nonfinite`` appends nothing
         (its candidate tokens were chosen from non-finite logits), does not
@@ -141,7 +181,7 @@ class DecodeResult:
         Args:
           new_tokens: [batch, k] int32 candidate tokens, in order.
           counts: [batch] int32, how many of them are real (0..k).
-          stop_ids: [num_stops] int32 stop tokens (-1 entries never match).
+          params: its stop ids (shared or per row; -1 entries never match) and per-row limits.
           forwards: [batch] int32 target forwards to add to the counters.
           nonfinite: [batch] bool, rows whose logits this step were not finite.
         """
@@ -151,16 +191,19 @@ class DecodeResult:
         idx = jnp.arange(k, dtype=jnp.int32)[None, :]
         counts = jnp.where(running & ~bad, counts, 0)
         valid = idx < counts[:, None]
-        is_stop = valid & jnp.any((new_tokens[:, :, None] == stop_ids[None, None, :]) & (stop_ids >= 0), axis=-1)
+        stops = params.row_stops(batch)[:, None, :]  # [batch, 1, num_stops]
+        is_stop = valid & jnp.any((new_tokens[:, :, None] == stops) & (stops >= 0), axis=-1)
         has_stop = jnp.any(is_stop, axis=1)
         through_stop = jnp.where(has_stop, jnp.argmax(is_stop, axis=1) + 1, counts)
-        room = jnp.minimum(settings.max_new_tokens - self.num_generated,
-                           settings.capacity - self.prompt_lengths - self.num_generated)
+        limit = settings.max_new_tokens
+        if params.max_new_tokens is not None:
+            limit = jnp.minimum(params.max_new_tokens, limit)
+        room = jnp.minimum(limit - self.num_generated, settings.capacity - self.prompt_lengths - self.num_generated)
         take = jnp.minimum(through_stop, room)
         dest = jnp.where(idx < take[:, None], self.num_generated[:, None] + idx, settings.max_new_tokens)
         tokens = self.tokens.at[jnp.arange(batch)[:, None], dest].set(new_tokens, mode="drop")
         num_generated = self.num_generated + take
-        full = (num_generated >= settings.max_new_tokens) | (self.prompt_lengths + num_generated >= settings.capacity)
+        full = (num_generated >= limit) | (self.prompt_lengths + num_generated >= settings.capacity)
         reason = jnp.where(has_stop & (through_stop <= room), FINISH_EOS, jnp.where(full, FINISH_LENGTH, RUNNING))
         reason = jnp.where(bad, FINISH_NONFINITE, reason)
         reason = jnp.where(running, reason, self.finish_reason)

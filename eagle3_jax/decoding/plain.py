@@ -28,7 +28,7 @@ from eagle3_jax.decoding.common import (
 from eagle3_jax.decoding.loop import run_loop
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.sampling import select_tokens
+from eagle3_jax.sampling import row_keys, select_tokens, split_rows
 
 
 @jax.tree_util.register_dataclass
@@ -41,7 +41,7 @@ class PlainLoopState:
         token's K/V is written by the next step).
       last_token: [batch] int32, the newest generated token.
       result: tokens and counters so far.
-      rng: PRNG key for sampling.
+      rng: [batch] PRNG keys for sampling, one per row (``sampling.row_keys``).
       iterations: int32 loop iterations run so far (for chunked streaming).
     """
 
@@ -59,11 +59,13 @@ def start(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, rng:
     Args:
       tokens: [batch, prompt_bucket] int32, right-padded prompts.
       prompt_lengths: [batch] int32, true prompt lengths (>= 1).
+      rng: a PRNG key (row i draws with ``fold_in(rng, i)``) or [batch] keys, one per row.
     """
     logits, cache, _ = prefill(model, tokens, prompt_lengths, settings)
-    rng, sub = jax.random.split(rng)
-    first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k)
-    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids, nonfinite=nonfinite_rows(logits))
+    rng, sub = split_rows(row_keys(rng, tokens.shape[0]))
+    first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k,
+                          rows=params.rows)
+    result = DecodeResult.start(first, settings, prompt_lengths, params, nonfinite=nonfinite_rows(logits))
     return PlainLoopState(cache=cache, last_token=first, result=result, rng=rng, iterations=jnp.zeros((), jnp.int32))
 
 
@@ -77,11 +79,11 @@ def step(model: TargetModel, state: PlainLoopState, params: RuntimeParams,
     active = result.finish_reason == 0
     meta = AttentionMetadata.causal(cache.lengths, 1, write=active[:, None], backend=settings.attention)
     out = model(state.last_token[:, None], cache, meta)  # finished rows write nothing
-    rng, sub = jax.random.split(state.rng)
+    rng, sub = split_rows(state.rng)
     token = select_tokens(out.logits[:, 0], sub, params.temperature, params.top_p, greedy=settings.greedy,
-                          top_k=settings.top_k)
+                          top_k=settings.top_k, rows=params.rows)
     cache = out.cache.with_lengths(cache.lengths + active)
-    result = result.append(token[:, None], active.astype(jnp.int32), settings, params.stop_ids,
+    result = result.append(token[:, None], active.astype(jnp.int32), settings, params,
                            forwards=active.astype(jnp.int32), nonfinite=nonfinite_rows(out.logits))
     return PlainLoopState(cache=cache, last_token=jnp.where(active, token, state.last_token), result=result, rng=rng,
                           iterations=state.iterations + 1)

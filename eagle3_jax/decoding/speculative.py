@@ -45,7 +45,7 @@ from eagle3_jax.decoding.verify import Acceptance, accept_greedy, accept_samplin
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import ForwardOutput, TargetModel
-from eagle3_jax.sampling import select_tokens
+from eagle3_jax.sampling import row_keys, select_tokens, split_rows
 from eagle3_jax.sharding import DRAFT_KV_CACHE_AXES
 
 
@@ -61,7 +61,7 @@ class SpecLoopState:
         the root (target ids) and their log-probs.
       root_hidden: [batch, hidden] the draft's ``g`` at position n-1.
       result: tokens, counters and accept lengths.
-      rng: PRNG key.
+      rng: [batch] PRNG keys, one per row (``sampling.row_keys``).
       iterations: int32 loop iterations run so far (for chunked streaming).
     """
 
@@ -167,8 +167,14 @@ def accept(tree: Tree, logits: jax.Array, rng: jax.Array, active: jax.Array, par
         if settings.greedy:
             acc = accept_greedy(tree, logits, spec.num_steps)
         else:
+            row_top_k = None if params.rows is None else params.rows.top_k
             acc = accept_sampling(tree, logits, rng, params.temperature, params.top_p, top_k=settings.top_k,
-                                  depth_max=spec.num_steps)
+                                  depth_max=spec.num_steps, row_top_k=row_top_k)
+            if params.rows is not None:  # greedy rows of a sampling program: greedy acceptance
+                greedy = accept_greedy(tree, logits, spec.num_steps)
+                pick = params.rows.greedy
+                acc = jax.tree.map(lambda g, s: jnp.where(pick.reshape(pick.shape + (1,) * (g.ndim - 1)), g, s),
+                                   greedy, acc)
         nonfinite = active & (~tree.draft_finite | nonfinite_rows(logits))
         return acc, jnp.where(active & ~nonfinite, acc.length, 0), nonfinite
 
@@ -187,7 +193,7 @@ def commit(cache: KVCache, result: DecodeResult, tree: Tree, acc: Acceptance, le
         dst = jnp.where(j < length[:, None], n[:, None] + j, cache.capacity)
         cache = cache.gather_slots(n[:, None] + acc.path, dst).with_lengths(n + length)
         emitted = acc.emitted(tree)  # [batch, D+1]
-        result = result.append(emitted, length, settings, params.stop_ids, forwards=active.astype(jnp.int32),
+        result = result.append(emitted, length, settings, params, forwards=active.astype(jnp.int32),
                                nonfinite=nonfinite)
         return cache, result, emitted
 
@@ -200,12 +206,14 @@ def start(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_
 
     Args:
       tokens: [batch, bucket] int32 right-padded prompts; prompt_lengths: [batch].
+      rng: a PRNG key (row i draws with ``fold_in(rng, i)``) or [batch] keys, one per row.
     """
     layers = head.config.feature_layers(target.config)
     alloc = dataclasses.replace(settings, capacity=settings.capacity + cache_headroom(spec))
     logits, target_cache, features = prefill(target, tokens, prompt_lengths, alloc, layers)
-    rng, sub = jax.random.split(rng)
-    first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k)
+    rng, sub = split_rows(row_keys(rng, tokens.shape[0]))
+    first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k,
+                          rows=params.rows)
 
     batch, bucket = tokens.shape
     cfg = head.config
@@ -217,7 +225,7 @@ def start(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros((batch, 1), tokens.dtype)], axis=1)
     shifted = jnp.where(idx == (prompt_lengths - 1)[:, None], first[:, None], shifted)
     root = extend(target, head, draft_cache, shifted, features, prompt_lengths, spec, settings)
-    result = DecodeResult.start(first, settings, prompt_lengths, params.stop_ids, nonfinite=nonfinite_rows(logits))
+    result = DecodeResult.start(first, settings, prompt_lengths, params, nonfinite=nonfinite_rows(logits))
     return SpecLoopState(
         target_cache=target_cache, draft_cache=root.cache, root=first, root_children=root.children,
         root_logp=root.logp, root_hidden=root.hidden, result=result, rng=rng, iterations=jnp.zeros((), jnp.int32))
@@ -233,7 +241,7 @@ def step(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, param
     active = state.result.finish_reason == 0
     tree, dcache = draft(target, head, state, active, spec, settings)
     out = verify(target, head, tree, state.target_cache, active, settings)
-    rng, sub = jax.random.split(state.rng)
+    rng, sub = split_rows(state.rng)
     acc, length, nonfinite = accept(tree, out.logits, sub, active, params, settings, spec)
     tcache, result, emitted = commit(out.cache, state.result, tree, acc, length, nonfinite, active, params, settings)
     # The draft extends over the accepted tokens: (f at path node j, the token after it).

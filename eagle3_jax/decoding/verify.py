@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.decoding.tree import Tree
-from eagle3_jax.sampling import filter_logits
+from eagle3_jax.sampling import categorical_rows, filter_logits, split_rows
 
 
 @jax.tree_util.register_dataclass
@@ -80,14 +80,19 @@ def accept_greedy(tree: Tree, logits: jax.Array, depth_max: int) -> Acceptance:
 
 
 def accept_sampling(tree: Tree, logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                    *, top_k: int, depth_max: int) -> Acceptance:
-    """Lossless recursive rejection sampling over siblings (see the module docstring)."""
+                    *, top_k: int, depth_max: int, row_top_k: jax.Array | None = None) -> Acceptance:
+    """Lossless recursive rejection sampling over siblings (see the module docstring).
+
+    Args:
+      rng: [batch] PRNG keys, one per row (a row's draws use its own key only).
+      temperature, top_p: scalars or [batch]; row_top_k: None or [batch] (``sampling.filter_logits``).
+    """
     batch, n_tree, _ = logits.shape
     node = jnp.arange(n_tree)[None, :]
 
     def probs_at(cur):
         row = jnp.take_along_axis(logits, cur[:, None, None], axis=1)[:, 0]
-        return jax.nn.softmax(filter_logits(row, temperature, top_p, top_k), axis=-1)
+        return jax.nn.softmax(filter_logits(row, temperature, top_p, top_k, row_top_k), axis=-1)
 
     def children_of(cur):
         return (tree.parents == cur[:, None]) & (node != 0)
@@ -95,13 +100,13 @@ def accept_sampling(tree: Tree, logits: jax.Array, rng: jax.Array, temperature: 
     cur = jnp.zeros((batch,), jnp.int32)
     length = jnp.ones((batch,), jnp.int32)
     stopped = jnp.zeros((batch,), bool)
-    keys = jax.random.split(rng, depth_max + 1)
+    keys = split_rows(rng, depth_max + 1)  # depth_max + 1 arrays of [batch] keys
     for d in range(depth_max):
         p = probs_at(cur)
         child = children_of(cur) & ~stopped[:, None]
         pc = jnp.where(child, jnp.take_along_axis(p, tree.tokens, axis=1), 0.0)
         before = jnp.cumsum(pc, axis=1) - pc  # mass of the earlier siblings, already rejected
-        u = jax.random.uniform(keys[d], (batch, n_tree))
+        u = jax.vmap(lambda k: jax.random.uniform(k, (n_tree,)))(keys[d])  # [batch, n_tree]
         ok = child & (u * (1.0 - before) < pc)
         take = jnp.any(ok, axis=1)
         cur = jnp.where(take, jnp.argmax(ok, axis=1), cur).astype(jnp.int32)
@@ -113,5 +118,5 @@ def accept_sampling(tree: Tree, logits: jax.Array, rng: jax.Array, temperature: 
         children_of(cur).astype(p.dtype))
     residual = p * (1.0 - rejected)
     residual = jnp.where(jnp.sum(residual, axis=1, keepdims=True) > 0, residual, p)
-    bonus = jax.random.categorical(keys[-1], jnp.log(residual), axis=-1).astype(jnp.int32)
+    bonus = categorical_rows(keys[-1], jnp.log(residual))
     return Acceptance(path=_path_to(tree, cur, depth_max), length=length, bonus=bonus)

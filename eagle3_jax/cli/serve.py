@@ -1,0 +1,208 @@
+"""``eagle3-jax serve``: an OpenAI-compatible HTTP server with continuous batching (docs/architecture.md#serving)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from eagle3_jax.cli.options import (
+    ATTENTION_CHOICES,
+    HelpFormatter,
+    add_head_overrides,
+    add_tree_options,
+    check_configs,
+    check_tree,
+    head_overrides,
+    int_list,
+    load_tokenizer,
+    non_negative_int,
+    positive_int,
+    usage,
+)
+
+EPILOG = (
+    "Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both streamed as server-sent "
+    "events with \"stream\": true), GET /health, GET /metrics (Prometheus). Request parameters: max_tokens "
+    "(max_completion_tokens), temperature, top_p, top_k, seed, stop (strings, or token ids), stop_token_ids, "
+    "ignore_eos, stream_options.include_usage, chat_template_kwargs. Every response carries usage. "
+    "Example: eagle3-jax serve --target Qwen/Qwen3-4B-Thinking-2507 --draft DIR --port 8000, then "
+    "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+    "-d '{\"model\": \"Qwen3-4B-Thinking-2507\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'"
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with continuous batching",
+        description="Serve a Qwen3, Qwen2 or Llama target (with an EAGLE-3 head: speculative decoding) over "
+                    "OpenAI's /v1/completions and /v1/chat/completions. Requests share a batch of --max-batch "
+                    "rows; a finished request's row takes the next waiting one between chunks of the decoding "
+                    "loop (continuous batching). Greedy requests (temperature 0) get exactly the tokens of "
+                    "'eagle3-jax generate' on their prompt alone.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--target", required=True, metavar="DIR",
+                   help="target model: an HF directory, a converted directory, or a Hub id")
+    p.add_argument("--draft", metavar="DIR", default=None,
+                   help="EAGLE-3 draft head (SpecForge/SGLang format or converted); enables speculative decoding")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for every interface: mind who can reach it)")
+    p.add_argument("--port", type=non_negative_int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the name clients send as 'model' (default: the target directory's or Hub id's last part)")
+    p.add_argument("--max-batch", type=positive_int, default=8, metavar="B",
+                   help="requests decoded together (batch rows; a compiled shape)")
+    p.add_argument("--max-cache-len", type=positive_int, default=None, metavar="S",
+                   help="KV slots per request, prompt and completion together (a compiled shape; default the "
+                        "model's context, at most 4096)")
+    p.add_argument("--max-queue", type=positive_int, default=256, metavar="Q",
+                   help="requests waiting for a row at most; beyond, requests get 503 with Retry-After")
+    p.add_argument("--chunk", type=positive_int, default=4, metavar="C",
+                   help="loop iterations between admissions of waiting requests (smaller: sooner, more host work)")
+    p.add_argument("--admission", choices=["continuous", "static"], default="continuous",
+                   help="continuous: a freed row takes a waiting request at once; static: waiting requests start "
+                        "only when the whole batch has finished (for comparison)")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="a Jinja chat template file for /v1/chat/completions, replacing the tokenizer's own")
+    p.add_argument("--reasoning-parser", choices=["auto", "qwen3", "none"], default="auto",
+                   help="split chat replies at </think> into reasoning_content and content (auto: when the "
+                        "tokenizer has a </think> token)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help="attention backend")
+    p.add_argument("--warmup-buckets", type=int_list, default=[16, 32, 64, 128, 256, 512], metavar="N,N,...",
+                   help="prompt lengths whose prefill programs are compiled before listening (prompts are padded "
+                        "to the next power of two >= 16; others compile on their first request)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="compile nothing before listening (the first requests then wait for the compiler)")
+    p.add_argument("--log-requests", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    p.add_argument("--json", action="store_true",
+                   help="print the ready line on stdout as JSON: {\"event\": \"ready\", \"url\": ..., ...}")
+    spec = p.add_argument_group("speculative decoding (EAGLE-3)")
+    add_tree_options(spec)
+    add_head_overrides(spec)
+    p.set_defaults(func=run)
+
+
+def model_name(target: str) -> str:
+    """The default served name: the last part of the directory or Hub id."""
+    return os.path.basename(os.path.normpath(target)) or target
+
+
+def generation_defaults(model_dir: str):
+    """Sampling defaults from the target's generation_config.json (as vLLM uses them), else OpenAI's."""
+    from eagle3_jax.serve.protocol import Defaults
+
+    path = os.path.join(model_dir, "generation_config.json")
+    defaults = Defaults()
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return defaults
+    if not isinstance(cfg, dict):
+        return defaults
+    if cfg.get("do_sample") is False:
+        return Defaults(temperature=0.0)
+    t, p, k = cfg.get("temperature"), cfg.get("top_p"), cfg.get("top_k")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 2:
+        defaults.temperature = float(t)
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1:
+        defaults.top_p = float(p)
+    if isinstance(k, int) and not isinstance(k, bool) and k >= 0:
+        defaults.top_k = k
+    return defaults
+
+
+def run(args) -> int:
+    import signal
+    import socket
+
+    from eagle3_jax.errors import InputError
+
+    if args.draft is None and any(k is not None for k in (args.num_steps, args.topk, args.num_draft_tokens,
+                                                           args.draft_rope_theta, args.feature_layers)):
+        raise usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
+    spec = check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
+    template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--chat-template: can not read {args.chat_template} ({e})") from None
+    model_dir, target_config, draft_dir, draft_config = check_configs(args.target, args.draft,
+                                                                      **head_overrides(args))
+    context = target_config.max_position_embeddings
+    if args.max_cache_len is not None and not 2 <= args.max_cache_len <= context:
+        raise InputError(f"--max-cache-len must be between 2 and the model's context ({context}), "
+                         f"got {args.max_cache_len}")
+    # Bind first: a port in use is an error before minutes of loading.
+    try:
+        sock = socket.create_server((args.host, args.port), reuse_port=False)
+    except OSError as e:
+        raise InputError(f"can not listen on {args.host}:{args.port} ({e.strerror or e})") from None
+
+    import uvicorn
+
+    from eagle3_jax.generation import Generator
+    from eagle3_jax.loading import load_draft, load_target
+    from eagle3_jax.serve.app import Server, create_app, reasoning_model
+    from eagle3_jax.serve.engine import BatchEngine
+
+    tokenizer = load_tokenizer(model_dir, required=False)
+    if template is not None:
+        if tokenizer is None:
+            raise InputError("--chat-template needs the target's tokenizer, and it has none that loads")
+        tokenizer.chat_template = template
+    reasoning = args.reasoning_parser == "qwen3" or (args.reasoning_parser == "auto" and tokenizer is not None
+                                                     and reasoning_model(tokenizer))
+    target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
+    draft = None
+    if draft_dir is not None:
+        draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, **head_overrides(args))
+    gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
+                    num_draft_tokens=spec.num_draft_tokens if spec else None,
+                    tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention)
+    engine = BatchEngine(gen, max_batch=args.max_batch, max_cache_len=args.max_cache_len, chunk=args.chunk,
+                         max_queue=args.max_queue, admission=args.admission)
+    engine.start()
+    if args.warmup:
+        seconds = engine.warmup(sorted({min(max(n, 1), engine.capacity - 1) for n in args.warmup_buckets}))
+        print(f"compiled in {seconds:.1f} s", file=sys.stderr)
+    name = args.served_model_name or model_name(args.target)
+    server = Server(engine, model_name=name, tokenizer=tokenizer, reasoning=reasoning,
+                    defaults=generation_defaults(model_dir))
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    ready = {"event": "ready", "url": url, "model": name, "max_batch": engine.max_batch,
+             "max_cache_len": engine.capacity, "speculative": engine.speculative}
+
+    def announce() -> None:  # once uvicorn listens, with its signal handlers in place
+        if args.json:
+            print(json.dumps(ready), flush=True)
+        else:
+            tree = f", tree {gen.spec.num_steps},{gen.spec.topk},{gen.spec.num_draft_tokens}" if gen.spec else ""
+            print(f"serving {name} at {url}/v1 (batch {engine.max_batch}, cache {engine.capacity}{tree}); "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(create_app(server, on_ready=announce), log_level="warning",
+                            access_log=args.log_requests, timeout_graceful_shutdown=5)
+    # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again: that is a normal end here.
+    previous = signal.signal(signal.SIGTERM, _exit_quietly)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.stop()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _exit_quietly(*_) -> None:
+    raise SystemExit(0)

@@ -1,0 +1,335 @@
+"""The HTTP server: OpenAI's completions and chat completions over the batch engine (Starlette/FastAPI).
+
+Routes:
+  GET  /v1/models             the served model
+  POST /v1/completions        text (or token-id) prompts
+  POST /v1/chat/completions   chats, rendered by the tokenizer's chat template
+  GET  /health                200 while the engine runs, 503 once it has failed
+  GET  /metrics               Prometheus text (serve/metrics.py)
+
+Both generation routes answer whole (JSON) or streamed as server-sent
+events (``stream: true``: ``data: {chunk}`` lines, then ``data: [DONE]``).
+Each request becomes an :class:`~eagle3_jax.serve.engine.EngineRequest`
+whose sink, called on the engine's thread, turns tokens into text
+(serve/text_stream.py) and hands the deltas to the request's asyncio queue.
+A client that goes away cancels its request, which frees its batch row at
+the next chunk boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from eagle3_jax.errors import InputError
+from eagle3_jax.serve.engine import BatchEngine, EngineRequest, QueueFull, RequestStats
+from eagle3_jax.serve.metrics import Metrics
+from eagle3_jax.serve.protocol import FINISH, APIError, Defaults, Parsed, chunk, new_id, parse_request, response, usage
+from eagle3_jax.serve.text_stream import Delta, ReasoningSplitter, TextStream
+from eagle3_jax.text import THINK_END, decode, has_chat_template, prompt_opens_thinking, render_chat, token_ids
+from eagle3_jax.text_io import check_template_kwargs
+
+logger = logging.getLogger("eagle3_jax.serve")
+
+
+class _Sink:
+    """A request's sink: text and token deltas and its end, handed from the engine's thread to its asyncio queue.
+
+    Queue items: ``("delta", Delta, token_ids)`` and, last, ``("end", reason, stats)``. With a stop
+    string, the token ids stop at those covering the text.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, text: TextStream | None):
+        self.loop, self.text = loop, text
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ids: list[int] = []  # every token generated
+        self.sent_ids = 0  # tokens handed on
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def kept(self) -> list[int]:
+        """The reply's tokens: all of them, or those covering the text when a stop string ended it."""
+        if self.text is not None and self.text.stopped:
+            return self.ids[: self.text.kept_tokens]
+        return self.ids
+
+    def tokens(self, ids: list[int]) -> bool:
+        self.ids.extend(ids)
+        delta, stop = self.text.add(ids) if self.text is not None else (Delta(), False)
+        self._hand_on(delta)
+        return stop
+
+    def _hand_on(self, delta: Delta) -> None:
+        kept = self.kept()
+        new = kept[self.sent_ids:]
+        self.sent_ids = max(self.sent_ids, len(kept))
+        if delta or new:
+            self._put(("delta", delta, new))
+
+    def finish(self, reason: str, stats: RequestStats) -> None:
+        if self.text is not None and reason not in ("error", "nonfinite"):
+            self._hand_on(self.text.finish())
+        self._put(("end", reason, stats))
+
+
+class Server:
+    """What the routes share: the engine, the tokenizer, the model's name and its defaults.
+
+    Args:
+      engine: a started :class:`BatchEngine`.
+      model_name: the name clients send as ``model``.
+      tokenizer: the target's tokenizer (None: token-id prompts only, no text in responses).
+      reasoning: split thinking models' chat replies into ``reasoning_content`` and ``content``.
+      defaults: sampling defaults for requests that leave them out.
+      retry_after: seconds a client refused with 503 is told to wait.
+    """
+
+    def __init__(self, engine: BatchEngine, *, model_name: str, tokenizer: Any = None, reasoning: bool = False,
+                 defaults: Defaults | None = None, retry_after: int = 1):
+        self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
+        self.reasoning, self.defaults, self.retry_after = reasoning, defaults or Defaults(), retry_after
+        max_accept = engine.gen.spec.num_steps + 1 if engine.speculative else 1
+        self.metrics = Metrics(engine, max_accept)
+        self.created = int(time.time())
+
+    # -------------------------------------------------------------- requests
+
+    def prompt_ids(self, parsed: Parsed) -> list[int]:
+        """The prompt's token ids (a chat rendered by the chat template)."""
+        try:
+            if parsed.chat:
+                if self.tokenizer is None or not has_chat_template(self.tokenizer):
+                    raise APIError("this model has no chat template; use /v1/completions, or start the server "
+                                   "with --chat-template FILE", param="messages")
+                kwargs = check_template_kwargs(parsed.chat_template_kwargs)
+                text = render_chat(self.tokenizer, parsed.prompt, where="messages", **kwargs)
+                return token_ids(self.tokenizer, text, where="messages")
+            if isinstance(parsed.prompt, str):
+                if self.tokenizer is None:
+                    raise APIError("this model has no tokenizer: give the prompt as a list of token ids",
+                                   param="prompt")
+                return token_ids(self.tokenizer, parsed.prompt, where="prompt")
+            return list(parsed.prompt)
+        except InputError as e:
+            raise APIError(str(e), param="messages" if parsed.chat else "prompt") from None
+
+    def engine_request(self, parsed: Parsed, prompt: list[int], sink: _Sink) -> EngineRequest:
+        engine = self.engine
+        room = engine.capacity - len(prompt)
+        if room < 1:
+            raise APIError(f"the prompt has {len(prompt)} tokens; this server's KV cache holds {engine.capacity} "
+                           f"tokens per request (--max-cache-len), prompt and completion together, so a prompt "
+                           f"may have at most {engine.capacity - 1}", param="messages" if parsed.chat else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = room if parsed.max_tokens is None else parsed.max_tokens
+        if max_tokens > room:
+            raise APIError(f"max_tokens is {max_tokens}, but the prompt has {len(prompt)} tokens and this server's "
+                           f"KV cache holds {engine.capacity} per request: at most {room} tokens can follow it",
+                           param="max_tokens", code="context_length_exceeded")
+        eos = () if parsed.ignore_eos else engine.eos_ids
+        stop_ids = tuple(dict.fromkeys(eos + parsed.stop_token_ids))
+        request = EngineRequest(prompt=prompt, max_tokens=max_tokens, sink=sink, temperature=parsed.temperature,
+                                top_p=parsed.top_p, top_k=parsed.top_k, seed=parsed.seed, stop_ids=stop_ids)
+        try:
+            engine.check(request)
+        except InputError as e:
+            raise APIError(str(e)) from None
+        return request
+
+    def text_stream(self, parsed: Parsed, prompt: list[int], stop_ids) -> TextStream | None:
+        if self.tokenizer is None:
+            if parsed.stop:
+                raise APIError("stop strings need a tokenizer, and this model has none", param="stop")
+            return None
+        splitter = None
+        if parsed.chat and self.reasoning:
+            splitter = ReasoningSplitter(prompt_opens_thinking(self.tokenizer, prompt))
+        tok = self.tokenizer
+        return TextStream(lambda ids: decode(tok, ids), parsed.stop, stop_ids, splitter=splitter)
+
+    async def generate(self, http: Request, chat: bool):
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        try:
+            raw = await http.body()
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise APIError(f"the request body is not valid JSON ({e})") from None
+            parsed = parse_request(body, chat=chat, model_names=(self.model_name,), defaults=self.defaults)
+            prompt = self.prompt_ids(parsed)
+            sink = _Sink(asyncio.get_running_loop(), None)
+            request = self.engine_request(parsed, prompt, sink)
+            sink.text = self.text_stream(parsed, prompt, request.stop_ids)
+            try:
+                self.engine.submit(request)
+            except QueueFull as e:
+                with self.metrics.lock:
+                    self.metrics.rejected += 1
+                raise APIError(f"the server is busy: {e}; retry in {self.retry_after} s", status=503,
+                               type="server_overloaded", code="queue_full",
+                               headers={"Retry-After": str(self.retry_after)}) from None
+            except InputError as e:
+                raise APIError(str(e)) from None
+            except RuntimeError as e:
+                raise APIError(str(e), status=503, type="server_error", code="engine_failed") from None
+        except APIError as e:
+            self.metrics.request_done(endpoint, e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        if parsed.stream:
+            return StreamingResponse(self._stream(parsed, request, sink, endpoint), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._whole(http, parsed, request, sink, endpoint)
+
+    def _finished(self, request: EngineRequest, sink: _Sink, reason: str, stats: RequestStats) -> dict[str, int]:
+        completion = len(sink.kept())
+        self.metrics.finished(stats.prompt_tokens, completion, stats.accept_lengths, stats.ttft_seconds,
+                              time.perf_counter() - request.submitted)
+        return usage(stats.prompt_tokens, completion)
+
+    async def _whole(self, http: Request, parsed: Parsed, request: EngineRequest, sink: _Sink, endpoint: str):
+        text: list[str] = []
+        reasoning: list[str] = []
+        while True:
+            try:
+                item = await asyncio.wait_for(sink.queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    request.cancel()
+                    self.metrics.request_done(endpoint, 499)
+                    return PlainTextResponse("", status_code=499)
+                continue
+            if item[0] == "delta":
+                text.append(item[1].content)
+                reasoning.append(item[1].reasoning)
+                continue
+            _, reason, stats = item
+            use = self._finished(request, sink, reason, stats)
+            if reason not in FINISH:
+                error = _generation_error(reason)
+                self.metrics.request_done(endpoint, error.status)
+                return JSONResponse(error.body(), status_code=error.status)
+            splitting = sink.text is not None and sink.text.splitter is not None
+            content = "".join(text)
+            thought = "".join(reasoning).strip() if splitting and any(reasoning) else None
+            body = response(new_id(parsed.chat), parsed.model, parsed.chat, content.strip() if splitting else content,
+                            thought, FINISH[reason], use)
+            if parsed.return_token_ids or sink.text is None:  # without a tokenizer the token ids are the reply
+                body["choices"][0].update(token_ids=sink.kept(), prompt_token_ids=request.prompt)
+            self.metrics.request_done(endpoint, 200)
+            return JSONResponse(body)
+
+    async def _stream(self, parsed: Parsed, request: EngineRequest, sink: _Sink, endpoint: str):
+        rid, created, ended = new_id(parsed.chat), int(time.time()), False
+        status = 200
+        try:
+            if parsed.chat:
+                yield _sse(chunk(rid, parsed.model, True, created, role=True, content=""))
+            while True:
+                item = await sink.queue.get()
+                if item[0] == "delta":
+                    _, delta, ids = item
+                    body = chunk(rid, parsed.model, parsed.chat, created, content=delta.content or None,
+                                 reasoning=delta.reasoning or None)
+                    if parsed.return_token_ids or sink.text is None:
+                        body["choices"][0]["token_ids"] = ids
+                    yield _sse(body)
+                    continue
+                _, reason, stats = item
+                ended = True
+                use = self._finished(request, sink, reason, stats)
+                if reason not in FINISH:
+                    error = _generation_error(reason)
+                    status = error.status
+                    yield _sse(error.body())
+                else:
+                    yield _sse(chunk(rid, parsed.model, parsed.chat, created, finish=FINISH[reason], use=use,
+                                     content=None if parsed.chat else ""))
+                    if parsed.include_usage:
+                        yield _sse(chunk(rid, parsed.model, parsed.chat, created, use=use, choices=False))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not ended:  # the client went away (the response was cancelled): free the row
+                request.cancel()
+                status = 499
+            self.metrics.request_done(endpoint, status)
+
+
+def _generation_error(reason: str) -> APIError:
+    if reason == "nonfinite":
+        return APIError("the model produced non-finite logits (NaN or Inf): its weights are broken or the dtype "
+                        "overflows; the generation was stopped", status=500, type="server_error", code="nonfinite")
+    return APIError("the engine failed while generating; see the server's log", status=500, type="server_error",
+                    code="engine_failed")
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def reasoning_model(tokenizer: Any) -> bool:
+    """Whether a tokenizer knows ``</think>`` as one token (Qwen3's thinking models)."""
+    try:
+        return THINK_END in tokenizer.get_vocab()
+    except Exception:
+        return False
+
+
+def create_app(server: Server, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI application serving ``server``; ``on_ready()`` is called once it has started."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="eagle3-jax", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        error = APIError(str(exc.detail), status=exc.status_code, type=kind)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception):
+        logger.exception("unexpected error")
+        error = APIError(f"internal error ({type(exc).__name__})", status=500, type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "eagle3-jax", "max_model_len": server.engine.capacity}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.generate(request, chat=True)
+
+    @app.get("/health")
+    async def health():
+        if server.engine.error is not None:
+            return JSONResponse({"status": "failed", "error": str(server.engine.error)}, status_code=503)
+        return {"status": "ok", "running": server.engine.running(), "waiting": server.engine.queue_depth()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

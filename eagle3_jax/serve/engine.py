@@ -1,0 +1,468 @@
+"""Continuous batching over the one-jit loop (docs/architecture.md#serving).
+
+The :class:`BatchEngine` owns one decoding loop state of a fixed number of
+rows (``max_batch``) and a fixed KV capacity per row (``max_cache_len``): the
+shapes of the compiled programs never change while it serves. One thread
+drives it, repeating:
+
+1. **admit**: for each free row and waiting request, prefill the request
+   alone (a one-row prefill, the same program :class:`~eagle3_jax.generation.Generator`
+   runs for one prompt) and write its state into the row (:func:`insert_row`:
+   a ``dynamic_update_slice`` on every leaf's row axis; the other rows'
+   caches and counters are untouched);
+2. **run a chunk**: the compiled loop (plain or speculative), at most
+   ``chunk`` iterations, every running row advancing;
+3. **between chunks**: each row's new tokens go to its request's sink, which
+   may end the row (a stop string); rows whose client went away are ended;
+   finished rows are retired and their rows are free again.
+
+Every row has its own sampling settings (temperature, top-p, top-k, greedy,
+seed, stop tokens, token limit: :meth:`RuntimeParams.per_row`) and its own
+PRNG key, so a request's tokens do not depend on the other requests in the
+batch: greedy rows give the tokens of ``Generator.generate`` of that prompt
+alone, and a sampled request with a seed gives the tokens it gives alone.
+
+The queue of waiting requests is bounded (``max_queue``): :meth:`submit`
+raises :class:`QueueFull` past it, which the server answers with 503.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax.compiled import CompiledFunction
+from eagle3_jax.decoding.common import (
+    FINISH_LENGTH,
+    FINISH_STOP_STRING,
+    RUNNING,
+    DecodeSettings,
+    RuntimeParams,
+    finish_reasons,
+)
+from eagle3_jax.errors import InputError
+from eagle3_jax.generation import Generator, bucket_length, check_memory, device_errors
+
+logger = logging.getLogger("eagle3_jax.serve")
+
+# Stop token ids a row can hold (the model's eos ids and a request's own): a static width.
+STOP_WIDTH = 16
+# A row ended because its client went away (never reported: nobody is listening).
+FINISH_CANCELLED = 5
+
+
+class QueueFull(Exception):
+    """The queue of waiting requests is full; try again later."""
+
+
+class Sink(Protocol):
+    """Where a request's tokens go; called from the engine's thread."""
+
+    def tokens(self, ids: list[int]) -> bool:
+        """New tokens of the request, in order; returns True to end the request now (a stop string)."""
+
+    def finish(self, reason: str, stats: RequestStats) -> None:
+        """The request has ended: 'eos', 'length', 'stop' (ended by :meth:`tokens`) or 'nonfinite'."""
+
+
+@dataclasses.dataclass
+class RequestStats:
+    """A finished request's counters.
+
+    Attributes:
+      prompt_tokens, completion_tokens: token counts (the completion as generated).
+      accept_lengths: tokens committed per target forward after the prefill.
+      queued_seconds: time from submit to admission; ttft_seconds: submit to first token.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    accept_lengths: list[int]
+    queued_seconds: float
+    ttft_seconds: float
+
+
+@dataclasses.dataclass(eq=False)
+class EngineRequest:
+    """One generation request, as the engine runs it.
+
+    Attributes:
+      prompt: token ids (1 <= len < capacity).
+      max_tokens: generated tokens at most.
+      temperature: 0 for greedy; top_p in (0, 1]; top_k: 0 = off.
+      seed: PRNG seed of this request's draws.
+      stop_ids: token ids that end it (the model's eos ids and any of its own).
+      sink: where its tokens and its end go.
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sink: Sink
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    cancelled: bool = False
+    sent: int = 0  # tokens given to the sink so far
+
+    def cancel(self) -> None:
+        """Ends the request at the next chunk boundary (its client went away); its row is freed."""
+        self.cancelled = True
+
+
+# ------------------------------------------------------------------ row insertion
+
+def _insert_row(state, row_state, row):
+    """``state`` with row ``row`` replaced by the one-row ``row_state`` (same structure, batch 1).
+
+    Every array leaf with a leading batch axis takes the row; scalars (the
+    iteration counter) keep the batch's value.
+    """
+    def put(big, small):
+        if big.ndim == 0:
+            return big
+        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), row, axis=0)
+
+    return jax.tree.map(put, state, row_state)
+
+
+insert_row = CompiledFunction(_insert_row, num_static=0, donate_argnums=(0,), describe="the row insertion")
+
+
+def _empty_state(start_fn, statics, graphdefs, weights, batch: int, bucket: int, params: RuntimeParams):
+    """A loop state of ``batch`` rows, all finished (zeros; finish codes 'length'), built from the
+    prefill's abstract output (nothing compiled or run)."""
+    tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    shapes = start_fn.eval_shape(graphdefs, statics, weights, tokens, lengths, jax.random.key(0), params)
+
+    def zeros(s):
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), s.shape[0]) if s.ndim else jax.random.key(0)
+        return jnp.zeros(s.shape, s.dtype)
+
+    state = jax.tree.map(zeros, shapes)
+    return _end_all(state)
+
+
+# ------------------------------------------------------------------ the engine
+
+class BatchEngine:
+    """Continuous batching of generation requests over fixed batch rows (see the module docstring).
+
+    Args:
+      generator: the :class:`Generator` whose weights, tree shape, cache dtype
+        and attention backend it runs (one device; no mesh).
+      max_batch: rows decoded together (a compiled shape).
+      max_cache_len: KV slots per row: a request's prompt plus its tokens
+        (a compiled shape); default the model's context, at most 4096.
+      chunk: loop iterations (speculative cycles or plain steps) between two
+        admissions; smaller admits sooner, larger spends less time on the host.
+      max_queue: waiting requests at most (beyond, :meth:`submit` raises QueueFull).
+      admission: 'continuous' (a free row takes a waiting request at once) or
+        'static' (waiting requests are admitted only when every row is free:
+        the classic static batching, for comparison).
+    """
+
+    def __init__(self, generator: Generator, *, max_batch: int = 8, max_cache_len: int | None = None,
+                 chunk: int = 4, max_queue: int = 256, admission: str = "continuous"):
+        if generator.mesh is not None:
+            raise InputError("the server runs on one device; a device mesh is not supported yet")
+        if admission not in ("continuous", "static"):
+            raise InputError(f"admission must be 'continuous' or 'static', got {admission!r}")
+        self.gen = generator
+        self.config = generator.config
+        context = self.config.max_position_embeddings
+        self.capacity = min(context, 4096) if max_cache_len is None else max_cache_len
+        if not 2 <= self.capacity <= context:
+            raise InputError(f"max_cache_len must be between 2 and the model's context ({context}), "
+                             f"got {self.capacity}")
+        self.max_batch, self.chunk, self.max_queue, self.admission = max_batch, chunk, max_queue, admission
+        self.eos_ids = tuple(self.config.eos_token_ids)
+        if len(self.eos_ids) > STOP_WIDTH // 2:
+            raise InputError(f"the model has {len(self.eos_ids)} eos ids; at most {STOP_WIDTH // 2} are supported")
+        self.settings = DecodeSettings(max_new_tokens=self.capacity - 1, capacity=self.capacity, greedy=False,
+                                       top_k=0, cache_dtype=generator.cache_dtype, attention=generator.attention)
+        self._start_fn, self._loop_fn, self._statics = generator.programs(self.settings)
+        # Prompts are prefilled one row at a time: the batch's buffers are what counts.
+        check_memory(self.config, self.settings, max_batch, 16, spec=generator.spec,
+                     draft_config=generator.draft_config)
+
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._rows: list[EngineRequest | None] = [None] * max_batch
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        # Host copies of the per-row settings, sent with each chunk.
+        self._temperature = np.zeros(max_batch, np.float32)
+        self._top_p = np.ones(max_batch, np.float32)
+        self._top_k = np.zeros(max_batch, np.int32)
+        self._stops = np.full((max_batch, STOP_WIDTH), -1, np.int32)
+        self._limit = np.ones(max_batch, np.int32)
+        self._state = None
+        self.compile_seconds = 0.0
+        # Counters for /metrics (read without the lock: plain ints and floats).
+        self.generated_tokens = 0
+        self.finished_requests = 0
+        self.verify_forwards = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)  # (time, tokens)
+
+    # -------------------------------------------------------------- public
+
+    @property
+    def speculative(self) -> bool:
+        return self.gen.speculative
+
+    def max_stop_ids(self) -> int:
+        """Stop token ids a request may add to the model's eos ids."""
+        return STOP_WIDTH - len(self.eos_ids)
+
+    def check(self, request: EngineRequest) -> None:
+        """Raises InputError if ``request`` can not run here (prompt too long, too many stop ids)."""
+        n = len(request.prompt)
+        if n == 0:
+            raise InputError("the prompt is empty")
+        if n + 1 > self.capacity:
+            raise InputError(f"the prompt has {n} tokens; this server's KV cache holds {self.capacity} per request "
+                             f"(--max-cache-len), so a prompt may have at most {self.capacity - 1}")
+        if len(request.stop_ids) > STOP_WIDTH:
+            raise InputError(f"at most {self.max_stop_ids()} stop token ids per request")
+        outside = [t for t in list(request.prompt) + list(request.stop_ids) if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise InputError(f"token id {outside[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queues a request (checked with :meth:`check`); raises QueueFull when the queue is full."""
+        self.check(request)
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the engine stopped: {self.error}")
+            if len(self._waiting) >= self.max_queue:  # requests whose clients left make room first
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._lock.notify_all()
+
+    def start(self) -> None:
+        """Builds the empty batch and starts the engine's thread."""
+        with device_errors():
+            self._state = self._empty()
+        self._thread = threading.Thread(target=self._run, name="eagle3-jax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops the thread after its current chunk (requests still running are not finished)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def warmup(self, buckets: Sequence[int] = (16,)) -> float:
+        """Compiles the prefill of the given prompt buckets, the insertion and the loop (before
+        serving, so that the first requests do not wait for them); returns the seconds it took."""
+        t0 = time.perf_counter()
+        for bucket in buckets:
+            bucket = min(bucket, bucket_length(self.capacity - 1, self.capacity))
+            row = self._prefill([0] * min(bucket, self.capacity - 1), self._row_params([0.0], [1.0], [0], [[]], [1]),
+                                seed=0)
+            state, _ = insert_row(self._state, row, jnp.int32(0))
+            self._state = _end_all(state)
+        self._state, _ = self._loop_fn(self.gen.graphdefs, self._statics, self.gen.weights, self._state,
+                                       self._params(), jnp.int32(self.chunk))
+        jax.block_until_ready(self._state)
+        return time.perf_counter() - t0
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Tokens generated per second over the last ``window`` seconds."""
+        now = time.perf_counter()
+        recent = list(self._recent)
+        return sum(n for t, n in recent if t >= now - window) / window
+
+    def queue_depth(self) -> int:
+        """Requests waiting for a row (not counting those whose clients left)."""
+        return sum(not r.cancelled for r in list(self._waiting))
+
+    def running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    # -------------------------------------------------------------- the thread
+
+    def _empty(self):
+        return _empty_state(self._start_fn, self._statics, self.gen.graphdefs, self.gen.weights, self.max_batch,
+                            16, self._params())
+
+    def _params(self) -> RuntimeParams:
+        return RuntimeParams(temperature=jnp.asarray(self._temperature), top_p=jnp.asarray(self._top_p),
+                             stop_ids=jnp.asarray(self._stops),
+                             rows=_row_sampling(self._temperature == 0, self._top_k),
+                             max_new_tokens=jnp.asarray(self._limit))
+
+    def _row_params(self, temperature, top_p, top_k, stops, limit) -> RuntimeParams:
+        return RuntimeParams.per_row(temperature, top_p, top_k, stops, limit, stop_slots=STOP_WIDTH)
+
+    def _prefill(self, prompt: list[int], params: RuntimeParams, seed: int):
+        bucket = bucket_length(len(prompt), self.capacity)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        state, seconds = self._start_fn(self.gen.graphdefs, self._statics, self.gen.weights, jnp.asarray(tokens),
+                                        jnp.asarray([len(prompt)], jnp.int32), jax.random.key(seed), params)
+        self.compile_seconds += seconds
+        return state
+
+    def _run(self) -> None:
+        try:
+            with device_errors():
+                while self._serve_once():
+                    pass
+        except BaseException as e:  # the engine is dead: fail every request instead of hanging them
+            logger.exception("the engine stopped")
+            with self._lock:
+                self.error = e
+                pending = [r for r in self._rows if r is not None] + list(self._waiting)
+                self._waiting.clear()
+                self._rows = [None] * self.max_batch
+            for request in pending:
+                _safe_finish(request, "error", self._stats(request, []))
+
+    def _serve_once(self) -> bool:
+        """Admits, runs one chunk and retires; returns False when stopping."""
+        admitted = self._admit()
+        with self._lock:
+            if self._stopping:
+                return False
+            if not any(r is not None for r in self._rows):
+                self._lock.wait(timeout=0.5)
+                return True
+        if admitted:
+            self._deliver()  # the first tokens (time to first token) before the chunk runs
+        self._state, seconds = self._loop_fn(self.gen.graphdefs, self._statics, self.gen.weights, self._state,
+                                             self._params(), jnp.int32(self.chunk))
+        self.compile_seconds += seconds
+        self._deliver()
+        return True
+
+    def _admit(self) -> bool:
+        """Prefills waiting requests into free rows; returns whether any was admitted."""
+        admitted = False
+        while True:
+            with self._lock:
+                busy = any(r is not None for r in self._rows)
+                if self.admission == "static" and busy and not admitted:
+                    return False
+                free = [i for i, r in enumerate(self._rows) if r is None]
+                while self._waiting and self._waiting[0].cancelled:
+                    self._waiting.popleft()
+                if not free or not self._waiting:
+                    return admitted
+                request = self._waiting.popleft()
+                row = free[0]
+                self._rows[row] = request
+            request.admitted = time.perf_counter()
+            stops = list(request.stop_ids)
+            limit = min(request.max_tokens, self.capacity - len(request.prompt))
+            params = self._row_params([request.temperature], [request.top_p], [request.top_k], [stops], [limit])
+            row_state = self._prefill(request.prompt, params, request.seed)
+            self._state, seconds = insert_row(self._state, row_state, jnp.int32(row))
+            self.compile_seconds += seconds
+            self._temperature[row], self._top_p[row], self._top_k[row] = request.temperature, request.top_p, \
+                request.top_k
+            self._stops[row] = -1
+            self._stops[row, : len(stops)] = stops
+            self._limit[row] = limit
+            admitted = True
+
+    def _deliver(self) -> None:
+        """Hands each row's new tokens to its sink, ends rows that asked to stop or were cancelled,
+        and retires the finished ones."""
+        result = self._state.result
+        tokens, counts, codes, forwards = jax.device_get((result.tokens, result.num_generated, result.finish_reason,
+                                                          result.num_forwards))
+        codes = np.array(codes)
+        ended = False
+        accept = None  # every row's accept lengths, fetched once when a row finishes
+        now = time.perf_counter()
+        for row, request in enumerate(self._rows):
+            if request is None:
+                continue
+            n = int(counts[row])
+            if request.cancelled:
+                ended |= codes[row] == RUNNING
+                codes[row] = FINISH_CANCELLED
+            elif n > request.sent:
+                if request.first_token is None:
+                    request.first_token = now
+                new = [int(t) for t in tokens[row, request.sent:n]]
+                request.sent = n
+                self.generated_tokens += len(new)
+                self._recent.append((now, len(new)))
+                if _safe_tokens(request, new) and codes[row] == RUNNING:
+                    codes[row], ended = FINISH_STOP_STRING, True
+            if codes[row] == RUNNING:
+                continue
+            with self._lock:
+                self._rows[row] = None
+            if codes[row] == FINISH_CANCELLED:  # nobody is listening
+                continue
+            if accept is None:
+                accept = np.asarray(jax.device_get(result.accept_lengths))
+            steps = accept[row, : int(forwards[row])].tolist()
+            self.verify_forwards += len(steps)
+            _safe_finish(request, finish_reasons([codes[row]])[0] or "stop", self._stats(request, steps))
+            self.finished_requests += 1
+        if ended:
+            state = self._state
+            result = dataclasses.replace(state.result, finish_reason=jnp.asarray(codes))
+            self._state = dataclasses.replace(state, result=result)
+
+    def _stats(self, request: EngineRequest, accept: list[int]) -> RequestStats:
+        first = request.first_token or time.perf_counter()
+        return RequestStats(prompt_tokens=len(request.prompt), completion_tokens=request.sent, accept_lengths=accept,
+                            queued_seconds=(request.admitted or first) - request.submitted,
+                            ttft_seconds=first - request.submitted)
+
+
+def _row_sampling(greedy: np.ndarray, top_k: np.ndarray):
+    from eagle3_jax.sampling import RowSampling
+
+    return RowSampling(greedy=jnp.asarray(greedy), top_k=jnp.asarray(top_k))
+
+
+def _end_all(state):
+    """``state`` with every row finished (a free row is a finished one)."""
+    result = dataclasses.replace(state.result, finish_reason=jnp.full_like(state.result.finish_reason, FINISH_LENGTH))
+    return dataclasses.replace(state, result=result)
+
+
+def _safe_tokens(request: EngineRequest, ids: list[int]) -> bool:
+    try:
+        return bool(request.sink.tokens(ids))
+    except Exception:  # a broken sink ends its own request, never the engine
+        logger.exception("a request's sink failed; ending the request")
+        request.cancelled = True
+        return True
+
+
+def _safe_finish(request: EngineRequest, reason: str, stats: RequestStats) -> None:
+    try:
+        request.sink.finish(reason, stats)
+    except Exception:
+        logger.exception("a request's sink failed at its end")
+
+
+__all__ = ["BatchEngine", "EngineRequest", "QueueFull", "RequestStats", "Sink", "insert_row", "STOP_WIDTH"]
