@@ -152,11 +152,10 @@ def _parser() -> argparse.ArgumentParser:
                         "the first turn, sent as a plain completion); default short code prompts for the demo")
     w.add_argument("--num-prompts", type=int, default=32, metavar="P",
                    help="use the first P prompts of --prompts (each is sent once in the warm-up; default: 32)")
-    w.add_argument("--warmup", choices=["lengths", "prompts"], default="lengths",
-                   help="each server's untimed warm-up: 'prompts' sends every prompt once (2 tokens each); "
-                        "'lengths' (default) also sends one request of each max_tokens in 1..--max-tokens, "
-                        "because the server compiles a small program per new count of target forwards at the "
-                        "end of a request (measured otherwise: a stall of the whole batch for each new count)")
+    w.add_argument("--warmup", choices=["lengths", "prompts"], default="prompts",
+                   help="each server's untimed warm-up: 'prompts' (default) sends every prompt once (2 tokens "
+                        "each: each prompt bucket's prefill compiles on its first use); 'lengths' also sends one "
+                        "request of each max_tokens in 1..--max-tokens")
     w.add_argument("--seed", type=int, default=0, help="seed of the requests' prompts and lengths (default: 0)")
     w.add_argument("--request-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="a request's timeout (default: 900)")
@@ -339,8 +338,7 @@ async def run_clients(url: str, model: str, prompts: list, plan: list[tuple[int,
 
 def warm_up_plan(prompts: list, kind: str, max_tokens: int) -> list[tuple[int, int]]:
     """The warm-up's requests: every prompt (each prompt bucket's prefill compiles on its first use) and, for
-    'lengths', every max_tokens in 1..max_tokens (the server compiles a small program for each new count of
-    target forwards when a request ends: eagle3_jax/serve/engine.py, ``_deliver``)."""
+    'lengths', every max_tokens in 1..max_tokens."""
     if kind == "prompts":
         return [(i, 2) for i in range(len(prompts))]
     return [(i % len(prompts), i % max_tokens + 1) for i in range(max(len(prompts), max_tokens))]

@@ -162,6 +162,19 @@ def test_filter_logits_matches_reference(temperature, top_p, top_k):
         np.testing.assert_allclose(got[row][~np.isinf(ref)], ref[~np.isinf(ref)], rtol=1e-6)
 
 
+def test_per_row_settings_filter_each_row_like_the_reference():
+    """One setting per row (the server's batches): temperature, top-p and a traced top-k differ by row."""
+    settings = [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 0.5, 5), (1.0, 1.0, 3), (2.0, 0.3, 0), (0.5, 0.8, 50)]
+    logits = np.random.default_rng(8).normal(size=(len(settings), 50)).astype(np.float32) * 3
+    t, p, k = (jnp.asarray([s[i] for s in settings]) for i in range(3))
+    got = np.asarray(filter_logits(jnp.asarray(logits), t.astype(jnp.float32), p.astype(jnp.float32), 0,
+                                   k.astype(jnp.int32)))
+    for row, (temperature, top_p, top_k) in enumerate(settings):
+        ref = _reference_filter(logits[row].astype(np.float64), temperature, top_p, top_k)
+        assert np.array_equal(np.isinf(got[row]), np.isinf(ref)), row
+        np.testing.assert_allclose(got[row][~np.isinf(ref)], ref[~np.isinf(ref)], rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_pure_generate_runs_under_outer_jit(qwen3):
     """The pure function composes with a user's own jax.jit (model state as an argument)."""
