@@ -72,6 +72,8 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, t
     Returns:
       [batch, ..., vocab] float32; ``softmax`` of it is the sampling distribution.
     """
+    if row_top_k is not None and top_k:
+        raise ValueError("filter_logits: a per-row top-k needs the static top_k to be 0")
     logits = logits.astype(jnp.float32) / _per_row(temperature, logits.ndim)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:

@@ -30,6 +30,7 @@ from eagle3_jax.serve.text_stream import ReasoningSplitter, TextStream
 from eagle3_jax.text import reasoning_and_answer
 
 CACHE, BATCH, QUEUE = 256, 8, 64
+REF_WIDTH = 48  # every reference runs with this token limit, then is cut: one compiled program per prompt bucket
 # A ChatML template; with enable_thinking the generation prompt opens <think>, as Qwen3-Thinking-2507's does.
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -100,29 +101,32 @@ def client(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
 
 
-REF_WIDTH = 48  # every reference runs with this token limit, then is cut: one compiled program per prompt bucket
+@pytest.fixture(scope="module")
+def generator(server):
+    """A Generator of the server's pair and cache size, in this process."""
+    from eagle3_jax import Generator, load_draft, load_target
+
+    target = load_target(server["target"])
+    return Generator(target, load_draft(server["head"], target.config), max_cache_len=CACHE)
 
 
 @pytest.fixture(scope="module")
-def reference(server):
+def reference(generator):
     """Generator.generate of one prompt alone, with the server's cache size (no batching).
 
     It runs with ``max_new_tokens=REF_WIDTH`` and is cut to ``max_tokens``: a smaller limit only
     ends the same tokens sooner (it is no compiled shape of the server's), and one width keeps
     this to one program per prompt bucket.
     """
-    from eagle3_jax import Generator, SamplingParams, load_draft, load_target
-
-    target = load_target(server["target"])
-    gen = Generator(target, load_draft(server["head"], target.config), max_cache_len=CACHE)
+    from eagle3_jax import SamplingParams
 
     def generate(prompt, max_tokens, temperature=0.0, top_p=1.0, seed=0):
         assert max_tokens <= REF_WIDTH
-        [out] = gen.generate([prompt], max_new_tokens=REF_WIDTH, seed=seed,
-                             sampling=SamplingParams(temperature=temperature, top_p=top_p))
+        [out] = generator.generate([prompt], max_new_tokens=REF_WIDTH, seed=seed,
+                                   sampling=SamplingParams(temperature=temperature, top_p=top_p))
         ids = out.token_ids[:max_tokens]
-        text = ids[:-1] if ids[-1] in target.config.eos_token_ids else ids  # a final eos is not text
-        return ids, gen.tokenizers.get().decode(text, skip_special_tokens=True)
+        text = ids[:-1] if ids[-1] in generator.config.eos_token_ids else ids  # a final eos is not text
+        return ids, generator.tokenizers.get().decode(text, skip_special_tokens=True)
 
     return generate
 
@@ -222,6 +226,7 @@ BAD = [
     ({"model": "demo", "prompt": list(range(1, CACHE + 10))}, "at most 255", "prompt"),
     ({"model": "demo", "prompt": [1, 2, 3], "max_tokens": CACHE}, "at most 253 tokens", "max_tokens"),
     ({"model": "demo", "prompt": "x", "n": 2}, "not supported", "n"),
+    ({"model": "demo", "prompt": "x", "top_k": 10**12}, "at most", "top_k"),
     ({"model": "demo", "prompt": [1, 99999]}, "outside the vocabulary", None),
     ({"model": "demo", "messages": "hi"}, "non-empty array", "messages"),
 ]
@@ -277,6 +282,51 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_burst_over_the_queue_ge
     assert out.choices[0].model_extra["token_ids"] == reference([5, 6, 7], 8)[0]
 
 
+def test_the_engine_fails_a_request_alone_when_its_sink_breaks(generator, reference):
+    """In this process, on the server's programs: a request whose text can not be made ends with 'error'
+    while its batch-mates finish with their own tokens; static admission gives the same tokens."""
+    import threading
+
+    from eagle3_jax.serve.engine import BatchEngine, EngineRequest
+
+    class Sink:
+        def __init__(self, broken=False):
+            self.ids, self.broken, self.done = [], broken, threading.Event()
+
+        def tokens(self, ids):
+            if self.broken:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "broken vocabulary")
+            self.ids += ids
+            return len(self.ids) >= 5 and self.stop_early
+
+        def finish(self, reason, stats):
+            self.reason, self.stats = reason, stats
+            self.done.set()
+
+    for admission in ("continuous", "static"):
+        engine = BatchEngine(generator, max_batch=BATCH, max_cache_len=CACHE, chunk=2, admission=admission)
+        engine.start()
+        try:
+            jobs = []
+            for i, stop_early in enumerate([False, True, False, False]):
+                sink = Sink(broken=i == 2)
+                sink.stop_early = stop_early  # ends the request as a stop string does
+                request = EngineRequest(prompt=[3 + i, 7, 11 + i], max_tokens=20, sink=sink,
+                                        stop_ids=generator.config.eos_token_ids)
+                engine.submit(request)
+                jobs.append((request, sink))
+            for _, sink in jobs:
+                assert sink.done.wait(120)
+            assert [s.reason for _, s in jobs] == ["length", "stop", "error", "length"], admission
+            assert "could not be turned into text" in jobs[2][0].error
+            for request, sink in (jobs[0], jobs[3]):
+                assert sink.ids == reference(request.prompt, 20)[0]
+            assert jobs[1][1].ids[:5] == reference(jobs[1][0].prompt, 5)[0]
+            assert engine.error is None and engine.running() == 0
+        finally:
+            engine.stop()
+
+
 # ------------------------------------------------------------------ no server
 
 def test_reasoning_split_streamed_piece_by_piece_equals_the_whole():
@@ -305,7 +355,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
         sent.append(delta.content)
         assert not stop
     sent.append(stream.finish().content)
-    assert sent == ["ab", "é", "", "</xd", "", ""]
+    assert sent == ["", "abé", "", "</xd", "", ""]  # "ab" waits with the partial character after it
     stream = TextStream(decode, stops=("</x",))
     delta, stop = stream.add([1, 4, 5, 6])
     assert stop and delta.content == "ab" and stream.kept_tokens == 1

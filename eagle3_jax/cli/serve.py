@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
         description="Serve a Qwen3, Qwen2 or Llama target (with an EAGLE-3 head: speculative decoding) over "
                     "OpenAI's /v1/completions and /v1/chat/completions. Requests share a batch of --max-batch "
                     "rows; a finished request's row takes the next waiting one between chunks of the decoding "
-                    "loop (continuous batching). Greedy requests (temperature 0) get exactly the tokens of "
-                    "'eagle3-jax generate' on their prompt alone.",
+                    "loop (continuous batching). Greedy requests (temperature 0) get the tokens of "
+                    "'eagle3-jax generate' on their prompt alone with the same --max-cache-len (exactly in float32).",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -52,7 +52,8 @@ def add_parser(sub) -> None:
                    help="address to listen on (0.0.0.0 for every interface: mind who can reach it)")
     p.add_argument("--port", type=non_negative_int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the name clients send as 'model' (default: the target directory's or Hub id's last part)")
+                   help="the name clients send as 'model' (default: the target directory's or Hub id's last part; "
+                        "--target as given is accepted too)")
     p.add_argument("--max-batch", type=positive_int, default=8, metavar="B",
                    help="requests decoded together (batch rows; a compiled shape)")
     p.add_argument("--max-cache-len", type=positive_int, default=None, metavar="S",
@@ -142,7 +143,8 @@ def run(args) -> int:
                          f"got {args.max_cache_len}")
     # Bind first: a port in use is an error before minutes of loading.
     try:
-        sock = socket.create_server((args.host, args.port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family)
     except OSError as e:
         raise InputError(f"can not listen on {args.host}:{args.port} ({e.strerror or e})") from None
 
@@ -175,7 +177,7 @@ def run(args) -> int:
         print(f"compiled in {seconds:.1f} s", file=sys.stderr)
     name = args.served_model_name or model_name(args.target)
     server = Server(engine, model_name=name, tokenizer=tokenizer, reasoning=reasoning,
-                    defaults=generation_defaults(model_dir))
+                    defaults=generation_defaults(model_dir), aliases=(args.target,))
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     ready = {"event": "ready", "url": url, "model": name, "max_batch": engine.max_batch,

@@ -35,7 +35,15 @@ from eagle3_jax.serve.engine import BatchEngine, EngineRequest, QueueFull, Reque
 from eagle3_jax.serve.metrics import Metrics
 from eagle3_jax.serve.protocol import FINISH, APIError, Defaults, Parsed, chunk, new_id, parse_request, response, usage
 from eagle3_jax.serve.text_stream import Delta, ReasoningSplitter, TextStream
-from eagle3_jax.text import THINK_END, decode, has_chat_template, prompt_opens_thinking, render_chat, token_ids
+from eagle3_jax.text import (
+    THINK_END,
+    decode,
+    has_chat_template,
+    prompt_opens_thinking,
+    reasoning_and_answer,
+    render_chat,
+    token_ids,
+)
 from eagle3_jax.text_io import check_template_kwargs
 
 logger = logging.getLogger("eagle3_jax.serve")
@@ -77,9 +85,11 @@ class _Sink:
             self._put(("delta", delta, new))
 
     def finish(self, reason: str, stats: RequestStats) -> None:
-        if self.text is not None and reason not in ("error", "nonfinite"):
-            self._hand_on(self.text.finish())
-        self._put(("end", reason, stats))
+        try:
+            if self.text is not None and reason not in ("error", "nonfinite"):
+                self._hand_on(self.text.finish())
+        finally:  # the request's end is always handed on, or its client would wait for ever
+            self._put(("end", reason, stats))
 
 
 class Server:
@@ -92,11 +102,13 @@ class Server:
       reasoning: split thinking models' chat replies into ``reasoning_content`` and ``content``.
       defaults: sampling defaults for requests that leave them out.
       retry_after: seconds a client refused with 503 is told to wait.
+      aliases: other names accepted as ``model`` (e.g. the Hub id the name was taken from).
     """
 
     def __init__(self, engine: BatchEngine, *, model_name: str, tokenizer: Any = None, reasoning: bool = False,
-                 defaults: Defaults | None = None, retry_after: int = 1):
+                 defaults: Defaults | None = None, retry_after: int = 1, aliases: tuple[str, ...] = ()):
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
+        self.model_names = tuple(dict.fromkeys((model_name,) + tuple(aliases)))
         self.reasoning, self.defaults, self.retry_after = reasoning, defaults or Defaults(), retry_after
         max_accept = engine.gen.spec.num_steps + 1 if engine.speculative else 1
         self.metrics = Metrics(engine, max_accept)
@@ -165,7 +177,7 @@ class Server:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise APIError(f"the request body is not valid JSON ({e})") from None
-            parsed = parse_request(body, chat=chat, model_names=(self.model_name,), defaults=self.defaults)
+            parsed = parse_request(body, chat=chat, model_names=self.model_names, defaults=self.defaults)
             prompt = self.prompt_ids(parsed)
             sink = _Sink(asyncio.get_running_loop(), None)
             request = self.engine_request(parsed, prompt, sink)
@@ -198,7 +210,6 @@ class Server:
 
     async def _whole(self, http: Request, parsed: Parsed, request: EngineRequest, sink: _Sink, endpoint: str):
         text: list[str] = []
-        reasoning: list[str] = []
         while True:
             try:
                 item = await asyncio.wait_for(sink.queue.get(), timeout=0.5)
@@ -210,19 +221,17 @@ class Server:
                 continue
             if item[0] == "delta":
                 text.append(item[1].content)
-                reasoning.append(item[1].reasoning)
                 continue
             _, reason, stats = item
             use = self._finished(request, sink, reason, stats)
             if reason not in FINISH:
-                error = _generation_error(reason)
+                error = _generation_error(reason, request)
                 self.metrics.request_done(endpoint, error.status)
                 return JSONResponse(error.body(), status_code=error.status)
-            splitting = sink.text is not None and sink.text.splitter is not None
-            content = "".join(text)
-            thought = "".join(reasoning).strip() if splitting and any(reasoning) else None
-            body = response(new_id(parsed.chat), parsed.model, parsed.chat, content.strip() if splitting else content,
-                            thought, FINISH[reason], use)
+            content, thought = "".join(text), None
+            if sink.text is not None and sink.text.splitter is not None:  # the library's split of the whole text
+                thought, content = reasoning_and_answer(sink.text.text, sink.text.splitter.opened)
+            body = response(new_id(parsed.chat), parsed.model, parsed.chat, content, thought, FINISH[reason], use)
             if parsed.return_token_ids or sink.text is None:  # without a tokenizer the token ids are the reply
                 body["choices"][0].update(token_ids=sink.kept(), prompt_token_ids=request.prompt)
             self.metrics.request_done(endpoint, 200)
@@ -238,9 +247,12 @@ class Server:
                 item = await sink.queue.get()
                 if item[0] == "delta":
                     _, delta, ids = item
+                    with_ids = (parsed.return_token_ids or sink.text is None) and ids
+                    if not delta and not with_ids:
+                        continue  # nothing to say (text held back): no empty chunk
                     body = chunk(rid, parsed.model, parsed.chat, created, content=delta.content or None,
                                  reasoning=delta.reasoning or None)
-                    if parsed.return_token_ids or sink.text is None:
+                    if with_ids:
                         body["choices"][0]["token_ids"] = ids
                     yield _sse(body)
                     continue
@@ -248,14 +260,16 @@ class Server:
                 ended = True
                 use = self._finished(request, sink, reason, stats)
                 if reason not in FINISH:
-                    error = _generation_error(reason)
+                    error = _generation_error(reason, request)
                     status = error.status
                     yield _sse(error.body())
-                else:
+                elif parsed.include_usage:  # OpenAI's way: usage only on a last chunk without choices
+                    yield _sse(chunk(rid, parsed.model, parsed.chat, created, finish=FINISH[reason],
+                                     content=None if parsed.chat else ""))
+                    yield _sse(chunk(rid, parsed.model, parsed.chat, created, use=use, choices=False))
+                else:  # usage on the finishing chunk
                     yield _sse(chunk(rid, parsed.model, parsed.chat, created, finish=FINISH[reason], use=use,
                                      content=None if parsed.chat else ""))
-                    if parsed.include_usage:
-                        yield _sse(chunk(rid, parsed.model, parsed.chat, created, use=use, choices=False))
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -265,10 +279,13 @@ class Server:
             self.metrics.request_done(endpoint, status)
 
 
-def _generation_error(reason: str) -> APIError:
+def _generation_error(reason: str, request: EngineRequest) -> APIError:
     if reason == "nonfinite":
         return APIError("the model produced non-finite logits (NaN or Inf): its weights are broken or the dtype "
                         "overflows; the generation was stopped", status=500, type="server_error", code="nonfinite")
+    if request.error is not None:
+        return APIError(f"the request failed: {request.error}", status=500, type="server_error",
+                        code="request_failed")
     return APIError("the engine failed while generating; see the server's log", status=500, type="server_error",
                     code="engine_failed")
 

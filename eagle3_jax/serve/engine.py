@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eagle3_jax.checks import check_int, check_real, check_seed
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding.common import (
     FINISH_LENGTH,
+    FINISH_NONFINITE,
     FINISH_STOP_STRING,
     RUNNING,
     DecodeSettings,
@@ -51,6 +53,7 @@ from eagle3_jax.decoding.common import (
 )
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator, bucket_length, check_memory, device_errors
+from eagle3_jax.sampling import MAX_TOP_K
 
 logger = logging.getLogger("eagle3_jax.serve")
 
@@ -58,6 +61,8 @@ logger = logging.getLogger("eagle3_jax.serve")
 STOP_WIDTH = 16
 # A row ended because its client went away (never reported: nobody is listening).
 FINISH_CANCELLED = 5
+# A row ended because its request failed on the host (its sink raised): reported as 'error'.
+FINISH_FAILED = 6
 
 
 class QueueFull(Exception):
@@ -117,6 +122,7 @@ class EngineRequest:
     first_token: float | None = None
     cancelled: bool = False
     sent: int = 0  # tokens given to the sink so far
+    error: str | None = None  # why it failed (finish reason 'error'), for the client
 
     def cancel(self) -> None:
         """Ends the request at the next chunk boundary (its client went away); its row is freed."""
@@ -232,7 +238,8 @@ class BatchEngine:
         return STOP_WIDTH - len(self.eos_ids)
 
     def check(self, request: EngineRequest) -> None:
-        """Raises InputError if ``request`` can not run here (prompt too long, too many stop ids)."""
+        """Raises InputError if ``request`` can not run here (a prompt too long, too many stop ids, a setting
+        out of range): nothing that reaches the engine's thread can fail there."""
         n = len(request.prompt)
         if n == 0:
             raise InputError("the prompt is empty")
@@ -240,7 +247,13 @@ class BatchEngine:
             raise InputError(f"the prompt has {n} tokens; this server's KV cache holds {self.capacity} per request "
                              f"(--max-cache-len), so a prompt may have at most {self.capacity - 1}")
         if len(request.stop_ids) > STOP_WIDTH:
-            raise InputError(f"at most {self.max_stop_ids()} stop token ids per request")
+            raise InputError(f"{len(request.stop_ids)} stop token ids with the model's eos ids; a request may add "
+                             f"at most {self.max_stop_ids()} to the model's {len(self.eos_ids)}")
+        check_int("max_tokens", request.max_tokens, minimum=1)
+        check_real("temperature", request.temperature, minimum=0.0)
+        check_real("top_p", request.top_p, minimum=0.0, maximum=1.0, open_minimum=True)
+        check_int("top_k", request.top_k, minimum=0, maximum=MAX_TOP_K)
+        check_seed(request.seed)
         outside = [t for t in list(request.prompt) + list(request.stop_ids) if not 0 <= t < self.config.vocab_size]
         if outside:
             raise InputError(f"token id {outside[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
@@ -308,9 +321,11 @@ class BatchEngine:
                             16, self._params())
 
     def _params(self) -> RuntimeParams:
-        return RuntimeParams(temperature=jnp.asarray(self._temperature), top_p=jnp.asarray(self._top_p),
+        greedy = self._temperature == 0  # greedy (and free) rows: argmax; their temperature is never used
+        return RuntimeParams(temperature=jnp.asarray(np.where(greedy, 1.0, self._temperature).astype(np.float32)),
+                             top_p=jnp.asarray(self._top_p),
                              stop_ids=jnp.asarray(self._stops),
-                             rows=_row_sampling(self._temperature == 0, self._top_k),
+                             rows=_row_sampling(greedy, self._top_k),
                              max_new_tokens=jnp.asarray(self._limit))
 
     def _row_params(self, temperature, top_p, top_k, stops, limit) -> RuntimeParams:
@@ -347,10 +362,13 @@ class BatchEngine:
             if self._stopping:
                 return False
             if not any(r is not None for r in self._rows):
-                self._lock.wait(timeout=0.5)
+                if not self._waiting:  # (a request submitted since _admit looked is admitted at once)
+                    self._lock.wait(timeout=0.5)
                 return True
         if admitted:
             self._deliver()  # the first tokens (time to first token) before the chunk runs
+        # The iteration counter restarts every chunk: a server's lifetime of iterations would overflow int32.
+        self._state = dataclasses.replace(self._state, iterations=jnp.zeros((), jnp.int32))
         self._state, seconds = self._loop_fn(self.gen.graphdefs, self._statics, self.gen.weights, self._state,
                                              self._params(), jnp.int32(self.chunk))
         self.compile_seconds += seconds
@@ -377,7 +395,16 @@ class BatchEngine:
             stops = list(request.stop_ids)
             limit = min(request.max_tokens, self.capacity - len(request.prompt))
             params = self._row_params([request.temperature], [request.top_p], [request.top_k], [stops], [limit])
-            row_state = self._prefill(request.prompt, params, request.seed)
+            try:
+                with device_errors():
+                    row_state = self._prefill(request.prompt, params, request.seed)
+            except Exception as e:  # (e.g. out of memory for a long prompt's bucket): this request fails alone
+                logger.exception("the prefill of a request failed")
+                request.error = f"its prefill failed: {str(e).strip().splitlines()[0][:300]}"
+                with self._lock:
+                    self._rows[row] = None
+                _safe_finish(request, "error", self._stats(request, []))
+                continue
             self._state, seconds = insert_row(self._state, row_state, jnp.int32(row))
             self.compile_seconds += seconds
             self._temperature[row], self._top_p[row], self._top_k[row] = request.temperature, request.top_p, \
@@ -397,6 +424,7 @@ class BatchEngine:
         ended = False
         accept = None  # every row's accept lengths, fetched once when a row finishes
         now = time.perf_counter()
+        delivered = 0
         for row, request in enumerate(self._rows):
             if request is None:
                 continue
@@ -409,10 +437,14 @@ class BatchEngine:
                     request.first_token = now
                 new = [int(t) for t in tokens[row, request.sent:n]]
                 request.sent = n
-                self.generated_tokens += len(new)
-                self._recent.append((now, len(new)))
-                if _safe_tokens(request, new) and codes[row] == RUNNING:
-                    codes[row], ended = FINISH_STOP_STRING, True
+                delivered += len(new)
+                stop = _safe_tokens(request, new)
+                if request.error is not None:  # its sink failed: the request ends with an error
+                    ended |= codes[row] == RUNNING
+                    codes[row] = FINISH_FAILED
+                elif stop and codes[row] != FINISH_NONFINITE:  # a stop string (also in a row that just ended)
+                    ended |= codes[row] == RUNNING
+                    codes[row] = FINISH_STOP_STRING
             if codes[row] == RUNNING:
                 continue
             with self._lock:
@@ -423,8 +455,12 @@ class BatchEngine:
                 accept = np.asarray(jax.device_get(result.accept_lengths))
             steps = accept[row, : int(forwards[row])].tolist()
             self.verify_forwards += len(steps)
-            _safe_finish(request, finish_reasons([codes[row]])[0] or "stop", self._stats(request, steps))
+            reason = "error" if codes[row] == FINISH_FAILED else finish_reasons([codes[row]])[0]
+            _safe_finish(request, reason, self._stats(request, steps))
             self.finished_requests += 1
+        if delivered:
+            self.generated_tokens += delivered
+            self._recent.append((now, delivered))
         if ended:
             state = self._state
             result = dataclasses.replace(state.result, finish_reason=jnp.asarray(codes))
@@ -452,9 +488,9 @@ def _end_all(state):
 def _safe_tokens(request: EngineRequest, ids: list[int]) -> bool:
     try:
         return bool(request.sink.tokens(ids))
-    except Exception:  # a broken sink ends its own request, never the engine
+    except Exception as e:  # a broken sink (e.g. a tokenizer that can not decode) ends its own request only
         logger.exception("a request's sink failed; ending the request")
-        request.cancelled = True
+        request.error = f"its tokens could not be turned into text ({type(e).__name__}: {str(e)[:200]})"
         return True
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from eagle3_jax.checks import MAX_SEED, is_int
+from eagle3_jax.sampling import MAX_TOP_K
 
 
 class APIError(Exception):
@@ -145,7 +146,7 @@ def parse_request(body: Any, *, chat: bool, model_names: tuple[str, ...], defaul
         raise APIError("'model' is required: a string naming the served model "
                        f"({', '.join(model_names)})", param="model")
     if model not in model_names:
-        raise APIError(f"the model '{model}' does not exist; this server serves {', '.join(model_names)}",
+        raise APIError(f"the model '{model}' does not exist; this server serves {model_names[0]}",
                        param="model", code="model_not_found")
     for name, bad in UNSUPPORTED.items():
         if bad(body.get(name)):
@@ -185,7 +186,7 @@ def parse_request(body: Any, *, chat: bool, model_names: tuple[str, ...], defaul
     max_tokens = _int(body, name, default=None, minimum=1)
     temperature = _number(body, "temperature", default=defaults.temperature, minimum=0.0, maximum=2.0)
     top_p = _number(body, "top_p", default=defaults.top_p, minimum=0.0, maximum=1.0, open_min=True)
-    top_k = _int(body, "top_k", default=defaults.top_k, minimum=-1)
+    top_k = _int(body, "top_k", default=defaults.top_k, minimum=-1, maximum=MAX_TOP_K)
     seed = _int(body, "seed", default=None, minimum=0, maximum=MAX_SEED)
     stop_value = body.get("stop")
     stops: list[str] = []

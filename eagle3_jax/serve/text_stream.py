@@ -44,6 +44,7 @@ class ReasoningSplitter:
     """
 
     def __init__(self, opened: bool = False):
+        self.opened = opened
         self.mode = "reasoning" if opened else "start"  # start: not yet known whether the reply opens <think>
         self.pending = ""
 
@@ -86,6 +87,10 @@ class ReasoningSplitter:
 class TextStream:
     """A request's text as its tokens arrive (see the module docstring).
 
+    Decoding is incremental (the offsets vLLM uses): each call decodes the
+    new tokens with a few tokens of left context, never the whole reply, so
+    a long reply costs the engine's thread no more per chunk than a short one.
+
     Args:
       decode: token ids -> text (special tokens skipped).
       stops: stop strings; stop_ids: stop tokens (one ending the reply is not text).
@@ -97,43 +102,60 @@ class TextStream:
                  stop_ids: Sequence[int] = (), include_stop: bool = False, splitter: ReasoningSplitter | None = None):
         self.decode, self.stops, self.stop_ids = decode, tuple(stops), frozenset(stop_ids)
         self.include_stop, self.splitter = include_stop, splitter
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
-        self.sent = 0  # characters of the text sent
-        self.text = ""  # the text sent so far
+        self.full = ""  # the reply's text decoded so far
+        self.sent = 0  # characters of ``full`` handed on
+        self._prefix = self._read = 0  # full holds the text of body[:_read]; body[_prefix:_read] is the context
         self.stopped = False  # a stop string was found
         self.kept_tokens: int | None = None  # with a stop string: the tokens that cover the text
+
+    @property
+    def text(self) -> str:
+        """The text handed on so far (after :meth:`finish`: the reply's whole text)."""
+        return self.full[: self.sent]
 
     def add(self, ids: Sequence[int]) -> tuple[Delta, bool]:
         """(the delta to send, whether the text now holds a stop string: the request must end)."""
         if self.stopped:
             return Delta(), True
         self.ids.extend(ids)
-        body = self.ids[:-1] if self.ids and self.ids[-1] in self.stop_ids else self.ids
-        full = self.decode(body)
-        if self.stops:
-            hit = find_stop(full, self.stops)
-            if hit is not None:
-                cut = full[: hit[0] + (len(hit[1]) if self.include_stop else 0)]
-                self.stopped = True
-                self.kept_tokens = covering_prefix(self.decode, body, cut)
-                return self._send(cut, final=True), True
-        end = len(full)
-        while end > self.sent and full[end - 1] == REPLACEMENT:
-            end -= 1  # an incomplete character: wait for its next bytes
-        if self.stops:
-            end -= partial_stop_length(full[:end], self.stops)
-        return self._send(full[: max(end, self.sent)], final=False), False
+        return self._advance(final=False)
 
     def finish(self) -> Delta:
         """The text held back, at the end of the reply."""
         if self.stopped:
             return self._split("", final=True)
-        body = self.ids[:-1] if self.ids and self.ids[-1] in self.stop_ids else self.ids
-        return self._send(self.decode(body), final=True)
+        return self._advance(final=True)[0]
 
-    def _send(self, text: str, final: bool) -> Delta:
-        new = text[self.sent:] if text.startswith(self.text) else ""
-        self.sent, self.text = len(text), text
+    def _body(self) -> list[int]:
+        return self.ids[:-1] if self.ids and self.ids[-1] in self.stop_ids else self.ids
+
+    def _advance(self, final: bool) -> tuple[Delta, bool]:
+        body = self._body()
+        before = len(self.full)
+        if len(body) > self._read:
+            context = self.decode(body[self._prefix:self._read])
+            new = self.decode(body[self._prefix:])
+            if final or (len(new) > len(context) and not new.endswith(REPLACEMENT)):
+                self.full += new[len(context):]  # an incomplete character waits for its next bytes, unless final
+                self._prefix, self._read = self._read, len(body)
+        end = len(self.full)
+        if self.stops:
+            start = max(0, before - self.longest_stop + 1)  # a new stop string ends in the new text
+            hit = find_stop(self.full[start:], self.stops)
+            if hit is not None:
+                end = start + hit[0] + (len(hit[1]) if self.include_stop else 0)
+                self.stopped = True
+                self.kept_tokens = covering_prefix(self.decode, body, self.full[:end])
+                return self._emit(end, final=True), True
+            if not final:
+                end -= partial_stop_length(self.full, self.stops)
+        return self._emit(end, final), False
+
+    def _emit(self, end: int, final: bool) -> Delta:
+        new = self.full[self.sent:end]
+        self.sent = max(self.sent, end)
         return self._split(new, final)
 
     def _split(self, new: str, final: bool) -> Delta:
