@@ -449,7 +449,9 @@ class Generator:
             chats need a tokenizer (see the class's ``tokenizer``).
           max_new_tokens: generated tokens per prompt at most.
           sampling: greedy by default.
-          seed: PRNG seed for sampling.
+          seed: PRNG seed for sampling. Row i of the batch draws with its own key,
+            ``fold_in(key(seed), i)``: its tokens depend on the seed and its
+            place in the batch, never on the other prompts.
           stop_token_ids: tokens that end a row; None uses the model's eos ids,
             () disables stopping.
           stop: stop strings (a string or a list): a row ends once its decoded

@@ -117,7 +117,8 @@ def _eos_in_vocabulary(ids: tuple[int, ...], vocab_size: int, where: str) -> tup
     stop on it)."""
     outside = [t for t in ids if t >= vocab_size]
     if outside:
-        raise ConfigError(f"{where}: eos_token_id {outside[0]} is outside the vocabulary [0, {vocab_size})")
+        raise ConfigError(f"{where}: eos_token_id {outside[0]} is outside the vocabulary [0, {vocab_size}) "
+                          f"(vocab_size={vocab_size})")
     return ids
 
 

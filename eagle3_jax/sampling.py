@@ -129,6 +129,14 @@ def split_rows(keys: jax.Array, num: int = 2) -> tuple[jax.Array, ...]:
     return tuple(parts[:, i] for i in range(num))
 
 
+def next_keys(keys: jax.Array, settings) -> tuple[jax.Array, jax.Array]:
+    """(the keys to carry on, the keys to draw with now), both [batch]; greedy programs (``settings.greedy``)
+    draw nothing and leave the keys as they are."""
+    if settings.greedy:
+        return keys, keys
+    return split_rows(keys)
+
+
 def categorical_rows(keys: jax.Array, logits: jax.Array) -> jax.Array:
     """One draw per row from ``logits`` [batch, vocab] with that row's key: [batch] int32."""
     return jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(keys, logits).astype(jnp.int32)

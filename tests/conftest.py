@@ -78,6 +78,8 @@ def pytest_collection_finish(session):
     """Starts the multi-device worker of tests/test_mesh.py and the server of tests/test_serve.py at once when
     their tests are selected: processes of their own that compile mostly on the core the single-device tests
     leave idle."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # under xdist a worker collects every test and runs only some:
+        return  # the fixtures start these processes when their tests run
     for item in session.items:
         if "mesh_results" in getattr(item, "fixturenames", ()):
             item.module.start_worker()

@@ -28,7 +28,7 @@ from eagle3_jax.decoding.common import (
 from eagle3_jax.decoding.loop import run_loop
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.sampling import row_keys, select_tokens, split_rows
+from eagle3_jax.sampling import next_keys, row_keys, select_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -62,7 +62,7 @@ def start(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, rng:
       rng: a PRNG key (row i draws with ``fold_in(rng, i)``) or [batch] keys, one per row.
     """
     logits, cache, _ = prefill(model, tokens, prompt_lengths, settings)
-    rng, sub = split_rows(row_keys(rng, tokens.shape[0]))
+    rng, sub = next_keys(row_keys(rng, tokens.shape[0]), settings)
     first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k,
                           rows=params.rows)
     result = DecodeResult.start(first, settings, prompt_lengths, params, nonfinite=nonfinite_rows(logits))
@@ -79,7 +79,7 @@ def step(model: TargetModel, state: PlainLoopState, params: RuntimeParams,
     active = result.finish_reason == 0
     meta = AttentionMetadata.causal(cache.lengths, 1, write=active[:, None], backend=settings.attention)
     out = model(state.last_token[:, None], cache, meta)  # finished rows write nothing
-    rng, sub = split_rows(state.rng)
+    rng, sub = next_keys(state.rng, settings)
     token = select_tokens(out.logits[:, 0], sub, params.temperature, params.top_p, greedy=settings.greedy,
                           top_k=settings.top_k, rows=params.rows)
     cache = out.cache.with_lengths(cache.lengths + active)

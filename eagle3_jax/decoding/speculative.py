@@ -45,7 +45,7 @@ from eagle3_jax.decoding.verify import Acceptance, accept_greedy, accept_samplin
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import ForwardOutput, TargetModel
-from eagle3_jax.sampling import row_keys, select_tokens, split_rows
+from eagle3_jax.sampling import next_keys, row_keys, select_tokens
 from eagle3_jax.sharding import DRAFT_KV_CACHE_AXES
 
 
@@ -211,7 +211,7 @@ def start(target: TargetModel, head: Eagle3DraftHead, tokens: jax.Array, prompt_
     layers = head.config.feature_layers(target.config)
     alloc = dataclasses.replace(settings, capacity=settings.capacity + cache_headroom(spec))
     logits, target_cache, features = prefill(target, tokens, prompt_lengths, alloc, layers)
-    rng, sub = split_rows(row_keys(rng, tokens.shape[0]))
+    rng, sub = next_keys(row_keys(rng, tokens.shape[0]), settings)
     first = select_tokens(logits, sub, params.temperature, params.top_p, greedy=settings.greedy, top_k=settings.top_k,
                           rows=params.rows)
 
@@ -241,7 +241,7 @@ def step(target: TargetModel, head: Eagle3DraftHead, state: SpecLoopState, param
     active = state.result.finish_reason == 0
     tree, dcache = draft(target, head, state, active, spec, settings)
     out = verify(target, head, tree, state.target_cache, active, settings)
-    rng, sub = split_rows(state.rng)
+    rng, sub = next_keys(state.rng, settings)
     acc, length, nonfinite = accept(tree, out.logits, sub, active, params, settings, spec)
     tcache, result, emitted = commit(out.cache, state.result, tree, acc, length, nonfinite, active, params, settings)
     # The draft extends over the accepted tokens: (f at path node j, the token after it).
