@@ -29,7 +29,14 @@ from eagle3_jax.attention import DEFAULT_BACKEND, check_backend
 from eagle3_jax.checks import check_int, check_seed, check_token_ids, is_int
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding import plain, speculative
-from eagle3_jax.decoding.common import FINISH_LENGTH, RUNNING, DecodeSettings, RuntimeParams, finish_reasons
+from eagle3_jax.decoding.common import (
+    FINISH_LENGTH,
+    RUNNING,
+    DecodeSettings,
+    RuntimeParams,
+    finish_reasons,
+    with_finish_codes,
+)
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.memory import check_generation_memory
@@ -43,7 +50,6 @@ from eagle3_jax.sharding import (
     place_replicated,
     place_target,
     put,
-    put_like,
     put_tree,
     to_host,
 )
@@ -600,8 +606,7 @@ def _end_rows(state, first: int):
     """The loop state with rows ``first..`` marked finished (their outputs are never read)."""
     codes = np.array(to_host(state.result.finish_reason))
     codes[first:] = FINISH_LENGTH
-    result = dataclasses.replace(state.result, finish_reason=put_like(codes, state.result.finish_reason))
-    return dataclasses.replace(state, result=result)
+    return with_finish_codes(state, codes)
 
 
 def _with_text(out: GenerationOutput, prompt: list[int], text: TextOptions) -> GenerationOutput:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax.decoding.common import FINISH_STOP_STRING, RUNNING, finish_reasons
+from eagle3_jax.decoding.common import FINISH_STOP_STRING, RUNNING, finish_reasons, with_finish_codes
 from eagle3_jax.errors import InputError
 from eagle3_jax.loading import target_directory
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.sharding import put_like, to_host
+from eagle3_jax.sharding import to_host
 from eagle3_jax.text import (
     check_messages,
     covering_prefix,
@@ -227,5 +227,4 @@ class StopWatcher:
                 codes[row], ended = FINISH_STOP_STRING, True
         if not ended:
             return state
-        codes = put_like(codes, result.finish_reason)  # laid out as the loop's own buffer (on a mesh: sharded)
-        return dataclasses.replace(state, result=dataclasses.replace(result, finish_reason=codes))
+        return with_finish_codes(state, codes)

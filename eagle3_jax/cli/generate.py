@@ -16,7 +16,7 @@ from eagle3_jax.cli.options import (
     add_tree_options,
     check_configs,
     check_text,
-    check_tree,
+    draft_tree,
     encode,
     head_overrides,
     int_list,
@@ -106,10 +106,7 @@ def run(args) -> int:
         raise usage("--chat needs --prompt")
     if args.stream and args.json:
         raise usage("--stream prints text; it can not be combined with --json")
-    knobs = (args.num_steps, args.topk, args.num_draft_tokens, args.draft_rope_theta, args.feature_layers)
-    if args.draft is None and any(k is not None for k in knobs):
-        raise usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
-    spec = check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
+    spec = draft_tree(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     stop_strings = check_stop_strings([check_text(t, "--stop") for t in args.stop or []])
     overrides = head_overrides(args)

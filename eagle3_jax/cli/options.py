@@ -276,6 +276,17 @@ def check_tree(steps, topk, num_draft_tokens):
         raise usage("--num-draft-tokens is required with --topk > 1") from None
 
 
+def draft_tree(args):
+    """The tree shape of a command with --draft, the tree options and the head overrides: None without
+    --draft (where any of those options is a usage error), else :func:`check_tree`'s."""
+    knobs = (args.num_steps, args.topk, args.num_draft_tokens, args.draft_rope_theta, args.feature_layers)
+    if args.draft is None:
+        if any(k is not None for k in knobs):
+            raise usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
+        return None
+    return check_tree(args.num_steps, args.topk, args.num_draft_tokens)
+
+
 class UsageError(Exception):
     pass
 

@@ -12,13 +12,12 @@ from eagle3_jax.cli.options import (
     add_head_overrides,
     add_tree_options,
     check_configs,
-    check_tree,
+    draft_tree,
     head_overrides,
     int_list,
     load_tokenizer,
     non_negative_int,
     positive_int,
-    usage,
 )
 
 EPILOG = (
@@ -124,10 +123,7 @@ def run(args) -> int:
 
     from eagle3_jax.errors import InputError
 
-    if args.draft is None and any(k is not None for k in (args.num_steps, args.topk, args.num_draft_tokens,
-                                                           args.draft_rope_theta, args.feature_layers)):
-        raise usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
-    spec = check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
+    spec = draft_tree(args)
     template = None
     if args.chat_template is not None:
         try:

@@ -15,6 +15,7 @@ from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata, check_backe
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.target import TargetModel, new_cache
 from eagle3_jax.sampling import RowSampling
+from eagle3_jax.sharding import put_like
 
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
 # Set by the host between chunks of the loop, never inside it: the row's decoded text holds a stop
@@ -101,18 +102,18 @@ class RuntimeParams:
 
     @classmethod
     def per_row(cls, temperature: Sequence[float], top_p: Sequence[float], top_k: Sequence[int],
-                stop_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *, stop_slots: int = STOP_SLOTS,
-                as_numpy: bool = False) -> RuntimeParams:
-        """One setting per row; a temperature of 0 is a greedy row. Stop ids are padded with -1
-        to ``stop_slots`` entries (more if a row has more). ``as_numpy`` leaves the arrays on the host."""
-        xp = np if as_numpy else jnp
+                stop_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
+                stop_slots: int = STOP_SLOTS) -> RuntimeParams:
+        """One setting per row; a temperature of 0 is a greedy row (its temperature is never used: 1).
+        Stop ids are padded with -1 to ``stop_slots`` entries (more if a row has more; -1 entries given
+        are kept as padding)."""
         temperature = np.asarray(temperature, np.float32)
         greedy = temperature == 0
-        return cls(temperature=xp.asarray(np.where(greedy, 1.0, temperature), np.float32),
-                   top_p=xp.asarray(np.asarray(top_p, np.float32)),
-                   stop_ids=xp.asarray(np.asarray(_pad_stops(stop_ids, stop_slots), np.int32)),
-                   rows=RowSampling(greedy=xp.asarray(greedy), top_k=xp.asarray(np.asarray(top_k, np.int32))),
-                   max_new_tokens=xp.asarray(np.asarray(max_new_tokens, np.int32)))
+        return cls(temperature=jnp.asarray(np.where(greedy, 1.0, temperature), np.float32),
+                   top_p=jnp.asarray(top_p, np.float32),
+                   stop_ids=jnp.asarray(_pad_stops(stop_ids, stop_slots), np.int32),
+                   rows=RowSampling(greedy=jnp.asarray(greedy), top_k=jnp.asarray(top_k, np.int32)),
+                   max_new_tokens=jnp.asarray(max_new_tokens, np.int32))
 
     def row_stops(self, batch: int) -> jax.Array:
         """[batch, num_stops] stop ids (a shared list broadcast to every row)."""
@@ -215,6 +216,14 @@ class DecodeResult:
             accept_lengths = self.accept_lengths.at[jnp.arange(batch), at].set(take, mode="drop")
         return dataclasses.replace(self, tokens=tokens, num_generated=num_generated, finish_reason=reason,
                                    num_forwards=num_forwards, accept_lengths=accept_lengths)
+
+
+def with_finish_codes(state, codes) -> object:
+    """A loop state (anything with a ``result``) whose rows' finish codes are ``codes`` ([batch], on the
+    host), placed as the loop's own buffer (on a mesh: sharded), so the next chunk runs the same program.
+    How the host ends rows between chunks: stop strings, padding rows, the server's retired rows."""
+    finish = put_like(np.asarray(codes), state.result.finish_reason)
+    return dataclasses.replace(state, result=dataclasses.replace(state.result, finish_reason=finish))
 
 
 PREFILL_CHUNK = 512

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.checks import check_int, check_real, check_seed
+from eagle3_jax.checks import check_int, check_real, check_seed, check_token_ids
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding.common import (
     FINISH_LENGTH,
@@ -50,6 +50,7 @@ from eagle3_jax.decoding.common import (
     DecodeSettings,
     RuntimeParams,
     finish_reasons,
+    with_finish_codes,
 )
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator, bucket_length, check_memory, device_errors
@@ -254,9 +255,8 @@ class BatchEngine:
         check_real("top_p", request.top_p, minimum=0.0, maximum=1.0, open_minimum=True)
         check_int("top_k", request.top_k, minimum=0, maximum=MAX_TOP_K)
         check_seed(request.seed)
-        outside = [t for t in list(request.prompt) + list(request.stop_ids) if not 0 <= t < self.config.vocab_size]
-        if outside:
-            raise InputError(f"token id {outside[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        check_token_ids("the prompt", request.prompt, self.config.vocab_size)
+        check_token_ids("the stop token ids", request.stop_ids, self.config.vocab_size, allow_empty=True)
 
     def submit(self, request: EngineRequest) -> None:
         """Queues a request (checked with :meth:`check`); raises QueueFull when the queue is full."""
@@ -321,12 +321,8 @@ class BatchEngine:
                             16, self._params())
 
     def _params(self) -> RuntimeParams:
-        greedy = self._temperature == 0  # greedy (and free) rows: argmax; their temperature is never used
-        return RuntimeParams(temperature=jnp.asarray(np.where(greedy, 1.0, self._temperature).astype(np.float32)),
-                             top_p=jnp.asarray(self._top_p),
-                             stop_ids=jnp.asarray(self._stops),
-                             rows=_row_sampling(greedy, self._top_k),
-                             max_new_tokens=jnp.asarray(self._limit))
+        """The batch's per-row settings (free rows are greedy: temperature 0)."""
+        return self._row_params(self._temperature, self._top_p, self._top_k, self._stops, self._limit)
 
     def _row_params(self, temperature, top_p, top_k, stops, limit) -> RuntimeParams:
         return RuntimeParams.per_row(temperature, top_p, top_k, stops, limit, stop_slots=STOP_WIDTH)
@@ -462,9 +458,7 @@ class BatchEngine:
             self.generated_tokens += delivered
             self._recent.append((now, delivered))
         if ended:
-            state = self._state
-            result = dataclasses.replace(state.result, finish_reason=jnp.asarray(codes))
-            self._state = dataclasses.replace(state, result=result)
+            self._state = with_finish_codes(self._state, codes)
 
     def _stats(self, request: EngineRequest, accept: list[int]) -> RequestStats:
         first = request.first_token or time.perf_counter()
@@ -473,16 +467,9 @@ class BatchEngine:
                             ttft_seconds=first - request.submitted)
 
 
-def _row_sampling(greedy: np.ndarray, top_k: np.ndarray):
-    from eagle3_jax.sampling import RowSampling
-
-    return RowSampling(greedy=jnp.asarray(greedy), top_k=jnp.asarray(top_k))
-
-
 def _end_all(state):
     """``state`` with every row finished (a free row is a finished one)."""
-    result = dataclasses.replace(state.result, finish_reason=jnp.full_like(state.result.finish_reason, FINISH_LENGTH))
-    return dataclasses.replace(state, result=result)
+    return with_finish_codes(state, np.full(state.result.finish_reason.shape, FINISH_LENGTH, np.int32))
 
 
 def _safe_tokens(request: EngineRequest, ids: list[int]) -> bool:
