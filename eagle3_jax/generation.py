@@ -53,8 +53,8 @@ from eagle3_jax.sharding import (
     put_tree,
     to_host,
 )
-from eagle3_jax.text import check_stop_strings, prompt_opens_thinking, reasoning_and_answer
-from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, check_template_kwargs, encode_prompts
+from eagle3_jax.text import check_stop_strings, check_template_kwargs, prompt_opens_thinking, reasoning_and_answer
+from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, encode_prompts
 
 StreamCallback = Callable[[int, list[int]], None]
 

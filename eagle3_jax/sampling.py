@@ -19,11 +19,24 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eagle3_jax.checks import check_int, check_real
 
 # top-k beyond this is pointless and costs a sort of that width (2**24 exceeds every real vocabulary).
 MAX_TOP_K = 2**24
+# The smallest normal float32. The programs compute in float32, where a smaller positive temperature or top-p
+# is 0 or a subnormal (flushed to 0 on CPU and TPU): such a temperature is greedy decoding, its limit
+# (:func:`device_temperature`), and such a top-p keeps the top token only (``filter_logits``), its limit.
+MIN_NORMAL = float(np.finfo(np.float32).tiny)
+# The largest float32: a temperature above it would be infinite on the device.
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+
+
+def device_temperature(temperature: float) -> float:
+    """The temperature the programs use for ``temperature`` (checked: finite, >= 0): 0.0 (greedy) when it is
+    below the smallest normal float32, where the device would divide by 0 or by a flushed subnormal."""
+    return 0.0 if temperature < MIN_NORMAL else temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +44,13 @@ class SamplingParams:
     """How the next token is chosen. ``temperature == 0`` means greedy (argmax).
 
     Attributes:
-      temperature: softmax temperature; 0 selects greedy decoding.
+      temperature: softmax temperature; 0 selects greedy decoding. A
+        temperature below the smallest normal float32 (about 1.18e-38) is
+        greedy too, its limit (the programs compute in float32, where it would
+        be 0); at most the largest float32.
       top_p: nucleus sampling, keep the smallest set of tokens whose
-        probability reaches top_p (1.0 disables it).
+        probability reaches top_p (1.0 disables it); the most likely token is
+        always kept, so a top_p below every probability (however tiny) keeps it alone.
       top_k: keep only the k most likely tokens (0 disables it).
     """
 
@@ -43,7 +60,8 @@ class SamplingParams:
 
     def __post_init__(self):
         # Normalised to Python numbers: the dataclass is hashed into compile-cache keys.
-        object.__setattr__(self, "temperature", check_real("temperature", self.temperature, minimum=0.0))
+        temperature = check_real("temperature", self.temperature, minimum=0.0, maximum=MAX_TEMPERATURE)
+        object.__setattr__(self, "temperature", device_temperature(temperature))
         object.__setattr__(self, "top_p", check_real("top_p", self.top_p, minimum=0.0, maximum=1.0,
                                                      open_minimum=True))
         object.__setattr__(self, "top_k", check_int("top_k", self.top_k, minimum=0, maximum=MAX_TOP_K))
@@ -74,7 +92,10 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, t
     """
     if row_top_k is not None and top_k:
         raise ValueError("filter_logits: a per-row top-k needs the static top_k to be 0")
-    logits = logits.astype(jnp.float32) / _per_row(temperature, logits.ndim)
+    # Shifted so that the largest logit is 0 before dividing: a tiny temperature sends the others to -inf
+    # (probability 0, the greedy limit) instead of overflowing every logit to +-inf (NaN after softmax).
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / _per_row(temperature, logits.ndim)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         ranked = jax.lax.top_k(logits, top_k)[0]  # [..., top_k], descending
@@ -91,8 +112,8 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, t
     top_p = _per_row(top_p, logits.ndim)
     probs = jax.nn.softmax(ranked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p  # the top token is always kept
-    kept = jnp.sum(keep, axis=-1, keepdims=True)
+    keep = mass_before < top_p
+    kept = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)  # the top token is always kept (top_p ~ 0)
     threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
     return jnp.where(logits < threshold, -jnp.inf, logits)
 

@@ -11,6 +11,7 @@ model's reply into reasoning and answer (at ``</think>``), and stop strings.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -78,6 +79,66 @@ def has_chat_template(tokenizer) -> bool:
 
 # ------------------------------------------------------------ text <-> ids
 
+# Names the chat-template machinery gives a meaning of its own, beyond apply_chat_template's parameters (read
+# from its signature by :func:`reserved_template_kwargs`): the variables transformers renders every template
+# with, its special tokens (keyword arguments override them), its globals, and render_chat's own ``where``.
+_MACHINERY_NAMES = frozenset({
+    "conversation", "messages", "chat_template", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "padding", "truncation", "max_length", "raise_exception", "strftime_now", "where",
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens", "extra_special_tokens",
+})
+
+
+@functools.cache
+def reserved_template_kwargs() -> frozenset[str]:
+    """Keyword arguments a caller's ``chat_template_kwargs`` may not set.
+
+    They are not template options but the machinery's own: the template itself (``chat_template``: a
+    client's template would run its code), tools and documents, the messages, the generation prompt,
+    tokenization and padding, special tokens, Jinja's globals (``range``, ``namespace``, ...). Read from
+    the installed ``transformers`` and ``jinja2`` where they are, so new parameters are covered too.
+    """
+    import inspect
+
+    names = set(_MACHINERY_NAMES)
+    try:
+        from transformers import PreTrainedTokenizerBase
+        from transformers.utils import chat_template_utils
+
+        for fn in (PreTrainedTokenizerBase.apply_chat_template, chat_template_utils.render_jinja_template):
+            names |= {p.name for p in inspect.signature(fn).parameters.values()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+        names |= set(getattr(PreTrainedTokenizerBase, "SPECIAL_TOKENS_ATTRIBUTES", ()))
+    except Exception:  # another transformers layout: the fixed names above still hold
+        pass
+    try:
+        import jinja2
+
+        names |= set(jinja2.Environment().globals)
+    except Exception:
+        pass
+    return frozenset(names)
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """``kwargs`` for a chat template (e.g. ``{"enable_thinking": False}``) as a dict; an InputError for
+    anything else, or for a name the template machinery reserves (:func:`reserved_template_kwargs`)."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise InputError(f"chat_template_kwargs must be a dict of keyword arguments for the chat template "
+                         f"(e.g. {{'enable_thinking': False}}), got {type(kwargs).__name__}")
+    reserved = sorted(set(kwargs) & reserved_template_kwargs())
+    if reserved:
+        raise InputError(f"chat_template_kwargs can not set {', '.join(reserved)}: these belong to the chat "
+                         "template machinery (the template, tools, messages, generation prompt, tokenization and "
+                         "special tokens are set by eagle3-jax); pass only the template's own options, e.g. "
+                         "{'enable_thinking': False}")
+    return dict(kwargs)
+
+
 def render_chat(tokenizer, messages: list[dict], *, where: str, **template_kwargs) -> str:
     """``messages`` rendered by the tokenizer's chat template, ready for a reply (``add_generation_prompt``).
 
@@ -92,8 +153,22 @@ def render_chat(tokenizer, messages: list[dict], *, where: str, **template_kwarg
     return text
 
 
+def check_text(text: Any, *, where: str) -> str:
+    """``text`` if it is a string of valid Unicode. A lone surrogate (a Python string, or JSON's ``"\\ud800"``,
+    can hold one; UTF-8 can not) is an InputError naming the character and its position."""
+    if not isinstance(text, str):
+        raise InputError(f"{where} must be text (a string), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                         "which is not valid Unicode text") from None
+    return text
+
+
 def token_ids(tokenizer, text: str, *, where: str) -> list[int]:
     """The token ids of ``text`` (no special tokens added)."""
+    check_text(text, where=where)
     try:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     except Exception as e:

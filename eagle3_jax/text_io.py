@@ -118,25 +118,6 @@ def _holds_text(batch: Any) -> bool:
             and any(isinstance(p, str) or is_messages(p) for p in batch))
 
 
-# Arguments of apply_chat_template (and of render_chat) that the Generator sets itself.
-RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "add_generation_prompt", "tokenize", "return_dict",
-                                      "return_tensors", "continue_final_message", "where"})
-
-
-def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise InputError(f"chat_template_kwargs must be a dict of keyword arguments for the chat template "
-                         f"(e.g. {{'enable_thinking': False}}), got {type(kwargs).__name__}")
-    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
-    if reserved:
-        raise InputError(f"chat_template_kwargs can not set {', '.join(reserved)}: the Generator renders chats "
-                         "itself (the generation prompt added, then tokenized); pass only the template's own "
-                         "options, e.g. {'enable_thinking': False}")
-    return dict(kwargs)
-
-
 def encode_prompts(tokenizers: TokenizerSource, prompts: Any,
                    chat_template_kwargs: Mapping[str, Any] | None = None) -> Any:
     """The batch with its text prompts tokenized and its chats rendered by the chat template

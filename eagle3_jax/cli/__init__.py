@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
+    from eagle3_jax.cli.signals import InterruptGuard
+
+    # Ctrl-C and SIGTERM end every command as an interruption (its clean-up runs, exit 130), even when some
+    # library swallows the KeyboardInterrupt (cli/signals.py); the server ends gracefully once it serves.
+    with InterruptGuard((signal.SIGINT, signal.SIGTERM)):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from eagle3_jax.xla_flags import apply_default_flags
 
     apply_default_flags()  # first: XLA reads $XLA_FLAGS when JAX starts a backend

@@ -69,6 +69,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def knob_triple(text: str) -> tuple[int, int, int]:
     try:
         d, k, n = (int(x) for x in text.split(","))
@@ -132,6 +139,9 @@ def add_mesh_options(p, *, data_parallel: bool = True) -> None:
     g.add_argument("--num-processes", type=positive_int, default=None, metavar="P", help="with --distributed")
     g.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
                    help="with --distributed: this process's index in [0, P)")
+    g.add_argument("--distributed-timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="with --distributed: how long the processes wait for each other to start (then one error "
+                        "line naming the coordinator and the missing processes)")
 
 
 def start_distributed(args) -> None:
@@ -142,7 +152,7 @@ def start_distributed(args) -> None:
         return
     from eagle3_jax.distributed import initialize
 
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.distributed_timeout)
 
 
 def mesh_from_args(args, target_config=None):

@@ -14,7 +14,7 @@ import numpy as np
 from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata, check_backend
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.target import TargetModel, new_cache
-from eagle3_jax.sampling import RowSampling
+from eagle3_jax.sampling import RowSampling, device_temperature
 from eagle3_jax.sharding import put_like
 
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
@@ -104,10 +104,11 @@ class RuntimeParams:
     def per_row(cls, temperature: Sequence[float], top_p: Sequence[float], top_k: Sequence[int],
                 stop_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
                 stop_slots: int = STOP_SLOTS) -> RuntimeParams:
-        """One setting per row; a temperature of 0 is a greedy row (its temperature is never used: 1).
+        """One setting per row; a temperature of 0 (or below float32's smallest normal: ``device_temperature``)
+        is a greedy row (its temperature is never used: 1).
         Stop ids are padded with -1 to ``stop_slots`` entries (more if a row has more; -1 entries given
         are kept as padding)."""
-        temperature = np.asarray(temperature, np.float32)
+        temperature = np.asarray([device_temperature(float(t)) for t in temperature], np.float32)
         greedy = temperature == 0
         return cls(temperature=jnp.asarray(np.where(greedy, 1.0, temperature), np.float32),
                    top_p=jnp.asarray(top_p, np.float32),

@@ -70,6 +70,10 @@ class QueueFull(Exception):
     """The queue of waiting requests is full; try again later."""
 
 
+class EngineClosed(Exception):
+    """The engine has been shut down (the server is stopping)."""
+
+
 class Sink(Protocol):
     """Where a request's tokens go; called from the engine's thread."""
 
@@ -77,7 +81,8 @@ class Sink(Protocol):
         """New tokens of the request, in order; returns True to end the request now (a stop string)."""
 
     def finish(self, reason: str, stats: RequestStats) -> None:
-        """The request has ended: 'eos', 'length', 'stop' (ended by :meth:`tokens`) or 'nonfinite'."""
+        """The request has ended: 'eos', 'length', 'stop' (ended by :meth:`tokens`), 'nonfinite', 'error'
+        (it failed alone) or 'shutdown' (the server is stopping)."""
 
 
 @dataclasses.dataclass
@@ -213,6 +218,7 @@ class BatchEngine:
         self._rows: list[EngineRequest | None] = [None] * max_batch
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False  # shut down: no more requests
         self.error: BaseException | None = None
         # Host copies of the per-row settings, sent with each chunk.
         self._temperature = np.zeros(max_batch, np.float32)
@@ -262,6 +268,8 @@ class BatchEngine:
         """Queues a request (checked with :meth:`check`); raises QueueFull when the queue is full."""
         self.check(request)
         with self._lock:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
             if self.error is not None:
                 raise RuntimeError(f"the engine stopped: {self.error}")
             if len(self._waiting) >= self.max_queue:  # requests whose clients left make room first
@@ -285,6 +293,24 @@ class BatchEngine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def shutdown(self, timeout: float = 30.0) -> int:
+        """Stops the thread (after its current chunk) and ends every request still waiting or running with
+        'shutdown' (their clients get an error saying so); later submits are refused. Returns how many
+        requests it ended (those whose clients had already left are not counted)."""
+        with self._lock:
+            self._closed = True
+        self.stop(timeout)
+        with self._lock:
+            pending = [r for r in self._rows if r is not None] + list(self._waiting)
+            self._waiting.clear()
+            self._rows = [None] * self.max_batch
+        ended = 0
+        for request in pending:
+            if not request.cancelled:
+                _safe_finish(request, "shutdown", self._stats(request, []))
+                ended += 1
+        return ended
 
     def warmup(self, buckets: Sequence[int] = (16,)) -> float:
         """Compiles the prefill of the given prompt buckets, the insertion and the loop (before
@@ -488,4 +514,5 @@ def _safe_finish(request: EngineRequest, reason: str, stats: RequestStats) -> No
         logger.exception("a request's sink failed at its end")
 
 
-__all__ = ["BatchEngine", "EngineRequest", "QueueFull", "RequestStats", "Sink", "insert_row", "STOP_WIDTH"]
+__all__ = ["BatchEngine", "EngineClosed", "EngineRequest", "QueueFull", "RequestStats", "Sink", "insert_row",
+           "STOP_WIDTH"]
