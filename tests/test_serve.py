@@ -15,9 +15,11 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -32,9 +34,14 @@ from eagle3_jax.text import reasoning_and_answer
 CACHE, BATCH, QUEUE = 256, 8, 64
 REF_WIDTH = 48  # every reference runs with this token limit, then is cut: one compiled program per prompt bucket
 # A ChatML template; with enable_thinking the generation prompt opens <think>, as Qwen3-Thinking-2507's does.
+# An operator's template that runs for ever when a client asks (``spin``): the --prepare-timeout must stop it.
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-            "{% if enable_thinking %}{{ '<think>\\n' }}{% endif %}{% endif %}")
+            "{% if enable_thinking %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+            "{% if spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}")
+# The server's limits, small enough to reach cheaply.
+LIMITS = {"--max-body-bytes": 1_000_000, "--max-prompt-chars": 20_000, "--max-messages": 64, "--max-stop-strings": 4,
+          "--max-json-depth": 16, "--prepare-timeout": 2, "--header-timeout": 2, "--body-timeout": 2}
 
 
 _server: dict | None = None
@@ -57,7 +64,7 @@ def start_server() -> dict:
             [sys.executable, "-m", "eagle3_jax", "serve", "--target", target, "--draft", head, "--port", "0",
              "--json", "--max-batch", str(BATCH), "--max-cache-len", str(CACHE), "--max-queue", str(QUEUE),
              "--chat-template", template, "--reasoning-parser", "qwen3", "--served-model-name", "demo",
-             "--warmup-buckets", "16,32,64"],
+             "--warmup-buckets", "16,32,64", *[str(x) for item in LIMITS.items() for x in item]],
             stdout=subprocess.PIPE, stderr=log, text=True)
         _server = {"proc": proc, "log": log, "work": work, "target": target, "head": head}
     return _server
@@ -256,12 +263,20 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_a_burst_over_the_queue_ge
         next(r.iter_lines())  # one chunk, then the client goes away
 
     async def burst():
-        async with httpx.AsyncClient(timeout=60) as http:
+        count = BATCH + QUEUE + 24
+        answered, everyone = [0], asyncio.Event()
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             async def one():
                 async with http.stream("POST", url, json=long) as r:
-                    return r.status_code, r.headers.get("retry-after"), (await r.aread()) if r.status_code != 200 \
-                        else b""  # a 200 stream is left at once: its request is cancelled
-            return await asyncio.gather(*(one() for _ in range(BATCH + QUEUE + 24)))
+                    body = (await r.aread()) if r.status_code != 200 else b""
+                    answered[0] += 1
+                    if answered[0] == count:
+                        everyone.set()
+                    if r.status_code == 200:  # a 200 stream is held until every request is answered, then left:
+                        await everyone.wait()  # its request is cancelled
+                    return r.status_code, r.headers.get("retry-after"), body
+            return await asyncio.gather(*(one() for _ in range(count)))
 
     answers = asyncio.run(burst())
     refused = [a for a in answers if a[0] == 503]
@@ -325,6 +340,302 @@ def test_the_engine_fails_a_request_alone_when_its_sink_breaks(generator, refere
             assert engine.error is None and engine.running() == 0
         finally:
             engine.stop()
+
+
+# ------------------------------------------------------------------ hostile and careless clients
+
+class HealthWatch:
+    """Polls /health from a thread while a block runs and keeps each answer's latency (seconds)."""
+
+    def __init__(self, url: str, every: float = 0.02):
+        self.url, self.every, self.latencies, self.failures = url + "/health", every, [], 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        def poll():
+            with httpx.Client(timeout=30) as http:
+                while not self._stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        ok = http.get(self.url).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    self.latencies.append(time.perf_counter() - t0)
+                    self.failures += not ok
+                    self._stop.wait(self.every)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(60)
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies, default=0.0)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _post(url: str, body, timeout: float = 60) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=timeout)
+
+
+def _raw(server, data: bytes, *, wait: float = 10) -> tuple[bytes, float]:
+    """Sends ``data`` on a new connection and reads until the server closes it: (what it said, seconds)."""
+    host, port = server["url"].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):  # it answered (and closed) before reading it all
+            pass
+        s.settimeout(wait)
+        t0, answer = time.perf_counter(), b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return answer, time.perf_counter() - t0
+
+
+def _hostile_cases(server) -> list[tuple[str, bytes | dict, int, str, str | None]]:
+    """(route, body, status, what the message says, param) for requests past each limit."""
+    chat, comp = "/v1/chat/completions", "/v1/completions"
+    hello = [{"role": "user", "content": "hi"}]
+    nested: list = [1]
+    for _ in range(16):
+        nested = [nested]
+    return [
+        (comp, {"model": "demo", "prompt": "x" * 20_001}, 400, "--max-prompt-chars", "prompt"),
+        (comp, {"model": "demo", "prompt": "x " * 499_000}, 400, "--max-prompt-chars", "prompt"),  # a maximal body
+        (chat, {"model": "demo", "messages": hello * 65}, 400, "--max-messages", "messages"),
+        (chat, {"model": "demo", "messages": [{"role": "user", "content": "y" * 19_000}, {"role": "user",
+                "content": "y" * 1_001}]}, 400, "--max-prompt-chars", "messages"),
+        (chat, {"model": "demo", "messages": hello, "chat_template_kwargs": {"chat_template": "{{ 'pwned' }}"}},
+         400, "can not set chat_template", "chat_template_kwargs"),
+        (chat, {"model": "demo", "messages": hello, "chat_template_kwargs": {"tools": [{"x": 1}]}}, 400,
+         "can not set tools", "chat_template_kwargs"),
+        (chat, {"model": "demo", "messages": hello, "chat_template_kwargs": []}, 400, "must be an object",
+         "chat_template_kwargs"),
+        (comp, {"model": "demo", "prompt": "x", "x": nested}, 400, "nested more than 16", "x"),
+        (comp, b"[" * 200_000 + b"]" * 200_000, 400, "nested more than 16", None),
+        (comp, b'{"model": "\\ud800", "prompt": "x"}', 400, "lone surrogate", "model"),
+        (chat, b'{"model": "demo", "messages": [{"role": "user", "content": "a\\udfffb"}]}', 400, "lone surrogate",
+         "messages"),
+        (comp, {"model": "demo", "prompt": "x", "stop": list("abcde")}, 400, "--max-stop-strings", "stop"),
+        (comp, {"model": "demo", "prompt": "x", "stop_token_ids": False}, 400, "token ids", "stop_token_ids"),
+        (comp, {"model": "demo", "prompt": "x", "stop_token_ids": [99999]}, 400, "outside the vocabulary",
+         "stop_token_ids"),
+        (comp, {"model": "demo", "prompt": [1, 99999]}, 400, "outside the vocabulary", "prompt"),
+        (comp, {"model": "demo", "prompt": "x", "max_tokens": int("9" * 30)}, 400, "at most", "max_tokens"),
+        (comp, b'{"model": "demo", "prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON", None),
+        (comp, {"model": "demo", "prompt": "x" * 1_000_001}, 413, "--max-body-bytes", None),
+    ]
+
+
+def test_hostile_requests_get_a_4xx_naming_the_limit_while_health_stays_fast(server):
+    with HealthWatch(server["url"]) as watch:
+        for route, body, status, message, param in _hostile_cases(server):
+            r = _post(server["url"] + route, body)
+            assert r.status_code == status, (route, str(body)[:80], r.text[:300])
+            error = r.json()["error"]
+            assert message in error["message"] and error["param"] == param, (str(body)[:80], error)
+        # A body past the limit sent in chunks (no Content-Length) is cut off as it arrives.
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+               b"Transfer-Encoding: chunked\r\n\r\n"
+        piece = b"40000\r\n" + b" " * 0x40000 + b"\r\n"
+        answer, _ = _raw(server, head + piece * 5)
+        assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer, answer[:300]
+    assert watch.failures == 0 and watch.latencies and watch.worst < 1.0, watch.worst
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+
+
+def test_a_chat_template_that_runs_too_long_is_interrupted_and_the_server_goes_on(server, client):
+    url = server["url"] + "/v1/chat/completions"
+    spin = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}
+
+    async def spins(n):
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(http.post(url, json=spin) for _ in range(n)))
+
+    with HealthWatch(server["url"]) as watch:
+        t0 = time.perf_counter()
+        answers = asyncio.run(spins(5))  # more than the server's 4 preparation workers
+        elapsed = time.perf_counter() - t0
+    for r in answers:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prepare_timeout", r.text
+        assert "--prepare-timeout" in r.json()["error"]["message"]
+    assert 2.0 <= elapsed < 30, elapsed  # each ran its 2 s (the fifth after a worker came back), no longer
+    assert watch.failures == 0 and len(watch.latencies) >= 10 and watch.worst < 1.0, watch.worst
+    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_non_streamed_clients_that_time_out_free_their_rows_at_once(server, client, reference):
+    url = server["url"] + "/v1/completions"
+    long = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+
+    def impatient():
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url, json=long, timeout=0.5)
+
+    threads = [threading.Thread(target=impatient) for _ in range(BATCH)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    left = time.perf_counter()
+    while time.perf_counter() - left < 30:
+        health = httpx.get(server["url"] + "/health").json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.02)
+    freed = time.perf_counter() - left
+    assert health["running"] == 0 and health["waiting"] == 0 and freed < 2.0, (health, freed)
+    out = client.completions.create(model="demo", prompt=[5, 6, 7], max_tokens=16, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    assert out.choices[0].model_extra["token_ids"] == reference([5, 6, 7], 16)[0]
+
+
+def test_slow_clients_are_cut_off(server):
+    # headers trickled in, or none at all: the connection is closed after --header-timeout (2 s)
+    for data in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", b""):
+        answer, seconds = _raw(server, data, wait=30)
+        assert answer == b"" and 1.5 < seconds < 10, (data, answer, seconds)
+    # a body that never completes: 408 after --body-timeout (2 s)
+    answer, seconds = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 1000\r\n\r\n{\"model\": ", wait=30)
+    assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer and 1.5 < seconds < 10, answer
+
+
+def test_sampling_values_too_small_for_float32_are_their_limits(client):
+    def ids(**kwargs):
+        out = client.completions.create(model="demo", prompt=[5, 6, 7], max_tokens=16, seed=5,
+                                        extra_body={"return_token_ids": True}, **kwargs)
+        return out.choices[0].model_extra["token_ids"]
+
+    greedy = ids(temperature=0)
+    assert ids(temperature=1e-40) == greedy  # 0 in float32: a greedy row
+    assert ids(temperature=1e-30) == greedy  # a sampled row at a tiny normal temperature: its limit
+    assert ids(temperature=1.0, top_p=1e-45) == greedy  # top-p below every probability: the top token
+
+
+@pytest.mark.slow
+def test_soak_time_and_memory_stay_bounded_under_maximal_requests(server, client, reference):
+    """Rounds of every refused maximal request, concurrently: the server's memory comes back to where it was,
+    /health answers within a second throughout, and it still gives the right tokens."""
+    cases = [c for c in _hostile_cases(server) if c[2] in (400, 413)]
+    pid = server["proc"].pid
+    _post(server["url"] + cases[0][0], cases[0][1])  # first use of each path: allocations that stay
+    before, peak = _rss_mb(pid), 0.0
+
+    async def one_round():
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def send(route, body):
+                content = body if isinstance(body, bytes) else json.dumps(body)
+                return (await http.post(server["url"] + route, content=content,
+                                        headers={"Content-Type": "application/json"})).status_code
+            return await asyncio.gather(*(send(c[0], c[1]) for c in cases))
+
+    with HealthWatch(server["url"]) as watch:
+        for _ in range(6):
+            statuses = asyncio.run(one_round())
+            assert statuses == [c[2] for c in cases]
+            peak = max(peak, _rss_mb(pid))
+    after = _rss_mb(pid)
+    print(f"\nserver RSS {before:.0f} MB before, {peak:.0f} MB at most between rounds, {after:.0f} MB after; "
+          f"/health worst {watch.worst * 1000:.0f} ms over {len(watch.latencies)} polls")
+    assert after - before < 300 and peak - before < 600, (before, peak, after)
+    assert watch.failures == 0 and watch.worst < 1.0
+    out = client.completions.create(model="demo", prompt=[9, 10, 11], max_tokens=12, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    assert out.choices[0].model_extra["token_ids"] == reference([9, 10, 11], 12)[0]
+
+
+# ------------------------------------------------------------------ the process: start-up and shutdown
+
+def _serve_process(server, *extra: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "eagle3_jax", "serve", "--target", server["target"], "--draft",
+                             server["head"], "--port", "0", "--json", "--max-batch", str(BATCH), "--max-cache-len",
+                             str(CACHE), "--warmup-buckets", "16", *extra],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_shutdown_ends_the_requests_in_flight_with_an_error_body(server):
+    proc = _serve_process(server)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        url = json.loads(proc.stdout.readline())["url"]
+        long = {"model": os.path.basename(server["target"]), "prompt": [5, 6, 7], "max_tokens": CACHE - 4,
+                "temperature": 0, "ignore_eos": True}
+        results: list = []
+
+        def whole():
+            r = httpx.post(url + "/v1/completions", json=long, timeout=60)
+            results.append(("whole", r.status_code, r.json()))
+
+        def streamed():
+            with httpx.stream("POST", url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+                lines = [line for line in r.iter_lines() if line]
+            results.append(("stream", r.status_code, lines))
+
+        threads = [threading.Thread(target=f) for f in [whole] * (BATCH + 1) + [streamed]]  # 2 more than rows
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:  # every request queued or running
+            health = httpx.get(url + "/health").json()
+            if health["running"] + health["waiting"] == BATCH + 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(60) == 0
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert len(results) == BATCH + 2
+    for kind, status, body in results:
+        if kind == "whole":
+            assert status == 503 and body["error"]["code"] == "server_shutting_down", body
+        else:  # the stream had started (200): an error event, then [DONE]
+            assert status == 200 and lines_end_with_error(body), body
+    assert err.count("ended with 503") == 1 and f"shutting down: {BATCH + 2} requests" in err, err[-2000:]
+    assert "Traceback" not in err and "Exception" not in err, err[-3000:]
+
+
+def lines_end_with_error(lines: list[str]) -> bool:
+    return lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "server_shutting_down"
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_sigterm_at_any_moment_of_start_up_stops_the_server(server):
+    """Signals land in imports, loading, compiling and serving (one process per moment, from about when the
+    command's own code runs; before it, Python's start-up answers as it always does): each process stops
+    promptly, with 130 during start-up and 0 once serving, and none keeps serving."""
+    for at, sig in [(0.8, signal.SIGINT), (1.6, signal.SIGTERM), (2.6, signal.SIGINT), (4.0, signal.SIGTERM),
+                    (6.0, signal.SIGINT)]:
+        proc = _serve_process(server, stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(at)
+            proc.send_signal(sig)
+            code = proc.wait(60)  # a swallowed signal would leave it serving: a timeout here
+        finally:
+            proc.kill()
+        err = proc.stderr.read()
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert (code, last) in ((130, "interrupted"), (0, "stopped")), (at, sig, code, err[-1500:])
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
 
 
 # ------------------------------------------------------------------ no server

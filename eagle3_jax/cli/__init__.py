@@ -71,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C and SIGTERM end every command as an interruption (its clean-up runs, exit 130), even when some
     # library swallows the KeyboardInterrupt (cli/signals.py); the server ends gracefully once it serves.
     with InterruptGuard((signal.SIGINT, signal.SIGTERM)):
-        return _main(argv)
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # one that came before _main's own handlers (flags, parsing, imports)
+            return _report("interrupted", 130)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -9,7 +9,9 @@ there is lost, and a server would go on starting and serve.
 :class:`InterruptGuard` remembers the signal as well as raising the
 interrupt, and :func:`check` raises it again at the next checkpoint (the
 server's start-up checks between its phases), so the process stops within
-one phase whatever swallowed it. SIGTERM is treated as Ctrl-C, so that a
+one phase whatever swallowed it (and the "Exception ignored" report of an
+interrupt dropped by a callback is not printed: it is not lost). SIGTERM is
+treated as Ctrl-C, so that a
 command's clean-up runs (partial outputs removed) rather than the process
 dying where it stands.
 """
@@ -17,6 +19,7 @@ dying where it stands.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 _received: int | None = None  # the first signal a guard caught since the outermost guard began
@@ -43,6 +46,8 @@ class InterruptGuard:
             _received = None
         _depth += 1
         self._previous = {s: signal.signal(s, _handle) for s in self.signals}
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = _quiet_interrupts(self._unraisable)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -52,7 +57,19 @@ class InterruptGuard:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        sys.unraisablehook = self._unraisable
         _depth -= 1
+
+
+def _quiet_interrupts(hook):
+    """``hook``, except for the interrupts our handler raised (remembered for :func:`check`)."""
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt) and _received is not None:
+            return
+        hook(info)
+
+    return unraisable
 
 
 def _handle(signum, _frame) -> None:

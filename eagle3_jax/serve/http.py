@@ -33,17 +33,21 @@ def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
 
     class GuardedH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _served = False  # a response has been sent on this connection (idle after it: keep-alive)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._watch()
+            self._watch()  # a new connection must send its request's headers in time
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             self._watch()
 
         def on_response_complete(self) -> None:
+            self._served = True
             super().on_response_complete()
+            # An idle keep-alive connection is uvicorn's to close (timeout_keep_alive); a request whose body
+            # still trickles in after its response is ours.
             self._watch()
 
         def connection_lost(self, exc) -> None:
@@ -51,11 +55,12 @@ def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def _waiting_for_client(self) -> bool:
-            """Headers not complete yet, or a response sent while its request's body still trickles in."""
+            """A new connection without its request yet, headers begun but not complete, or a response sent
+            while its request's body still arrives."""
             if self.transport is None or self.transport.is_closing():
                 return False
             if self.conn.their_state is h11.IDLE:
-                return True
+                return not self._served or bool(self.conn.trailing_data[0])
             responded = self.cycle is None or self.cycle.response_complete
             return responded and self.conn.their_state is h11.SEND_BODY
 
