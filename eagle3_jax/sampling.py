@@ -92,10 +92,13 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, t
     """
     if row_top_k is not None and top_k:
         raise ValueError("filter_logits: a per-row top-k needs the static top_k to be 0")
-    # Shifted so that the largest logit is 0 before dividing: a tiny temperature sends the others to -inf
-    # (probability 0, the greedy limit) instead of overflowing every logit to +-inf (NaN after softmax).
     logits = logits.astype(jnp.float32)
-    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / _per_row(temperature, logits.ndim)
+    temperature = _per_row(temperature, logits.ndim)
+    # A temperature so small that the largest logit over it overflows float32 would make every logit +-inf
+    # (NaN after softmax): such rows are shifted so that their largest logit is 0 before dividing, and the
+    # others go to -inf (probability 0: the greedy limit). The same distribution; other rows are unchanged.
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    logits = jnp.where(jnp.isfinite(top / temperature), logits / temperature, (logits - top) / temperature)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         ranked = jax.lax.top_k(logits, top_k)[0]  # [..., top_k], descending

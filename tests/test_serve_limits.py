@@ -147,6 +147,29 @@ def test_one_bad_field_is_a_400_naming_it_and_a_good_one_parses(field, value, ch
         assert all(0 <= t < VOCAB for t in parsed.stop_token_ids)
 
 
+@settings(max_examples=150, deadline=None)
+@given(limit=st.integers(1, 300), chars=st.integers(0, 310), messages=st.integers(1, 12), stops=st.integers(0, 6),
+       stop_len=st.integers(1, 30), chat=st.booleans())
+def test_sizes_are_refused_exactly_past_their_limits(limit, chars, messages, stops, stop_len, chat):
+    limits = Limits(max_prompt_chars=limit, max_messages=8, max_stop_strings=3, max_stop_chars=20)
+    text = "é" * chars  # characters, not bytes
+    if chat:
+        body = {"model": "m", "messages": [{"role": "user", "content": text}] + [{"role": "user"}] * (messages - 1)}
+    else:
+        body = {"model": "m", "prompt": text or "x"}
+    body["stop"] = [str(i).rjust(stop_len, "s") for i in range(stops)]
+    counted = chars + 4 * messages if chat else max(chars, 1)  # every string of the messages: roles too
+    over = {"messages": chat and messages > 8, "prompt": counted > limit,
+            "stop": stops > 3 or (stops > 0 and stop_len > 20)}
+    try:
+        parse(body, chat=chat, limits=limits)
+    except APIError as e:
+        field = "messages" if chat and e.param == "messages" else e.param
+        assert e.status == 400 and (over.get(field) or (field == "messages" and over["prompt"])), (e.message, over)
+        return
+    assert not any(over.values()), over
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"model": "m", "prompt": "x", "chat_template_kwargs": []}, "chat_template_kwargs", "must be an object"),
     ({"model": "m", "prompt": "x", "stop_token_ids": False}, "stop_token_ids", "list of integer token ids"),

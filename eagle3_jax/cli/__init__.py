@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from eagle3_jax.cli import convert, demo, eval, generate, regenerate, serve, train
 from eagle3_jax.cli.options import (
@@ -36,8 +37,9 @@ from eagle3_jax.cli.options import (
     end_progress_lines,
     is_main_process,
 )
+from eagle3_jax.cli.signals import interrupted
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "entry", "main"]
 
 COMMANDS = (generate, serve, convert, train, regenerate, eval, demo)
 
@@ -61,6 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
                                     "in $EAGLE3_JAX_COMPILE_CACHE, else ~/.cache/eagle3-jax/jax-compile; "
                                     "EAGLE3_JAX_COMPILE_CACHE=off has the effect of this flag)")
     return parser
+
+
+def entry() -> NoReturn:
+    """The ``eagle3-jax`` command (the console script, ``python -m eagle3_jax``): :func:`main`'s status as the
+    process's exit status.
+
+    After an interruption the process ends at once with it (``os._exit``, output flushed): CPython marks a
+    ``KeyboardInterrupt`` raised inside Python code that a native library runs (``PyRun_String``: JAX's and
+    torch's start-up do) as unhandled even when it was caught, and would then end the process by SIGINT
+    instead of with the status.
+    """
+    code = main()
+    if interrupted():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,17 +121,21 @@ def _main(argv: Sequence[str] | None) -> int:
     except UsageError as e:
         end_progress_lines()
         (getattr(args, "_parser", None) or parser).error(str(e))
-    except Eagle3Error as e:
-        return _report(f"error: {e}", EXIT_ERROR)
     except KeyboardInterrupt:
         return _report("interrupted", 130)
     except MemoryError:
+        if interrupted():
+            return _report("interrupted", 130)
         return _report("error: out of host memory; lower --max-cache-len, --max-new-tokens or the batch size",
                        EXIT_ERROR)
-    except OSError as e:  # the environment, not the input: a full disk, a permission, a vanished file
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        return _report(f"error: {where}{e.strerror or e}", EXIT_ERROR)
     except Exception as e:
+        if interrupted():  # a library turned the interruption into an error of its own
+            return _report("interrupted", 130)
+        if isinstance(e, Eagle3Error):
+            return _report(f"error: {e}", EXIT_ERROR)
+        if isinstance(e, OSError):  # the environment, not the input: a full disk, a permission, a vanished file
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            return _report(f"error: {where}{e.strerror or e}", EXIT_ERROR)
         if os.environ.get("EAGLE3_JAX_DEBUG"):
             raise
         return _report(f"error: internal error ({type(e).__name__}: {str(e).strip()[:300]}); this is a bug in "

@@ -1,5 +1,3 @@
-import sys
+from eagle3_jax.cli import entry
 
-from eagle3_jax.cli import main
-
-sys.exit(main())
+entry()

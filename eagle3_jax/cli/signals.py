@@ -79,10 +79,15 @@ def _handle(signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+def interrupted() -> bool:
+    """Whether a guarded signal came since the outermost guard began."""
+    return _received is not None
+
+
 def check() -> None:
     """Raises ``KeyboardInterrupt`` if a guarded signal came (even one whose interrupt was swallowed)."""
     if _received is not None:
         raise KeyboardInterrupt
 
 
-__all__ = ["InterruptGuard", "check"]
+__all__ = ["InterruptGuard", "check", "interrupted"]
