@@ -3,8 +3,8 @@
 
 Starts one ``eagle3-jax serve`` process (the embedded demo pair by default,
 with a ChatML chat template) and, one class at a time, sends the request a
-hostile or careless client would: a 50 MB body, a prompt that fills the body
-limit, a 20 MB chat message, JSON nested 100,000 deep, a client's own chat
+hostile or careless client would: a 50 MB body, a text prompt and a list of
+token ids that fill the default body limit (2 MiB), a 20 MB chat message, JSON nested 100,000 deep, a client's own chat
 template with nested loops, eight non-streamed clients that give up after
 0.5 s, a client that trickles its headers, a tiny temperature. Meanwhile a
 thread polls ``GET /health`` every 20 ms and another samples the server's
@@ -167,7 +167,9 @@ def main() -> int:
         return run
 
     measure("body of 50 MB", single(body({"model": "demo", "prompt": "x" * 50_000_000})))
-    measure("prompt filling an 8 MB body", single(body({"model": "demo", "prompt": "x " * 4_190_000})))
+    measure("a text prompt of 2 MB (the default body limit)", single(body({"model": "demo",
+                                                                           "prompt": "x " * 1_045_000})))
+    measure("2 MB of tiny JSON values (1M token ids)", single(body({"model": "demo", "prompt": [1] * 695_000})))
     measure("chat message of 20 MB", single(body({"model": "demo", "messages": [{"role": "user",
                                                                                   "content": "y" * 20_000_000}]}),
                                             chat))

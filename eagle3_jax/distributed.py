@@ -178,7 +178,9 @@ def _join(address: str, host: str, port: int, num_processes: int, process_id: in
             time.sleep(0.2)
     try:
         conn.sendall(f"{_HELLO} {process_id} {num_processes}\n".encode())
-        conn.settimeout(max(1.0, deadline - time.monotonic()) + 10.0)  # process 0 answers at its deadline
+        # Process 0 answers by its own deadline, at most `timeout` after it began to listen, which was before
+        # this connection: waiting that long from now (not from this process's start) never gives up first.
+        conn.settimeout(timeout + 10.0)
         try:
             answer = _read_line(conn)
         except OSError:

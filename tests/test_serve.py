@@ -469,10 +469,13 @@ def test_a_chat_template_that_runs_too_long_is_interrupted_and_the_server_goes_o
         t0 = time.perf_counter()
         answers = asyncio.run(spins(5))  # more than the server's 4 preparation workers
         elapsed = time.perf_counter() - t0
+    codes = sorted(r.json()["error"]["code"] for r in answers)
+    # Four ran their 2 s on the four workers and were interrupted; the fifth waited for a worker, and either
+    # got one and was interrupted too, or was told the server is busy when none was free within 2 s.
+    assert codes[:4] == ["prepare_timeout"] * 4 and codes[4] in ("prepare_timeout", "server_busy"), codes
     for r in answers:
-        assert r.status_code == 400 and r.json()["error"]["code"] == "prepare_timeout", r.text
-        assert "--prepare-timeout" in r.json()["error"]["message"]
-    assert 2.0 <= elapsed < 30, elapsed  # each ran its 2 s (the fifth after a worker came back), no longer
+        assert r.status_code == (400 if r.json()["error"]["code"] == "prepare_timeout" else 503), r.text
+    assert 2.0 <= elapsed < 30, elapsed
     assert watch.failures == 0 and len(watch.latencies) >= 10 and watch.worst < 1.0, watch.worst
     reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                            temperature=0)
@@ -483,15 +486,20 @@ def test_non_streamed_clients_that_time_out_free_their_rows_at_once(server, clie
     url = server["url"] + "/v1/completions"
     long = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 250, "temperature": 0, "ignore_eos": True}
 
+    outcomes = []
+
     def impatient():
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(url, json=long, timeout=0.5)
+        try:
+            outcomes.append(httpx.post(url, json=long, timeout=0.5).status_code)
+        except httpx.TimeoutException:
+            outcomes.append("gave up")
 
     threads = [threading.Thread(target=impatient) for _ in range(BATCH)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert outcomes == ["gave up"] * BATCH, outcomes
     left = time.perf_counter()
     while time.perf_counter() - left < 30:
         health = httpx.get(server["url"] + "/health").json()
@@ -634,7 +642,8 @@ def test_ctrl_c_or_sigterm_at_any_moment_of_start_up_stops_the_server(server):
             proc.kill()
         err = proc.stderr.read()
         last = err.strip().splitlines()[-1] if err.strip() else ""
-        assert (code, last) in ((130, "interrupted"), (0, "stopped")), (at, sig, code, err[-1500:])
+        served = "serving " in err  # the signal came once it served: a graceful stop
+        assert (code, last) == ((0, "stopped") if served else (130, "interrupted")), (at, sig, code, err[-1500:])
         assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
 
 

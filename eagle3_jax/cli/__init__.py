@@ -69,19 +69,19 @@ def entry() -> NoReturn:
     """The ``eagle3-jax`` command (the console script, ``python -m eagle3_jax``): :func:`main`'s status as the
     process's exit status.
 
-    After an interruption the process ends at once with it (``os._exit``, output flushed): CPython marks a
-    ``KeyboardInterrupt`` raised inside Python code that a native library runs (``PyRun_String``: JAX's and
-    torch's start-up do) as unhandled even when it was caught, and would then end the process by SIGINT
-    instead of with the status.
+    After an interruption (status 130) the process ends at once with it (``os._exit``, output flushed; the
+    command's own clean-up has run): CPython marks a ``KeyboardInterrupt`` raised inside Python code that a
+    native library runs (``PyRun_String``: JAX's and torch's start-up do) as unhandled even when it was
+    caught, and would then end the process by SIGINT instead of with the status.
     """
     code = main()
-    if interrupted():
+    if code == 130 and interrupted():
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(code if isinstance(code, int) else 1)
+        os._exit(130)
     sys.exit(code)
 
 

@@ -89,8 +89,9 @@ def add_parser(sub) -> None:
         "limits (against hostile or careless clients; docs/bad-input.md#the-server)",
         "Checked before the work they protect: a request past one gets 400, 408 or 413 with OpenAI's error body "
         "naming the limit, and never slows the others down.")
-    limits.add_argument("--max-body-bytes", type=positive_int, default=8 * 2**20, metavar="N",
-                        help="a request body's size at most (413 beyond, before it is read)")
+    limits.add_argument("--max-body-bytes", type=positive_int, default=2 * 2**20, metavar="N",
+                        help="a request body's size at most (413 beyond, before it is read; parsing a body's JSON "
+                             "holds Python's lock for up to about 0.1 s per MiB, so keep it near what prompts need)")
     limits.add_argument("--max-prompt-chars", type=positive_int, default=None, metavar="N",
                         help="characters of a text prompt, or of a chat's messages together, at most (default: "
                              "four times what the KV cache could hold, by the vocabulary's longest token)")
@@ -111,7 +112,7 @@ def add_parser(sub) -> None:
     limits.add_argument("--body-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="time a request's whole body may take to arrive (408 after it)")
     limits.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
-                        help="open connections at most (a request on one beyond gets 503)")
+                        help="open connections at most, idle ones included (a request on one beyond gets 503)")
     spec = p.add_argument_group("speculative decoding (EAGLE-3)")
     add_tree_options(spec)
     add_head_overrides(spec)
@@ -281,7 +282,8 @@ def _serve(args, server, sock, announce) -> int:
     limits = server.limits
     config = uvicorn.Config(create_app(server, on_ready=announce), log_level="warning",
                             access_log=args.log_requests, timeout_graceful_shutdown=5,
-                            http=guarded_protocol(limits.header_timeout), limit_concurrency=limits.max_connections,
+                            # (uvicorn counts the connection asking among its connections: one more serves N)
+                            http=guarded_protocol(limits.header_timeout), limit_concurrency=limits.max_connections + 1,
                             h11_max_incomplete_event_size=64 * 1024)
     # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again (cli.main's guard turns it into
     # a KeyboardInterrupt): that is a normal end here.

@@ -40,7 +40,7 @@ from eagle3_jax.errors import InputError
 from eagle3_jax.serve.engine import STOP_WIDTH, BatchEngine, EngineClosed, EngineRequest, QueueFull, RequestStats
 from eagle3_jax.serve.limits import BodyBudget, decode_json, default_prompt_chars, read_body
 from eagle3_jax.serve.metrics import Metrics
-from eagle3_jax.serve.offload import Offloader, PrepareTimeout
+from eagle3_jax.serve.offload import Offloader, PrepareTimeout, WorkersBusy
 from eagle3_jax.serve.protocol import (
     FINISH,
     APIError,
@@ -230,6 +230,10 @@ class Server:
                 raise APIError(f"preparing the request (parsing, chat template, tokenization) took more than "
                                f"{self.limits.prepare_timeout:g} s (--prepare-timeout): send a smaller one",
                                param="messages" if chat else "prompt", code="prepare_timeout") from None
+            except WorkersBusy as e:
+                raise APIError(f"the server is busy preparing other requests ({e}); retry in {self.retry_after} s",
+                               status=503, type="server_overloaded", code="server_busy",
+                               headers={"Retry-After": str(self.retry_after)}) from None
 
     async def _unless_closing(self, work):
         """Awaits ``work``, or answers 503 as soon as the server begins to shut down."""
@@ -241,7 +245,9 @@ class Server:
             closing.cancel()
             if not task.done():
                 task.cancel()
-        if not task.done() or task.cancelled():
+        if self._closing().is_set() or not task.done() or task.cancelled():
+            if task.done() and not task.cancelled():
+                task.exception()  # (retrieved: whatever it was, the answer is that the server is stopping)
             raise _shutting_down()
         return task.result()
 

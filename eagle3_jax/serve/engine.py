@@ -294,12 +294,13 @@ class BatchEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def shutdown(self, timeout: float = 30.0) -> int:
-        """Stops the thread (after its current chunk) and ends every request still waiting or running with
-        'shutdown' (their clients get an error saying so); later submits are refused. Returns how many
-        requests it ended (those whose clients had already left are not counted)."""
+    def shutdown(self, timeout: float = 10.0) -> int:
+        """Stops the thread (after its current chunk, or prefill; waiting at most ``timeout`` seconds) and ends
+        every request still waiting or running with 'shutdown' (their clients get an error saying so); later
+        submits are refused, and a thread still busy past the timeout admits and delivers nothing more.
+        Returns how many requests it ended (those whose clients had already left are not counted)."""
         with self._lock:
-            self._closed = True
+            self._closed = True  # the thread admits and delivers nothing more from here on
         self.stop(timeout)
         with self._lock:
             pending = [r for r in self._rows if r is not None] + list(self._waiting)
@@ -402,6 +403,8 @@ class BatchEngine:
         admitted = False
         while True:
             with self._lock:
+                if self._stopping or self._closed:  # shutting down: nothing new starts
+                    return admitted
                 busy = any(r is not None for r in self._rows)
                 if self.admission == "static" and busy and not admitted:
                     return False
@@ -427,6 +430,9 @@ class BatchEngine:
                     self._rows[row] = None
                 _safe_finish(request, "error", self._stats(request, []))
                 continue
+            with self._lock:
+                if self._closed:  # shut down while it was prefilled: shutdown() has answered it
+                    return admitted
             self._state, seconds = insert_row(self._state, row_state, jnp.int32(row))
             self.compile_seconds += seconds
             self._temperature[row], self._top_p[row], self._top_k[row] = request.temperature, request.top_p, \
@@ -439,6 +445,8 @@ class BatchEngine:
     def _deliver(self) -> None:
         """Hands each row's new tokens to its sink, ends rows that asked to stop or were cancelled,
         and retires the finished ones."""
+        if self._closed:  # shutdown() has answered every request
+            return
         result = self._state.result
         tokens, counts, codes, forwards = jax.device_get((result.tokens, result.num_generated, result.finish_reason,
                                                           result.num_forwards))

@@ -86,7 +86,8 @@ def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
 
 class GracefulServer(uvicorn.Server):
     """A uvicorn server that calls ``before_shutdown()`` (once no new connection is accepted) before its
-    graceful shutdown waits for the requests in flight."""
+    graceful shutdown waits for the requests in flight; a second Ctrl-C (uvicorn's ``force_exit``) stops
+    waiting for it."""
 
     def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]):
         super().__init__(config)
@@ -96,7 +97,11 @@ class GracefulServer(uvicorn.Server):
         for server in self.servers:  # no new connections while the requests in flight are ended
             server.close()
         try:
-            await self._before_shutdown()
+            ending = asyncio.ensure_future(self._before_shutdown())
+            while not ending.done() and not self.force_exit:  # a second Ctrl-C stops waiting for it
+                await asyncio.wait({ending}, timeout=0.1)
+            if ending.done():
+                ending.result()
         finally:
             await super().shutdown(sockets)
 

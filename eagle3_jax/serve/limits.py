@@ -94,7 +94,8 @@ async def read_body(http: Request, limits: Limits, share: _Share) -> bytes:
                     raise _too_large(limits, f"more than {limits.max_body_bytes} arrived")
                 if not share.take(len(chunk)):
                     raise APIError("the server is busy receiving other requests; retry in 1 s", status=503,
-                                   type="server_overloaded", code="server_busy", headers={"Retry-After": "1"})
+                                   type="server_overloaded", code="server_busy",
+                                   headers={"Retry-After": "1", "Connection": "close"})
                 chunks.append(chunk)
     except TimeoutError:
         raise APIError(f"the request body did not arrive within {limits.body_timeout:g} s (--body-timeout)",

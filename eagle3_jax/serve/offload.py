@@ -35,6 +35,17 @@ class PrepareTimeout(Exception):
     """A job did not finish within the Offloader's timeout (it has been interrupted)."""
 
 
+class WorkersBusy(Exception):
+    """No worker was free within the Offloader's timeout (the job never started)."""
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop has closed (a worker finished after the server stopped)
+        pass
+
+
 def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> None:
     """Schedules ``exception`` in the thread (None: clears one scheduled and not yet raised)."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
@@ -71,11 +82,15 @@ class Offloader:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a worker thread; raises :class:`PrepareTimeout` after ``timeout`` seconds of it,
-        or what ``fn`` raised. Cancelling the caller interrupts the job too."""
+        :class:`WorkersBusy` when no worker has been free for ``timeout`` seconds, or what ``fn`` raised.
+        Cancelling the caller interrupts the job too."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._workers)
         loop = asyncio.get_running_loop()
-        await self._slots.acquire()
+        try:  # workers stuck in native code that never returns must not hold every later request for ever
+            await asyncio.wait_for(self._slots.acquire(), self.timeout)
+        except TimeoutError:
+            raise WorkersBusy(f"no worker was free for {self.timeout:g} s") from None
         job = _Job()
         try:
             future = self._executor.submit(self._call, job, fn, args)
@@ -83,7 +98,7 @@ class Offloader:
             self._slots.release()
             raise
         # The slot comes back when the thread is done with the job, not at the caller's deadline.
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+        future.add_done_callback(lambda _: _call_soon(loop, self._slots.release))
         result = asyncio.wrap_future(future)
         result.add_done_callback(_retrieve)  # an interrupted job's exception is nobody's to see
         try:
@@ -122,4 +137,4 @@ class Offloader:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["Interrupted", "Offloader", "PrepareTimeout"]
+__all__ = ["Interrupted", "Offloader", "PrepareTimeout", "WorkersBusy"]

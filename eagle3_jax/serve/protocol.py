@@ -77,7 +77,7 @@ class Limits:
       prepare_workers: threads that prepare requests.
     """
 
-    max_body_bytes: int = 8 * MiB
+    max_body_bytes: int = 2 * MiB
     max_json_depth: int = 32
     max_prompt_chars: int | None = None
     max_messages: int = 1024
@@ -132,6 +132,12 @@ def _type_name(value: Any) -> str:
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+def _shown(value: Any) -> str:
+    """A number as an error message shows it: an integer of thousands of digits (JSON allows them) cut short."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text.lstrip('-'))} digits)"
+
+
 def _int(body: Mapping, name: str, *, default: Any, minimum: int | None = None, maximum: int | None = None):
     value = body.get(name)
     if value is None:
@@ -139,9 +145,9 @@ def _int(body: Mapping, name: str, *, default: Any, minimum: int | None = None, 
     if not is_int(value):
         raise APIError(f"'{name}' must be an integer, got {_type_name(value)}", param=name)
     if minimum is not None and value < minimum:
-        raise APIError(f"'{name}' must be at least {minimum}, got {value}", param=name)
+        raise APIError(f"'{name}' must be at least {minimum}, got {_shown(value)}", param=name)
     if maximum is not None and value > maximum:
-        raise APIError(f"'{name}' must be at most {maximum}, got {value}", param=name)
+        raise APIError(f"'{name}' must be at most {maximum}, got {_shown(value)}", param=name)
     return int(value)
 
 
@@ -151,21 +157,22 @@ def _number(body: Mapping, name: str, *, default: float, minimum: float, maximum
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(f"'{name}' must be a number, got {_type_name(value)}", param=name)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise APIError(f"'{name}' must be a finite number, got {value}", param=name)
+    # (an int is compared as it is: float() of one with hundreds of digits overflows)
     low_ok = value > minimum if open_min else value >= minimum
     if not low_ok or value > maximum:
-        raise APIError(f"'{name}' must be {'>' if open_min else '>='} {minimum} and <= {maximum}, got {value}",
-                       param=name)
+        raise APIError(f"'{name}' must be {'>' if open_min else '>='} {minimum} and <= {maximum}, got "
+                       f"{_shown(value)}", param=name)
     return float(value)
 
 
-def _bool(body: Mapping, name: str, default: bool = False) -> bool:
+def _bool(body: Mapping, name: str, default: bool = False, *, param: str | None = None) -> bool:
     value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise APIError(f"'{name}' must be true or false, got {_type_name(value)}", param=name)
+        raise APIError(f"'{param or name}' must be true or false, got {_type_name(value)}", param=param or name)
     return value
 
 
@@ -315,7 +322,7 @@ def parse_request(body: Any, *, chat: bool, model_names: tuple[str, ...], defaul
     stop_ids = [] if stop_token_ids is None else _token_ids(stop_token_ids, "stop_token_ids", vocab_size)
     stops = _stops(body.get("stop"), stop_ids, limits, vocab_size)
     stream = _bool(body, "stream")
-    include_usage = _bool(_object(body, "stream_options"), "include_usage")
+    include_usage = _bool(_object(body, "stream_options"), "include_usage", param="stream_options.include_usage")
     template_kwargs = _object(body, "chat_template_kwargs")
     try:
         check_template_kwargs(template_kwargs)
