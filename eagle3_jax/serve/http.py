@@ -6,7 +6,9 @@
   file descriptor) for as long as it likes. :func:`guarded_protocol` makes
   uvicorn's h11 protocol close a connection that has been waiting for its
   client longer than ``header_timeout`` seconds, whenever no response is in
-  progress on it. Bodies the app reads have their own deadline
+  progress on it. (A body refused before it was read, e.g. with 413, is
+  still received and dropped until then, so that a client still sending
+  reads the answer instead of a connection reset.) Bodies the app reads have their own deadline
   (``serve/limits.py``). The number of connections is bounded by uvicorn's
   ``limit_concurrency`` (503 beyond).
 - **Requests in flight at shutdown.** uvicorn waits for them a few seconds,

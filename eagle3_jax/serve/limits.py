@@ -95,7 +95,7 @@ async def read_body(http: Request, limits: Limits, share: _Share) -> bytes:
                 if not share.take(len(chunk)):
                     raise APIError("the server is busy receiving other requests; retry in 1 s", status=503,
                                    type="server_overloaded", code="server_busy",
-                                   headers={"Retry-After": "1", "Connection": "close"})
+                                   headers={"Retry-After": "1"})
                 chunks.append(chunk)
     except TimeoutError:
         raise APIError(f"the request body did not arrive within {limits.body_timeout:g} s (--body-timeout)",
@@ -105,7 +105,7 @@ async def read_body(http: Request, limits: Limits, share: _Share) -> bytes:
 
 def _too_large(limits: Limits, what: str) -> APIError:
     return APIError(f"the request body is too large ({what}; at most {limits.max_body_bytes} bytes, "
-                    "--max-body-bytes)", status=413, code="request_too_large", headers={"Connection": "close"})
+                    "--max-body-bytes)", status=413, code="request_too_large")
 
 
 def decode_json(raw: bytes, limits: Limits) -> Any:
