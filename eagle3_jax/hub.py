@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from eagle3_jax.errors import CheckpointError
 
@@ -19,7 +20,9 @@ DRAFT_HUB_PATTERNS = (*HUB_PATTERNS, "pytorch_model.bin")
 def resolve_model_dir(name_or_path: str | os.PathLike, *, draft: bool = False) -> str:
     """A local directory for ``name_or_path``.
 
-    A path to an existing directory is returned as is. Anything else that
+    A path to an existing directory is returned as is. A GGUF file (a target)
+    is converted once into the user's cache and that directory returned
+    (:func:`eagle3_jax.weights.gguf_io.cached_conversion`). Anything else that
     looks like a Hub id (``org/name``) is downloaded with ``huggingface_hub``
     (safetensors and JSON files only, plus ``pytorch_model.bin`` for a
     ``draft`` head); offline, that fails with a clear error.
@@ -33,7 +36,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, draft: bool = False) -
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise CheckpointError(f"{path}: expected a model directory, found a file")
+        from eagle3_jax.weights import gguf_io
+
+        if gguf_io.is_gguf_file(path):
+            if draft:
+                raise CheckpointError(f"{path}: a GGUF file; EAGLE-3 draft heads are read from HF directories only")
+            return gguf_io.cached_conversion(path, log=lambda line: print(line, file=sys.stderr, flush=True))
+        raise CheckpointError(f"{path}: expected a model directory (or a GGUF file), found a file")
     if os.path.islink(path):
         raise CheckpointError(f"{path}: a symbolic link that leads nowhere (its target is missing, or it loops)")
     if not _REPO_ID.match(path) or path.startswith((".", "/", "~")):

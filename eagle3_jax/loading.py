@@ -91,8 +91,10 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
 
     Args:
       name_or_path: a local HF directory (config.json + model.safetensors or a
-        sharded index), a directory written by :func:`convert_target`, or a
-        Hub id fetched with ``huggingface_hub``.
+        sharded index), a directory written by :func:`convert_target`, a
+        llama.cpp GGUF file (llama, qwen2, qwen3; dequantized once into the
+        user's cache, ``eagle3_jax/weights/gguf_io.py``), or a Hub id
+        fetched with ``huggingface_hub``.
       dtype: parameter and activation dtype ('float32', 'bfloat16', a jnp
         dtype, or None for bfloat16 on accelerators and float32 on CPU).
       progress: show a progress bar while tensors load.
@@ -134,19 +136,39 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
     return model
 
 
+def checkpoint_dtype(model_dir: str) -> jnp.dtype:
+    """The dtype a checkpoint stores its weights in: config.json's ``torch_dtype`` (or ``dtype``) when it names a
+    float type, else the dtype of its embedding tensor, else bfloat16."""
+    raw = read_json(os.path.join(model_dir, "config.json"))
+    for key in ("torch_dtype", "dtype"):
+        if isinstance(raw.get(key), str) and raw[key] in DTYPES:
+            return jnp.dtype(DTYPES[raw[key]])
+    try:
+        for path in checkpoint_files(model_dir):
+            f = SafetensorsFile(path)
+            for name in f.keys():
+                if name.endswith("embed_tokens.weight"):
+                    dtype = jnp.dtype(f.dtype(name))
+                    return dtype if dtype.name in DTYPES else jnp.dtype(jnp.bfloat16)
+    except (CheckpointError, AttributeError):
+        pass
+    return jnp.dtype(jnp.bfloat16)
+
+
 def convert_target(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
                    progress: bool = True) -> str:
-    """Converts an HF target checkpoint into the faster-loading orbax format at ``dst``.
+    """Converts an HF target checkpoint (or a GGUF file) into the faster-loading orbax format at ``dst``.
 
-    ``dtype`` defaults to bfloat16 (the dtype of published checkpoints);
-    loading casts to whatever dtype is asked for then.
+    ``dtype`` defaults to the checkpoint's own (:func:`checkpoint_dtype`:
+    a float32 checkpoint stays float32); loading casts to whatever dtype is
+    asked for then. The marker ``eagle3_jax.json`` records the dtype stored.
     """
     check_destination(dst, overwrite=overwrite, replaceable=converted.is_converted, what="converted checkpoint")
     model_dir = resolve_model_dir(src)
-    dtype = parse_dtype(dtype or "bfloat16")
+    dtype = parse_dtype(dtype) if dtype not in (None, "keep") else checkpoint_dtype(model_dir)
     model = load_target(model_dir, dtype=dtype, progress=progress)
     return converted.save_converted(model, model_dir, os.fspath(dst), kind="target", overwrite=overwrite,
-                                    extra={"source": os.fspath(src)})
+                                    extra={"source": os.fspath(src), "dtype": dtype.name})
 
 
 def save_target(model: TargetModel, output_dir: str | os.PathLike, *, dtype="bfloat16",
@@ -294,9 +316,10 @@ def save_draft(head: Eagle3DraftHead, output_dir: str | os.PathLike, *, embeddin
 
 def convert_draft(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
                   progress: bool = True) -> str:
-    """Converts a draft head into the orbax format (what :func:`convert_target` does for targets)."""
+    """Converts a draft head into the orbax format (what :func:`convert_target` does for targets, dtype included)."""
     check_destination(dst, overwrite=overwrite, replaceable=converted.is_converted, what="converted checkpoint")
     model_dir = resolve_model_dir(src, draft=True)
-    head = load_draft(model_dir, dtype=parse_dtype(dtype or "bfloat16"), progress=progress)
+    dtype = parse_dtype(dtype) if dtype not in (None, "keep") else checkpoint_dtype(model_dir)
+    head = load_draft(model_dir, dtype=dtype, progress=progress)
     return converted.save_converted(head, model_dir, os.fspath(dst), kind="draft", overwrite=overwrite,
-                                    extra={"source": os.fspath(src)})
+                                    extra={"source": os.fspath(src), "dtype": dtype.name})

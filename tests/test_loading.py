@@ -126,8 +126,16 @@ def test_convert_round_trip(fixture, request, tmp_path):
         np.testing.assert_array_equal(np.asarray(direct[k][...]), np.asarray(converted[k][...]), err_msg=k)
 
 
+def test_convert_keeps_the_checkpoint_dtype(hf_qwen3, tmp_path):
+    out = convert_target(hf_qwen3.path, tmp_path / "conv", progress=False)  # the float32 checkpoint stays float32
+    assert json.loads((tmp_path / "conv" / "eagle3_jax.json").read_text())["dtype"] == "float32"
+    w = hf_qwen3.model.state_dict()["model.layers.2.self_attn.o_proj.weight"].numpy()
+    got = np.asarray(load_target(out, dtype="float32", progress=False).model.layers[2].self_attn.o_proj.kernel[...])
+    np.testing.assert_array_equal(got, w.T)
+
+
 def test_convert_bf16_then_load_f32(hf_qwen3, tmp_path):
-    out = convert_target(hf_qwen3.path, tmp_path / "conv", progress=False)  # bfloat16 by default
+    out = convert_target(hf_qwen3.path, tmp_path / "conv", dtype="bfloat16", progress=False)
     model = load_target(out, dtype="float32", progress=False)
     assert model.dtype == jnp.float32
     w = hf_qwen3.model.state_dict()["model.layers.2.self_attn.o_proj.weight"].numpy()

@@ -30,7 +30,7 @@ import os
 import reprlib
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import BinaryIO, NamedTuple
 
 import ml_dtypes
@@ -347,25 +347,42 @@ class SafetensorsFile:
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
     """Writes ``tensors`` as a safetensors file (names sorted, 8-byte aligned header)."""
+    arrays = {name: np.asarray(tensors[name]) for name in tensors}
+    save_streamed({name: (a.shape, a.dtype) for name, a in arrays.items()}, arrays.__getitem__, path, metadata)
+
+
+def save_streamed(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], produce: Callable[[str], np.ndarray],
+                  path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a safetensors file whose tensors are made one at a time, in name order.
+
+    ``specs`` gives each tensor's (shape, dtype) up front (the header comes
+    first); ``produce(name)`` returns the tensor, which must match its spec.
+    Host memory holds one tensor at a time, so a checkpoint larger than memory
+    can be written (a dequantized GGUF, ``eagle3_jax/weights/gguf_io.py``).
+    """
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(np.asarray(tensors[name]))
-        if arr.dtype not in _NAMES:
-            raise CheckpointError(f"cannot save tensor {name!r} of dtype {arr.dtype} as safetensors")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
+    names = sorted(specs)
+    for name in names:
+        shape, dtype = tuple(int(d) for d in specs[name][0]), np.dtype(specs[name][1])
+        if dtype not in _NAMES:
+            raise CheckpointError(f"cannot save tensor {name!r} of dtype {dtype} as safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for arr in arrays:
+        for name in names:
+            arr = np.ascontiguousarray(produce(name))
+            entry = header[name]
+            if list(arr.shape) != entry["shape"] or _NAMES.get(arr.dtype) != entry["dtype"]:
+                raise CheckpointError(f"tensor {name!r}: made as {arr.dtype} {list(arr.shape)}, announced as "
+                                      f"{entry['dtype']} {entry['shape']}")
             f.write(arr.tobytes())
 
 
