@@ -103,6 +103,9 @@ def _main(argv: Sequence[str] | None) -> int:
     from eagle3_jax.xla_flags import apply_default_flags
 
     apply_default_flags()  # first: XLA reads $XLA_FLAGS when JAX starts a backend
+    # transformers' advice lines (e.g. "PyTorch was not found. Models won't be available") are about its own
+    # models, which no command uses (tokenizers and configs only): not news for a user of this CLI
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the top-level usage; the command's own is the useful one
