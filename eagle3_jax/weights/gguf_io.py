@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -514,8 +514,3 @@ def cached_conversion(path: str | os.PathLike, *, cache_dir: str | None = None, 
         raise
     return out
 
-
-def iter_tensor_names(ckpt: GGUFCheckpoint) -> Iterator[tuple[str, str]]:
-    """(GGUF name, HF name) of every tensor, in file order."""
-    for name in ckpt.tensors:
-        yield name, ckpt.hf_name(name)
