@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead
+from eagle3_jax.cli.options import knob_triple
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.decoding import plain, speculative
 from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
@@ -190,14 +191,6 @@ def print_table(result: dict) -> None:
     print(f"{'sum phases':>12s}" + "".join(f"{c:>22s}" for c in sums))
 
 
-def _knobs(text: str):
-    try:
-        d, k, n = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected D,K,N (e.g. 3,1,4), got {text!r}") from None
-    return d, k, n
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -206,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--draft", help="draft head directory (default: a random head of the target's shape)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary of the random head")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--knobs", type=_knobs, nargs="+", default=[(3, 1, 4)], metavar="D,K,N")
+    p.add_argument("--knobs", type=knob_triple, nargs="+", default=[(3, 1, 4)], metavar="D,K,N")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--context", type=int, default=256, help="committed tokens in the caches")
     p.add_argument("--repeats", type=int, default=7, help="timed calls of each loop, interleaved")

@@ -42,6 +42,7 @@ from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
 from eagle3_jax.attention import AttentionMetadata
+from eagle3_jax.cli.options import knob_triple
 from eagle3_jax.loading import load_draft, load_target, parse_dtype
 from eagle3_jax.timing import interleaved, paired_speedup
 
@@ -180,14 +181,6 @@ def end_to_end(target, draft, prompts, knob_list, *, max_new_tokens, batch, repe
     return rows
 
 
-def _knobs(text: str):
-    try:
-        d, k, n = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected D,K,N (e.g. 3,1,4), got {text!r}") from None
-    return d, k, n
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -198,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024, help="context length for the step costs")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--verify-sizes", default="1,4,8,16,32,64", help="N values for the verify-step costs")
-    p.add_argument("--knobs", type=_knobs, nargs="+", default=[(3, 1, 4)], metavar="D,K,N",
+    p.add_argument("--knobs", type=knob_triple, nargs="+", default=[(3, 1, 4)], metavar="D,K,N",
                    help="tree shapes for the end-to-end runs (num_steps,topk,num_draft_tokens)")
     p.add_argument("--prompts", default=None,
                    help="a JSONL prompt file ({'turns': [...]} per line) or a shipped slice's name "

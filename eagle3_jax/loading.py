@@ -32,7 +32,7 @@ from eagle3_jax.sharding import ShardingPlan, check_mesh, put
 from eagle3_jax.weights import converted, torch_bin
 from eagle3_jax.weights.params import export_safetensors, load_safetensors_into
 from eagle3_jax.weights.rules import eagle3_rules
-from eagle3_jax.weights.safetensors_io import SafetensorsFile, checkpoint_files
+from eagle3_jax.weights.safetensors_io import SafetensorsFile, checkpoint_files, directory_metadata
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -44,14 +44,7 @@ EXPORT_MARKER_KEY = "eagle3_jax_export"
 def is_export(path: str, kind: str) -> bool:
     """True if ``path`` is a directory that :func:`save_target` (kind 'target') or :func:`save_draft`
     ('draft') wrote."""
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        return False
-    try:
-        metadata = SafetensorsFile(weights).metadata
-    except CheckpointError:
-        return False
-    return isinstance(metadata, dict) and metadata.get(EXPORT_MARKER_KEY) == kind
+    return (directory_metadata(path) or {}).get(EXPORT_MARKER_KEY) == kind
 
 
 def default_dtype():

@@ -400,16 +400,9 @@ def parse_store_dtype(dtype) -> np.dtype | None:
 
 def is_gguf_conversion(path: str) -> bool:
     """True if ``path`` is a directory :func:`convert_gguf` wrote (what ``overwrite`` may replace)."""
-    from eagle3_jax.weights.safetensors_io import SafetensorsFile
+    from eagle3_jax.weights.safetensors_io import directory_metadata
 
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        return False
-    try:
-        metadata = SafetensorsFile(weights).metadata
-    except CheckpointError:
-        return False
-    return isinstance(metadata, dict) and MARKER_KEY in metadata
+    return MARKER_KEY in (directory_metadata(path) or {})
 
 
 def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,

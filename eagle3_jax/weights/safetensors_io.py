@@ -389,6 +389,19 @@ def save_streamed(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], produce
 # ---------------------------------------------------------- checkpoint dirs
 
 
+def directory_metadata(path: str) -> dict | None:
+    """The ``__metadata__`` of ``path/model.safetensors``, or None when there is no such readable file
+    (how eagle3-jax recognises the directories it wrote: a marker key in that metadata)."""
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        return None
+    try:
+        metadata = SafetensorsFile(weights).metadata
+    except CheckpointError:
+        return None
+    return metadata if isinstance(metadata, dict) else None
+
+
 def check_shard_name(shard: object, *, index: str, tensor: str) -> str:
     """``shard`` if it is a plain relative file name that stays inside the model directory.
 
