@@ -426,3 +426,51 @@ def test_directories_expand_to_their_files(tmp_path, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no files"):
         load_examples([str(tmp_path / "empty")], tokenizer, 64)
+
+
+@pytest.mark.slow
+def test_regenerate_resumes_exactly_after_a_stop(hf_qwen3_real_vocab, tmp_path, capsys, monkeypatch):
+    """A run stopped after its first block, resumed with --resume, writes what an uninterrupted run writes;
+    a resume with other settings or changed data is refused, and without --resume the progress is not lost."""
+    import eagle3_jax.training.regenerate as regen
+
+    convs = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(5)] + [CONV[1:]]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"messages": c}) for c in convs) + "\n")
+    base = ["regenerate", "--target", hf_qwen3_real_vocab.path, "--data", str(src), "--max-new-tokens", "4",
+            "--batch-size", "2", "--dtype", "float32", "--temperature", "1.0", "--seed", "7"]
+    whole = tmp_path / "whole.jsonl"
+    assert main(base + ["--output", str(whole)]) == 0
+    assert not os.path.exists(str(whole) + ".progress")
+
+    out = tmp_path / "out.jsonl"
+    real = regen._regenerate_block
+    calls = []
+
+    def stop_after_first(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(kwargs["first"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(regen, "_regenerate_block", stop_after_first)
+    assert main(base + ["--output", str(out)]) == 130
+    assert not out.exists()
+    lines = (tmp_path / "out.jsonl.progress").read_text().splitlines()
+    assert len(lines) == 3 and [json.loads(x)["index"] for x in lines[1:]] == [0, 1]
+    with open(tmp_path / "out.jsonl.progress", "a") as f:
+        f.write('{"index": 2, "messa')  # a line a kill cut off
+    monkeypatch.setattr(regen, "_regenerate_block", real)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # the progress is not silently discarded
+        main(base + ["--output", str(out)])
+    assert stop.value.code == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(base[:-1] + ["8", "--output", str(out), "--resume"]) == 1  # another seed
+    assert "seed 7 -> 8" in capsys.readouterr().err
+    resumed = []
+    monkeypatch.setattr(regen, "_regenerate_block", lambda *a, **k: resumed.append(k["first"]) or real(*a, **k))
+    assert main(base + ["--output", str(out), "--resume"]) == 0
+    assert resumed == [2, 4] and "resuming: 2 of 6" in capsys.readouterr().err
+    assert out.read_text() == whole.read_text()
+    assert not os.path.exists(str(out) + ".progress")

@@ -5,14 +5,16 @@ outputs (this matters most for thinking models, whose traces no dataset
 holds). For every conversation the user (and system) turns are kept and
 each assistant turn is replaced by the target's reply to the conversation
 so far; conversations that end with a user turn get one reply appended.
-Replies are generated in batches, turn by turn, with :class:`Generator`.
+Replies are generated in blocks of conversations, turn by turn, with
+:class:`Generator`; a stopped run resumes exactly (:func:`regenerate`'s
+``done`` and ``on_block``; ``eagle3-jax regenerate --resume``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -32,8 +34,18 @@ def _turn_plan(conversation: Sequence[dict]) -> tuple[list[dict], int]:
 
 def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int,
                sampling: SamplingParams | None = None, batch_size: int = 8, seed: int = 0,
-               progress: bool = True, stream_every: int = 8) -> list[list[dict]]:
+               progress: bool = True, stream_every: int = 8, done: Mapping[int, list[dict]] | None = None,
+               on_block: Callable[[int, list[list[dict]]], None] | None = None) -> list[list[dict]]:
     """Returns the conversations with every assistant turn written by the target.
+
+    Conversations go in blocks of ``batch_size``: every turn of a block is
+    generated before the next block starts, and the block that starts at
+    conversation ``s`` draws with seed ``seed + s``. A block's replies
+    therefore depend on nothing outside it, which makes a stopped run resume
+    exactly: ``done`` maps the indices of conversations already regenerated
+    to their result (a block all of whose conversations are done is
+    skipped), and ``on_block(s, block)`` receives each block as it completes
+    (``eagle3-jax regenerate`` appends it to its progress file).
 
     With ``progress`` a bar counts the replies, advancing as their tokens are
     generated (every ``stream_every`` decoding iterations), not once per batch:
@@ -42,11 +54,32 @@ def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence
     generated so far and their rate. The replies are the same with or without it.
     """
     sampling = sampling or SamplingParams()
+    done = dict(done or {})
+    results: list[list[dict] | None] = [done.get(i) for i in range(len(conversations))]
+    blocks = [s for s in range(0, len(conversations), batch_size)
+              if not all(i in done for i in range(s, min(s + batch_size, len(conversations))))]
+    total = sum(_turn_plan(conversations[i])[1] for s in blocks
+                for i in range(s, min(s + batch_size, len(conversations))))
+    bar = _ReplyProgress(total, max_new_tokens, generator.config.eos_token_ids) if progress else None
+    for s in blocks:
+        block = _regenerate_block(generator, tokenizer, conversations[s:s + batch_size], first=s,
+                                  max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + s, bar=bar,
+                                  stream_every=stream_every)
+        results[s:s + len(block)] = block
+        if on_block is not None:
+            on_block(s, block)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _regenerate_block(generator: Generator, tokenizer, conversations: Sequence[Sequence[dict]], *, first: int,
+                      max_new_tokens: int, sampling: SamplingParams, seed: int, bar, stream_every: int
+                      ) -> list[list[dict]]:
+    """One block, turn by turn: each round generates the next reply of every conversation that needs one."""
     stop_ids = generator.config.eos_token_ids
     state = [([], list(conv)) for conv in conversations]  # (messages so far, source turns left)
     pending = list(range(len(conversations)))
-    total = sum(_turn_plan(c)[1] for c in conversations)
-    bar = _ReplyProgress(total, max_new_tokens, stop_ids) if progress else None
     while pending:
         prompts, rows = [], []
         for i in pending:
@@ -57,24 +90,21 @@ def regenerate(generator: Generator, tokenizer, conversations: Sequence[Sequence
                 rest.pop(0)  # the original assistant turn, replaced below
             if not messages or messages[-1]["role"] == "assistant":
                 continue
-            text = render_chat(tokenizer, messages, where=f"conversation {i}")
-            prompts.append(token_ids(tokenizer, text, where=f"conversation {i}"))
+            where = f"conversation {first + i}"
+            prompts.append(token_ids(tokenizer, render_chat(tokenizer, messages, where=where), where=where))
             rows.append(i)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            live = bar.batch(len(chunk)) if bar is not None else None
-            outs = generator.generate(chunk, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + start,
+        if prompts:
+            live = bar.batch(len(prompts)) if bar is not None else None
+            outs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                       stop_token_ids=stop_ids, stream=live, stream_every=stream_every)
             if bar is not None:
                 bar.end_batch()
-            require_finite(outs, f"conversations {rows[start]}..{rows[min(start + batch_size, len(rows)) - 1]}")
-            for i, o in zip(rows[start:start + batch_size], outs):
+            require_finite(outs, f"conversations {first + rows[0]}..{first + rows[-1]}")
+            for i, o in zip(rows, outs):
                 tokens = [t for t in o.token_ids if t not in stop_ids]
                 state[i][0].append({"role": "assistant",
                                     "content": tokenizer.decode(tokens, skip_special_tokens=True)})
         pending = [i for i in pending if state[i][1]]
-    if bar is not None:
-        bar.close()
     return [messages for messages, _ in state]
 
 
