@@ -93,16 +93,23 @@ def run(args) -> int:
         if done:
             print(f"resuming: {len(done)} of {len(conversations)} conversations already regenerated",
                   file=sys.stderr)
-        with open(progress_path, "a" if done else "w", encoding="utf-8") as log:
-            if not done:
-                _append(log, {"regenerate": PROGRESS_VERSION, **settings})
+        blocks = []
+        try:
+            with open(progress_path, "a" if done else "w", encoding="utf-8") as log:
+                if not done:
+                    _append(log, {"regenerate": PROGRESS_VERSION, **settings})
 
-            def on_block(start: int, block: list[list[dict]]) -> None:
-                _append(log, *({"index": start + j, "messages": m} for j, m in enumerate(block)))
+                def on_block(start: int, block: list[list[dict]]) -> None:
+                    _append(log, *({"index": start + j, "messages": m} for j, m in enumerate(block)))
+                    blocks.append(start)
 
-            result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
-                                sampling=sampling, batch_size=args.batch_size, seed=args.seed, done=done,
-                                on_block=on_block)
+                result = regenerate(gen, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
+                                    sampling=sampling, batch_size=args.batch_size, seed=args.seed, done=done,
+                                    on_block=on_block)
+        except BaseException:
+            if not done and not blocks:  # nothing to resume: leave nothing behind
+                os.unlink(progress_path)
+            raise
         write_jsonl(result, tmp)
     os.unlink(progress_path)
     print(f"wrote {len(result)} conversations to {args.output}", file=sys.stderr)
