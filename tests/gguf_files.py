@@ -77,7 +77,7 @@ def write_gguf(path, arch: str, config: dict, tensors: dict[str, np.ndarray], *,
                default: T = T.F32, tokens: list[str] | None = None, merges: list[str] | None = None,
                token_types: list[int] | None = None, pre: str = "gpt-2", eos: int | None = 2, permute: bool = True,
                chat_template: str | None = None, extra: dict | None = None, skip: tuple[str, ...] = (),
-               seed: int = 0) -> str:
+               add_bos: bool | None = None, seed: int = 0) -> str:
     """Writes ``tensors`` (HF names, float32) as a GGUF file of architecture ``arch`` described by ``config``."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -108,6 +108,8 @@ def write_gguf(path, arch: str, config: dict, tensors: dict[str, np.ndarray], *,
         w.add_eos_token_id(eos)
     if chat_template:
         w.add_chat_template(chat_template)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     for key, value in (extra or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)

@@ -21,6 +21,8 @@ import pytest
 import torch
 import transformers
 from conftest import hf_greedy, make_hf_model
+
+pytest.importorskip("gguf")  # a dependency of eagle3-jax; absent only where it was installed with --no-deps
 from gguf import GGMLQuantizationType as T
 from gguf_files import hf_tensors, write_gguf
 
@@ -41,6 +43,21 @@ def hf_config(model) -> dict:
 def read_all(path) -> dict[str, np.ndarray]:
     f = SafetensorsFile(path)
     return {k: f.read(k) for k in f.keys()}
+
+
+def test_field_values_without_contents(good_gguf):
+    """Older gguf packages have no ReaderField.contents(): the fallback reads the same values."""
+    from eagle3_jax.weights.gguf_io import _field_value
+
+    ckpt = GGUFCheckpoint(good_gguf[0])
+    for key in ("general.architecture", "llama.block_count", "llama.rope.freq_base", "tokenizer.ggml.tokens",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id"):
+        field = ckpt.fields[key]
+
+        class Old:  # the same field without the method
+            parts, data, types = field.parts, field.data, field.types
+
+        assert _field_value(Old()) == field.contents(), key
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -162,22 +179,24 @@ def bpe_vocab():
     return tokens, merges
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe"])
-def test_tokenizer_splits_as_transformers_gguf_tokenizer(pre, tmp_path):
+@pytest.mark.parametrize("pre,add_bos", [("gpt-2", False), ("qwen2", False), ("llama-bpe", True)])
+def test_tokenizer_splits_as_transformers_gguf_tokenizer(pre, add_bos, tmp_path):
     tokens, merges = bpe_vocab()
     config = {**BIG, "vocab_size": len(tokens), "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 32,
               "head_dim": 8}
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
     path = write_gguf(tmp_path / "t.gguf", "llama", config, hf_tensors(model), tokens=tokens, merges=merges,
-                      pre=pre, chat_template=template)
+                      pre=pre, chat_template=template, add_bos=add_bos)
     convert_gguf(path, tmp_path / "hf", progress=False)
     ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
     for text in TEXTS:
         assert ours(text)["input_ids"] == theirs(text)["input_ids"], (pre, text)
-        assert ours.decode(ours(text)["input_ids"]) == text
-    assert ours("<s>")["input_ids"] == [1]  # a control token stays whole
+        assert ours(text, add_special_tokens=False)["input_ids"] == theirs(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ours(text, add_special_tokens=False)["input_ids"]) == text
+    assert (ours("hi")["input_ids"][0] == 1) == add_bos
+    assert ours("<s>", add_special_tokens=False)["input_ids"] == [1]  # a control token stays whole
     assert ours.chat_template == template and ours.eos_token == "</s>"
 
 

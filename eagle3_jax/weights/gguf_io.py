@@ -112,6 +112,22 @@ def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _field_value(field) -> Any:
+    """A metadata field's value: ``ReaderField.contents()`` where the gguf package has it, else read from its
+    parts as older versions lay them out (a string's bytes; an array's elements after its type)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    from gguf import GGUFValueType
+
+    def one(part, kind):
+        return bytes(part).decode("utf-8") if kind == GGUFValueType.STRING else part.tolist()[0]
+
+    values = [field.parts[i] for i in field.data]
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [one(v, field.types[-1]) for v in values]
+    return one(values[0], field.types[0])
+
+
 class GGUFCheckpoint:
     """One GGUF file, opened (memory-mapped) and checked for what a conversion needs.
 
@@ -165,7 +181,7 @@ class GGUFCheckpoint:
                 raise ConfigError(f"{self.path}: the metadata field {key} is missing")
             return default
         try:
-            return field.contents()
+            return _field_value(field)
         except Exception as e:
             raise ConfigError(f"{self.path}: the metadata field {key} is unreadable ({e})") from None
 
