@@ -143,7 +143,7 @@ def checkpoint_dtype(model_dir: str) -> jnp.dtype:
                 if name.endswith("embed_tokens.weight"):
                     dtype = jnp.dtype(f.dtype(name))
                     return dtype if dtype.name in DTYPES else jnp.dtype(jnp.bfloat16)
-    except (CheckpointError, AttributeError):
+    except CheckpointError:  # no readable safetensors (e.g. a head as pytorch_model.bin): the default
         pass
     return jnp.dtype(jnp.bfloat16)
 

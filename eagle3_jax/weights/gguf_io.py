@@ -140,17 +140,15 @@ class GGUFCheckpoint:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: no such file")
-        with open(self.path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise CheckpointError(f"{self.path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+        if not is_gguf_file(self.path):
+            raise CheckpointError(f"{self.path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+        self.size = os.path.getsize(self.path)
         gguf = _gguf()
         try:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader fails in many ways on a cut-off or garbled file
-            size = os.path.getsize(self.path)
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({size} bytes; truncated or corrupt?): "
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({self.size} bytes; truncated or corrupt?): "
                                   f"{type(e).__name__}: {str(e)[:200]}") from None
-        self.size = os.path.getsize(self.path)
         self.fields = self._reader.fields
         self.architecture = self.string("general.architecture")
         if self.architecture not in ARCHITECTURES:
@@ -278,10 +276,10 @@ def hf_config_of(ckpt: GGUFCheckpoint) -> dict[str, Any]:
     if tokens is not None and len(tokens) > vocab:
         raise ConfigError(f"{ckpt.path}: tokenizer.ggml.tokens lists {len(tokens)} tokens, more than the "
                           f"vocabulary of {vocab}")
-    for key in (k("rope.scaling.type"),):
-        scaling = ckpt.string(key, None)
-        if scaling not in (None, "none"):
-            raise ConfigError(f"{ckpt.path}: {key} is {scaling!r}; RoPE scaling from GGUF metadata is not supported")
+    scaling = ckpt.string(k("rope.scaling.type"), None)
+    if scaling not in (None, "none"):
+        raise ConfigError(f"{ckpt.path}: {k('rope.scaling.type')} is {scaling!r}; RoPE scaling from GGUF metadata "
+                          "is not supported")
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
@@ -395,7 +393,9 @@ class Plan:
                 values = unpermute_qk(values, self.config["num_attention_heads"])
             elif hf.endswith("self_attn.k_proj.weight"):
                 values = unpermute_qk(values, self.config["num_key_value_heads"])
-        if not np.isfinite(values.astype(np.float32)).all():
+        from eagle3_jax.weights.params import count_nonfinite
+
+        if count_nonfinite(values):
             raise CheckpointError(f"{self.ckpt.path}: tensor {name} ({self.ckpt.type_name(name)}) holds NaN or Inf "
                                   "after dequantization")
         with np.errstate(over="ignore"):

@@ -53,14 +53,11 @@ def complete_records(text: str):
 
 
 def bench_prompts() -> list[str]:
-    from eagle3_jax.bench_prompts import SHIPPED_DIR
-    out = []
-    for name in sorted(os.listdir(SHIPPED_DIR)):
-        if name.endswith(".jsonl"):
-            with open(os.path.join(SHIPPED_DIR, name), encoding="utf-8") as f:
-                for line in f:
-                    out += [t.strip() for t in json.loads(line)["turns"]]
-    return out
+    """Every turn of every shipped benchmark slice (held out of the training prompts)."""
+    from eagle3_jax.bench_prompts import BENCHMARKS, read_benchmark_file, shipped_path
+
+    paths = [shipped_path(name) for name in BENCHMARKS]
+    return [t.strip() for path in paths if path for prompt in read_benchmark_file(path) for t in prompt.turns]
 
 
 def main() -> None:
