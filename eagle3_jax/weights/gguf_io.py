@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -267,14 +268,14 @@ def hf_config_of(ckpt: GGUFCheckpoint) -> dict[str, Any]:
         head_dim = ckpt.integer(k("rope.dimension_count"))
     else:
         head_dim = hidden // heads
-    tokens = ckpt.value("tokenizer.ggml.tokens", None)
+    tokens = ckpt.fields.get("tokenizer.ggml.tokens")  # only its length here: the tokenizer reads the strings
     vocab = ckpt.integer(k("vocab_size"), None)
     if vocab is None:
         if "token_embd.weight" not in ckpt.tensors:
             raise CheckpointError(f"{ckpt.path}: tensor token_embd.weight is missing")
         vocab = ckpt.shape("token_embd.weight")[0]
-    if tokens is not None and len(tokens) > vocab:
-        raise ConfigError(f"{ckpt.path}: tokenizer.ggml.tokens lists {len(tokens)} tokens, more than the "
+    if tokens is not None and len(tokens.data) > vocab:
+        raise ConfigError(f"{ckpt.path}: tokenizer.ggml.tokens lists {len(tokens.data)} tokens, more than the "
                           f"vocabulary of {vocab}")
     scaling = ckpt.string(k("rope.scaling.type"), None)
     if scaling not in (None, "none"):
@@ -449,9 +450,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     TargetConfig.from_hf_dict(config, where=f"{ckpt.path} (metadata)", generation_config=generation,
                               generation_where=f"{ckpt.path} (metadata)")
     plan = Plan(ckpt, config, store)
-    types: dict[str, int] = {}
-    for name in ckpt.tensors:
-        types[ckpt.type_name(name)] = types.get(ckpt.type_name(name), 0) + 1
+    types = dict(Counter(ckpt.type_name(name) for name in ckpt.tensors))
     stored = sorted({spec[1].name for spec in plan.specs.values()})
     config["torch_dtype"] = "float32" if "float32" in stored or not stored else stored[0]
     out = os.path.abspath(os.fspath(dst))
