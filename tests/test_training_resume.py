@@ -295,6 +295,81 @@ def test_an_incomplete_teacher_store_is_refused(setup, tmp_path):
         TeacherStore(str(store), "f")
 
 
+def test_a_stopped_teacher_build_resumes_where_it_stopped(setup, tmp_path, monkeypatch, capsys):
+    from eagle3_jax import load_target
+    from eagle3_jax.training import offline
+    from eagle3_jax.training.data import Example
+
+    target = load_target(setup[0], dtype="float32", progress=False)
+    rng = np.random.default_rng(0)
+    lengths = [5, 70, 9, 64, 100, 3, 65, 30, 128]
+    examples = [Example(rng.integers(1, 90, n).astype(np.int32), np.ones(n, np.int32)) for n in lengths]
+    monkeypatch.setattr(offline, "TOKENS_PER_FORWARD", 128)  # 2 rows a forward at bucket 64, 1 at 128
+    plan = offline.forward_plan(lengths, 128)
+    assert plan == [([0, 2], 64), ([3, 5], 64), ([7], 64), ([1], 128), ([4], 128), ([6], 128), ([8], 128)]
+
+    def read(store):
+        return [(f.read("features"), f.read("hidden"))
+                for f in (SafetensorsFile(os.path.join(store, f"{i:08d}.safetensors")) for i in range(len(lengths)))]
+
+    straight = str(tmp_path / "straight")
+    TeacherStore.build(target, examples, straight, (1, 2, 3), "f", 128, progress=False)
+
+    # stopped in the middle of its second batch: the first batch's files and one of the second's are kept
+    real_save, saved = offline._save_atomically, []
+
+    def stop_after_three(tensors, path):
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        real_save(tensors, path)
+        saved.append(os.path.basename(path))
+
+    monkeypatch.setattr(offline, "_save_atomically", stop_after_three)
+    store = str(tmp_path / "teacher")
+    with pytest.raises(KeyboardInterrupt):
+        TeacherStore.build(target, examples, store, (1, 2, 3), "f", 128, progress=False)
+    work = tmp_path / ".teacher.building"
+    assert not os.path.exists(store) and sorted(os.listdir(work)) == sorted(saved + ["build.json"])
+    inodes = {name: os.stat(work / name).st_ino for name in saved[:2]}
+
+    # resumed: only the batches not complete are computed; the store equals the straight build exactly
+    monkeypatch.setattr(offline, "_save_atomically", lambda t, p: saved.append(os.path.basename(p)) or real_save(t, p))
+    saved.clear()
+    TeacherStore.build(target, examples, store, (1, 2, 3), "f", 128, progress=False)
+    assert saved == [f"{i:08d}.safetensors" for i in (3, 5, 7, 1, 4, 6, 8)]  # the half-saved batch again
+    assert all(os.stat(os.path.join(store, name)).st_ino == ino for name, ino in inodes.items())
+    assert not work.exists() and TeacherStore(store, "f").index["count"] == len(lengths)
+    for (fa, ha), (fb, hb) in zip(read(straight), read(store), strict=True):
+        np.testing.assert_array_equal(fa, fb)
+        np.testing.assert_array_equal(ha, hb)
+    # the batched forward gives each example what it gets alone (padding rows and columns change nothing)
+    alone = str(tmp_path / "alone")
+    monkeypatch.setattr(offline, "TOKENS_PER_FORWARD", 1)
+    TeacherStore.build(target, examples, alone, (1, 2, 3), "f", 128, progress=False)
+    for (fa, ha), (fb, hb) in zip(read(alone), read(store), strict=True):
+        np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ha, hb, rtol=1e-5, atol=1e-5)
+
+    # a work directory left by a build for other data is started afresh, with a warning
+    monkeypatch.setattr(offline, "_save_atomically", stop_after_three)
+    saved.clear()
+    other = str(tmp_path / "other")
+    with pytest.raises(KeyboardInterrupt):
+        TeacherStore.build(target, examples, other, (1, 2, 3), "f", 128, progress=False)
+    monkeypatch.setattr(offline, "_save_atomically", real_save)
+    capsys.readouterr()
+    TeacherStore.build(target, examples, other, (1, 2, 3), "g", 128, progress=False)
+    assert "a stopped teacher build for other data or feature layers; starting afresh" in capsys.readouterr().err
+    assert TeacherStore(other, "g").index["count"] == len(lengths)
+
+    # a directory of that name that no build made is never touched
+    (tmp_path / ".mine.building").mkdir()
+    (tmp_path / ".mine.building" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="is in the way of the teacher store's build"):
+        TeacherStore.build(target, examples, str(tmp_path / "mine"), (1, 2, 3), "f", 128, progress=False)
+    assert os.listdir(tmp_path / ".mine.building") == ["notes.txt"] and not (tmp_path / "mine").exists()
+
+
 # ------------------------------------------------------------ --output checked up front
 
 def _one_error_line(err: str) -> str:

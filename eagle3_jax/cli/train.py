@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its newest readable checkpoint (from step 0 if it "
-                        "stopped before its first one; a complete teacher/ is reused)")
+                        "stopped before its first one; the precomputed teacher, complete or not, is kept)")
     p.add_argument("--init-head", metavar="DIR", default=None,
                    help="start from this head (its vocabulary map is kept) instead of a new one")
     p.add_argument("--draft-vocab-size", type=positive_int, default=32000,
@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=seed_type, default=0, help="data order and head initialisation (0 to 2**32-1)")
     p.add_argument("--precompute", action="store_true",
                    help="run the target once over the data, store its features and hidden states in "
-                        "OUTPUT/teacher, and train from disk")
+                        "OUTPUT/teacher, and train from disk (a stopped build resumes with --resume)")
     p.add_argument("--devices", type=positive_int, default=None,
                    help="data-parallel devices (default: all devices over --tensor-parallel)")
     p.add_argument("--no-export-embedding", action="store_true",

@@ -6,17 +6,28 @@ safetensors file; a training step then only applies the target's output
 head to the stored hidden states. This trades disk (about 4H values per
 token) for a target forward per step, which pays off over several epochs.
 
-The store is written atomically: the files go to a hidden temporary sibling
-that becomes the store, index last, once every example is done. A build
-killed midway therefore leaves no store (only the temporary sibling, which
-the next build removes), and a store whose files went missing later is
-refused as incomplete.
+Building a store can take hours on a CPU (SmolLM2-135M over 1.6 M tokens),
+so it resumes. The examples go through the target in a fixed plan of
+batches (grouped by length bucket, about :data:`TOKENS_PER_FORWARD` tokens
+each), and each example's file is written to a work directory
+``.NAME.building`` beside the store, under a temporary name renamed when
+complete. That directory's ``build.json`` records what it is being built
+for (data fingerprint, feature layers, example count); a build that finds a
+work directory made for the same store skips every batch whose files are all
+there, one made for anything else is removed and started afresh. When every
+file is there the store is assembled atomically (``eagle3_jax.atomic``:
+hard links to the files in a temporary sibling, index last, one rename) and
+the work directory removed. A store whose files went missing later is
+refused as incomplete. Callers keep one builder per store at a time (a
+training run holds its run directory's lock).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -25,17 +36,91 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from eagle3_jax.atomic import atomic_directory
+from eagle3_jax.atomic import atomic_directory, check_destination, rename_noreplace
 from eagle3_jax.errors import CheckpointError
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.training.data import Example, buckets_for
+from eagle3_jax.training.data import Example
+from eagle3_jax.training.trainer import warn
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 INDEX = "teacher_index.json"
+BUILD = "build.json"  # in the work directory of a build in progress
+BUILD_FORMAT = "eagle3-jax teacher build"
+TOKENS_PER_FORWARD = 2048  # rows x bucket length of one forward while building (a batch of short examples)
+BUILD_BUCKET = 64  # the build's length buckets are its multiples
 
 
 def _file(directory: str, i: int) -> str:
     return os.path.join(directory, f"{i:08d}.safetensors")
+
+
+def _rows_per_forward(bucket: int) -> int:
+    return max(1, TOKENS_PER_FORWARD // bucket)
+
+
+def build_buckets(max_length: int) -> list[int]:
+    """The build's length buckets: every multiple of :data:`BUILD_BUCKET` up to ``max_length``, and it.
+
+    Finer than training's doubling buckets (``training.data.buckets_for``):
+    the build runs each example once, so padding costs in full (with doubling
+    buckets, replies of 300 tokens would be padded to 448), while a bucket's
+    compilation costs once."""
+    return sorted({*range(BUILD_BUCKET, max_length, BUILD_BUCKET), max_length})
+
+
+def forward_plan(lengths: Sequence[int], max_length: int) -> list[tuple[list[int], int]]:
+    """The build's batches: (example indices, bucket length), by bucket, in example order within a bucket.
+
+    A batch holds up to ``TOKENS_PER_FORWARD // bucket`` examples (the last
+    of a bucket is padded with empty rows), so each bucket compiles once. The
+    plan depends only on the lengths: a resumed build recomputes a batch
+    exactly as the stopped one would have.
+    """
+    buckets = build_buckets(max_length)
+    by_bucket: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_bucket.setdefault(next(b for b in buckets if n <= b), []).append(i)
+    plan = []
+    for bucket in sorted(by_bucket):
+        rows, per = by_bucket[bucket], _rows_per_forward(bucket)
+        plan += [(rows[s:s + per], bucket) for s in range(0, len(rows), per)]
+    return plan
+
+
+def _save_atomically(tensors: dict[str, np.ndarray], path: str) -> None:
+    """A file that exists is complete: written under a temporary name, then renamed."""
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _work_directory(directory: str, spec: dict) -> str:
+    """The work directory ``.NAME.building`` of ``directory``'s build: resumed if made for ``spec``, else new.
+
+    A work directory made for other data, layers or count is removed (with a
+    warning); a path of that name that is not a build's work directory is
+    never touched (CheckpointError).
+    """
+    parent, name = os.path.split(directory)
+    work = os.path.join(parent, f".{name}.building")
+    if os.path.lexists(work):
+        try:
+            with open(os.path.join(work, BUILD), encoding="utf-8") as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            found = None
+        if os.path.islink(work) or not isinstance(found, dict) or found.get("format") != BUILD_FORMAT:
+            raise CheckpointError(f"{work} is in the way of the teacher store's build and is not one; "
+                                  "move or remove it")
+        if found == spec:
+            return work
+        warn(f"{work}: a stopped teacher build for other data or feature layers; starting afresh")
+        shutil.rmtree(work)
+    os.makedirs(parent, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix=f".{name}.building-", dir=parent)
+    with open(os.path.join(fresh, BUILD), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    rename_noreplace(fresh, work)
+    return work
 
 
 def is_teacher_store(path: str) -> bool:
@@ -72,33 +157,52 @@ class TeacherStore:
     def build(cls, target: TargetModel, examples: Sequence[Example], directory: str,
               feature_layers: tuple[int, ...], fingerprint: str, max_length: int, progress: bool = True,
               overwrite: bool = False) -> TeacherStore:
-        """Runs the target over every example and writes the store atomically (see the module's docstring).
+        """Runs the target over every example and writes the store (see the module's docstring).
 
-        An existing ``directory`` is replaced only with ``overwrite`` and only
-        if it is a teacher store (:func:`is_teacher_store`).
+        Resumes a build of the same store (same data fingerprint, feature
+        layers and example count) that was stopped; an existing ``directory``
+        is replaced only with ``overwrite`` and only if it is a teacher store
+        (:func:`is_teacher_store`).
         """
+        directory = check_destination(directory, overwrite=overwrite, replaceable=is_teacher_store,
+                                      what="teacher store")
+        spec = {"format": BUILD_FORMAT, "fingerprint": fingerprint, "feature_layers": list(feature_layers),
+                "count": len(examples)}
+        work = _work_directory(directory, spec)
         graph, weights = nnx.split(target)
 
         @jax.jit
         def forward(weights, tokens):
             out = nnx.merge(graph, weights).forward_sequence(tokens, feature_layers=feature_layers,
-                                                             logits_indices=jnp.zeros((1, 0), jnp.int32),
+                                                             logits_indices=jnp.zeros((tokens.shape[0], 0), jnp.int32),
                                                              return_hidden=True)
-            return out.features[0], out.hidden[0]
+            return out.features, out.hidden
 
-        buckets = buckets_for(max_length)
+        plan = forward_plan([len(ex.tokens) for ex in examples], max_length)
+        done = sum(os.path.isfile(_file(work, i)) for i in range(len(examples)))
+        with tqdm(total=len(examples), initial=done, desc="precomputing teacher", unit="seq",
+                  disable=not progress) as bar:
+            for rows, bucket in plan:
+                if all(os.path.isfile(_file(work, i)) for i in rows):
+                    continue
+                tokens = np.zeros((_rows_per_forward(bucket), bucket), np.int32)
+                for r, i in enumerate(rows):
+                    tokens[r, : len(examples[i].tokens)] = examples[i].tokens
+                features, hidden = jax.device_get(forward(weights, jnp.asarray(tokens)))
+                for r, i in enumerate(rows):
+                    n = len(examples[i].tokens)
+                    new = not os.path.isfile(_file(work, i))
+                    _save_atomically({"features": np.asarray(features[r, :n]), "hidden": np.asarray(hidden[r, :n])},
+                                     _file(work, i))
+                    bar.update(int(new))
         with atomic_directory(directory, overwrite=overwrite, replaceable=is_teacher_store,
                               what="teacher store") as tmp:
-            for i, ex in enumerate(tqdm(examples, desc="precomputing teacher", unit="seq", disable=not progress)):
-                n = len(ex.tokens)
-                bucket = next(b for b in buckets if n <= b)
-                tokens = np.zeros((1, bucket), np.int32)
-                tokens[0, :n] = ex.tokens
-                features, hidden = jax.device_get(forward(weights, jnp.asarray(tokens)))
-                save_file({"features": np.asarray(features[:n]), "hidden": np.asarray(hidden[:n])}, _file(tmp, i))
+            for i in range(len(examples)):
+                os.link(_file(work, i), _file(tmp, i))
             with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
                 json.dump({"count": len(examples), "fingerprint": fingerprint,
                            "feature_layers": list(feature_layers)}, f)
+        shutil.rmtree(work, ignore_errors=True)
         return cls(directory, fingerprint)
 
     def batch(self, indices: Sequence[int], length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

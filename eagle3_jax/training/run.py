@@ -4,13 +4,13 @@ The run directory holds everything a run produces: ``run.json`` (the job,
 written first: it marks the directory as a run of eagle3-jax),
 ``checkpoints/`` (orbax), ``metrics.jsonl`` (one line per step),
 ``vocab.json`` (the vocabulary map's coverage), ``teacher/`` (with
-``precompute``), ``summary.json`` and, when training ends, ``head/``, the
+``precompute``; ``.teacher.building/`` while it is computed), ``summary.json`` and, when training ends, ``head/``, the
 trained head in the SpecForge/SGLang format (written atomically);
 ``corrupt-checkpoints/`` holds checkpoints a resume found unreadable.
 
 A run killed at any point continues with ``resume``: from its newest
-readable checkpoint, or from step 0 when none was saved yet, reusing a
-complete precomputed teacher.
+readable checkpoint, or from step 0 when none was saved yet, reusing the
+precomputed teacher, or as much of it as was computed.
 """
 
 from __future__ import annotations
@@ -179,10 +179,10 @@ def prepare_teacher(target, examples, out: str, feature_layers: tuple[int, ...],
                     max_length: int, progress: bool = True) -> TeacherStore:
     """The run's precomputed teacher, ``out/teacher``: reused if complete and made for this data, else (re)built.
 
-    :meth:`TeacherStore.build` writes the store atomically, so a build killed
-    midway leaves no ``teacher/`` (only a hidden partial sibling, which the
-    next build removes) and is redone here; a ``teacher/`` that is
-    incomplete, or was computed for other data or feature layers, is
+    :meth:`TeacherStore.build` resumes a build that was stopped (its work
+    directory ``out/.teacher.building`` keeps every finished example), so a
+    stopped run loses at most one batch of the teacher; a ``teacher/`` that
+    is incomplete, or was computed for other data or feature layers, is
     replaced with a warning. A ``teacher/`` that is not a teacher store is
     never replaced (CheckpointError).
     """
