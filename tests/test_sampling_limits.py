@@ -68,7 +68,7 @@ def test_a_tiny_top_p_keeps_the_top_token(top_p, seed):
 def test_generation_at_the_limits_gives_the_greedy_tokens():
     """The Generator's scalar settings (the server's per-row ones, with speculative decoding, are checked on
     the live server in tests/test_serve.py)."""
-    gen = Generator(load_target(demo_paths()[0]), max_cache_len=96)
+    gen = Generator(load_target(demo_paths("toy")[0]), max_cache_len=96)
     prompt = "def fibonacci(n):"
     [greedy] = gen.generate(prompt, max_new_tokens=24)
     for sampling in (SamplingParams(temperature=1e-40),  # float32 0: the greedy program

