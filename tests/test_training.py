@@ -17,7 +17,15 @@ from spec_helpers import tiny_target
 
 from eagle3_jax import Generator, InputError, Qwen3Config, load_draft
 from eagle3_jax.cli import main
-from eagle3_jax.training.data import Batcher, ChatEncoder, Example, encode_text, load_examples, read_conversations
+from eagle3_jax.training.data import (
+    Batcher,
+    ChatEncoder,
+    Example,
+    buckets_for,
+    encode_text,
+    load_examples,
+    read_conversations,
+)
 from eagle3_jax.training.offline import TeacherStore
 from eagle3_jax.training.regenerate import regenerate
 from eagle3_jax.training.run import new_head, set_vocab_map
@@ -164,6 +172,8 @@ def test_batches_have_static_shapes_and_a_deterministic_order():
     examples = [Example(rng.integers(0, 50, n), np.ones(n, np.int32)) for n in rng.integers(3, 200, 37)]
     b = Batcher(examples, batch_size=4, max_length=200, seed=3)
     assert b.buckets == [64, 128, 200]
+    # four buckets per doubling past 256 tokens: a long sequence pads at most a fifth of its bucket
+    assert buckets_for(1024) == [64, 128, 256, 320, 384, 448, 512, 640, 768, 896, 1024] and buckets_for(48) == [48]
     for epoch in range(2):
         plan = b.plan(epoch)
         assert plan == Batcher(examples, 4, 200, seed=3).plan(epoch)

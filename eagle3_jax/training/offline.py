@@ -8,8 +8,8 @@ token) for a target forward per step, which pays off over several epochs.
 
 Building a store can take hours on a CPU (SmolLM2-135M over 1.6 M tokens),
 so it resumes. The examples go through the target in a fixed plan of
-batches (grouped by length bucket, about :data:`TOKENS_PER_FORWARD` tokens
-each), and each example's file is written to a work directory
+batches (grouped by training's length buckets, ``training.data.buckets_for``,
+about :data:`TOKENS_PER_FORWARD` tokens each), and each example's file is written to a work directory
 ``.NAME.building`` beside the store, under a temporary name renamed when
 complete. That directory's ``build.json`` records what it is being built
 for (data fingerprint, feature layers, example count); a build that finds a
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from eagle3_jax.atomic import atomic_directory, check_destination, rename_noreplace
 from eagle3_jax.errors import CheckpointError
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.training.data import Example
+from eagle3_jax.training.data import Example, buckets_for
 from eagle3_jax.training.trainer import warn
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
@@ -47,7 +47,6 @@ INDEX = "teacher_index.json"
 BUILD = "build.json"  # in the work directory of a build in progress
 BUILD_FORMAT = "eagle3-jax teacher build"
 TOKENS_PER_FORWARD = 2048  # rows x bucket length of one forward while building (a batch of short examples)
-BUILD_BUCKET = 64  # the build's length buckets are its multiples
 
 
 def _file(directory: str, i: int) -> str:
@@ -58,16 +57,6 @@ def _rows_per_forward(bucket: int) -> int:
     return max(1, TOKENS_PER_FORWARD // bucket)
 
 
-def build_buckets(max_length: int) -> list[int]:
-    """The build's length buckets: every multiple of :data:`BUILD_BUCKET` up to ``max_length``, and it.
-
-    Finer than training's doubling buckets (``training.data.buckets_for``):
-    the build runs each example once, so padding costs in full (with doubling
-    buckets, replies of 300 tokens would be padded to 448), while a bucket's
-    compilation costs once."""
-    return sorted({*range(BUILD_BUCKET, max_length, BUILD_BUCKET), max_length})
-
-
 def forward_plan(lengths: Sequence[int], max_length: int) -> list[tuple[list[int], int]]:
     """The build's batches: (example indices, bucket length), by bucket, in example order within a bucket.
 
@@ -76,7 +65,7 @@ def forward_plan(lengths: Sequence[int], max_length: int) -> list[tuple[list[int
     plan depends only on the lengths: a resumed build recomputes a batch
     exactly as the stopped one would have.
     """
-    buckets = build_buckets(max_length)
+    buckets = buckets_for(max_length)
     by_bucket: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_bucket.setdefault(next(b for b in buckets if n <= b), []).append(i)
