@@ -290,8 +290,15 @@ def test_an_incomplete_teacher_store_is_refused(setup, tmp_path):
     store = tmp_path / "teacher"
     TeacherStore.build(target, examples, str(store), (1, 2, 3), "f", 64, progress=False)
     assert TeacherStore(str(store), "f").index["count"] == 3
+    assert TeacherStore(str(store), "f").batch([0], 8, 1)[2].dtype == np.int32  # the argmax of every position
     os.remove(store / "00000001.safetensors")
     with pytest.raises(CheckpointError, match=r"incomplete \(1 of 3 example files missing, first 00000001"):
+        TeacherStore(str(store), "f")
+    # a store of the first format (no argmax) is refused, so that a run computes it again
+    index = json.loads((store / "teacher_index.json").read_text())
+    del index["version"]
+    (store / "teacher_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"another version of eagle3-jax \(store format 1, not 2\)"):
         TeacherStore(str(store), "f")
 
 
@@ -309,7 +316,7 @@ def test_a_stopped_teacher_build_resumes_where_it_stopped(setup, tmp_path, monke
     assert plan == [([0, 2], 64), ([3, 5], 64), ([7], 64), ([1], 128), ([4], 128), ([6], 128), ([8], 128)]
 
     def read(store):
-        return [(f.read("features"), f.read("hidden"))
+        return [(f.read("features"), f.read("hidden"), f.read("argmax"))
                 for f in (SafetensorsFile(os.path.join(store, f"{i:08d}.safetensors")) for i in range(len(lengths)))]
 
     straight = str(tmp_path / "straight")
@@ -339,16 +346,17 @@ def test_a_stopped_teacher_build_resumes_where_it_stopped(setup, tmp_path, monke
     assert saved == [f"{i:08d}.safetensors" for i in (3, 5, 7, 1, 4, 6, 8)]  # the half-saved batch again
     assert all(os.stat(os.path.join(store, name)).st_ino == ino for name, ino in inodes.items())
     assert not work.exists() and TeacherStore(store, "f").index["count"] == len(lengths)
-    for (fa, ha), (fb, hb) in zip(read(straight), read(store), strict=True):
-        np.testing.assert_array_equal(fa, fb)
-        np.testing.assert_array_equal(ha, hb)
+    for a, b in zip(read(straight), read(store), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
     # the batched forward gives each example what it gets alone (padding rows and columns change nothing)
     alone = str(tmp_path / "alone")
     monkeypatch.setattr(offline, "TOKENS_PER_FORWARD", 1)
     TeacherStore.build(target, examples, alone, (1, 2, 3), "f", 128, progress=False)
-    for (fa, ha), (fb, hb) in zip(read(alone), read(store), strict=True):
+    for (fa, ha, aa), (fb, hb, ab) in zip(read(alone), read(store), strict=True):
         np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ha, hb, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(aa, ab)
 
     # a work directory left by a build for other data is started afresh, with a warning
     monkeypatch.setattr(offline, "_save_atomically", stop_after_three)

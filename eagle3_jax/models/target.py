@@ -60,8 +60,8 @@ class TargetModel(Protocol):
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token ids [...] -> embeddings [..., hidden] (shared with the draft head)."""
 
-    def unembed(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden [..., hidden] -> float32 logits [..., vocab]."""
+    def unembed(self, hidden: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden [..., hidden] -> float32 logits [..., vocab] (only the entries ``ids`` [n]: [..., n])."""
 
     def __call__(self, tokens: jax.Array, cache: KVCache, attention: AttentionMetadata, *,
                  feature_layers: tuple[int, ...] = (), logits_indices: jax.Array | None = None,

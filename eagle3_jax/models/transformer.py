@@ -112,12 +112,15 @@ class DecoderLM(nnx.Module):
         """Token embeddings [batch, seq, hidden] (shared with the EAGLE-3 draft head)."""
         return self.model.embed_tokens(tokens)
 
-    def unembed(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden [..., hidden] -> float32 logits [..., vocab]."""
+    def unembed(self, hidden: jax.Array, ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden [..., hidden] -> float32 logits [..., vocab], or [..., len(ids)] for the
+        vocabulary entries ``ids`` [n] alone (a draft vocabulary: the other rows of the output layer are not read)."""
         if self.lm_head is None:
             w = self.model.embed_tokens.embedding[...]
+            w = w if ids is None else jnp.take(w, ids, axis=0)
             return jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=jnp.float32)
         w = self.lm_head.kernel[...]
+        w = w if ids is None else jnp.take(w, ids, axis=1)
         return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
 
     def forward_sequence(self, tokens: jax.Array, valid: jax.Array | None = None, **kwargs) -> ForwardOutput:

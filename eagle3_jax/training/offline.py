@@ -1,9 +1,10 @@
 """Precomputed teacher outputs: run the frozen target once, train from disk.
 
-For each example the store keeps the target's features [T, 3H] and its
-final-normed hidden states [T, H] (in the target's dtype) in one
-safetensors file; a training step then only applies the target's output
-head to the stored hidden states. This trades disk (about 4H values per
+For each example the store keeps the target's features [T, 3H], its
+final-normed hidden states [T, H] (in the target's dtype) and the argmax of
+its logits over the whole vocabulary [T] in one safetensors file; a training
+step then only applies the draft vocabulary's rows of the target's output
+layer to the stored hidden states. This trades disk (about 4H values per
 token) for a target forward per step, which pays off over several epochs.
 
 Building a store can take hours on a CPU (SmolLM2-135M over 1.6 M tokens),
@@ -46,6 +47,7 @@ from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 INDEX = "teacher_index.json"
 BUILD = "build.json"  # in the work directory of a build in progress
 BUILD_FORMAT = "eagle3-jax teacher build"
+VERSION = 2  # 2: with the argmax of every position (a store of version 1 has none, and is computed again)
 TOKENS_PER_FORWARD = 2048  # rows x bucket length of one forward while building (a batch of short examples)
 
 
@@ -134,6 +136,9 @@ class TeacherStore:
         count = self.index.get("count") if isinstance(self.index, dict) else None
         if not isinstance(count, int) or count < 0:
             raise CheckpointError(f"{directory}: the teacher store's {INDEX} is malformed (no example count)")
+        if self.index.get("version", 1) != VERSION:
+            raise CheckpointError(f"{directory}: the teacher store was written by another version of eagle3-jax "
+                                  f"(store format {self.index.get('version', 1)}, not {VERSION})")
         if fingerprint is not None and self.index.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{directory}: the teacher store was computed for other data")
         missing = [i for i in range(count) if not os.path.isfile(_file(directory, i))]
@@ -155,17 +160,17 @@ class TeacherStore:
         """
         directory = check_destination(directory, overwrite=overwrite, replaceable=is_teacher_store,
                                       what="teacher store")
-        spec = {"format": BUILD_FORMAT, "fingerprint": fingerprint, "feature_layers": list(feature_layers),
-                "count": len(examples)}
+        spec = {"format": BUILD_FORMAT, "version": VERSION, "fingerprint": fingerprint,
+                "feature_layers": list(feature_layers), "count": len(examples)}
         work = _work_directory(directory, spec)
         graph, weights = nnx.split(target)
 
         @jax.jit
         def forward(weights, tokens):
-            out = nnx.merge(graph, weights).forward_sequence(tokens, feature_layers=feature_layers,
-                                                             logits_indices=jnp.zeros((tokens.shape[0], 0), jnp.int32),
-                                                             return_hidden=True)
-            return out.features, out.hidden
+            model = nnx.merge(graph, weights)
+            out = model.forward_sequence(tokens, feature_layers=feature_layers,
+                                         logits_indices=jnp.zeros((tokens.shape[0], 0), jnp.int32), return_hidden=True)
+            return out.features, out.hidden, jnp.argmax(model.unembed(out.hidden), axis=-1).astype(jnp.int32)
 
         plan = forward_plan([len(ex.tokens) for ex in examples], max_length)
         done = sum(os.path.isfile(_file(work, i)) for i in range(len(examples)))
@@ -177,30 +182,32 @@ class TeacherStore:
                 tokens = np.zeros((_rows_per_forward(bucket), bucket), np.int32)
                 for r, i in enumerate(rows):
                     tokens[r, : len(examples[i].tokens)] = examples[i].tokens
-                features, hidden = jax.device_get(forward(weights, jnp.asarray(tokens)))
+                features, hidden, argmax = jax.device_get(forward(weights, jnp.asarray(tokens)))
                 for r, i in enumerate(rows):
                     n = len(examples[i].tokens)
                     new = not os.path.isfile(_file(work, i))
-                    _save_atomically({"features": np.asarray(features[r, :n]), "hidden": np.asarray(hidden[r, :n])},
-                                     _file(work, i))
+                    _save_atomically({"features": np.asarray(features[r, :n]), "hidden": np.asarray(hidden[r, :n]),
+                                      "argmax": np.asarray(argmax[r, :n])}, _file(work, i))
                     bar.update(int(new))
         with atomic_directory(directory, overwrite=overwrite, replaceable=is_teacher_store,
                               what="teacher store") as tmp:
             for i in range(len(examples)):
                 os.link(_file(work, i), _file(tmp, i))
             with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
-                json.dump({"count": len(examples), "fingerprint": fingerprint,
+                json.dump({"version": VERSION, "count": len(examples), "fingerprint": fingerprint,
                            "feature_layers": list(feature_layers)}, f)
         shutil.rmtree(work, ignore_errors=True)
         return cls(directory, fingerprint)
 
-    def batch(self, indices: Sequence[int], length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features [batch, length, 3H], hidden [batch, length, H]), zero-padded."""
+    def batch(self, indices: Sequence[int], length: int, batch_size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features [batch, length, 3H], hidden [batch, length, H], argmax [batch, length] int32), zero-padded."""
         rows = [SafetensorsFile(_file(self.directory, i)) for i in indices]
-        rows = [(f.read("features"), f.read("hidden")) for f in rows]
-        f0, h0 = rows[0]
+        rows = [(f.read("features"), f.read("hidden"), f.read("argmax")) for f in rows]
+        f0, h0, _ = rows[0]
         features = np.zeros((batch_size, length, f0.shape[-1]), f0.dtype)
         hidden = np.zeros((batch_size, length, h0.shape[-1]), h0.dtype)
-        for r, (feat, hid) in enumerate(rows):
-            features[r, : len(feat)], hidden[r, : len(hid)] = feat, hid
-        return features, hidden
+        argmax = np.zeros((batch_size, length), np.int32)
+        for r, (feat, hid, top) in enumerate(rows):
+            features[r, : len(feat)], hidden[r, : len(hid)], argmax[r, : len(top)] = feat, hid, top
+        return features, hidden, argmax

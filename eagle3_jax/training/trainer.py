@@ -53,7 +53,7 @@ from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
 from eagle3_jax.sharding import DATA, ShardingPlan, check_mesh, place_target, put, put_tree, to_host
 from eagle3_jax.training.data import Batch, Batcher
-from eagle3_jax.training.ttt import run_target, teacher_from_logits, ttt_loss
+from eagle3_jax.training.ttt import run_target, teacher_from_draft_logits, ttt_loss
 
 # The training-time test is unrolled in the compiled step (SpecForge's default is 7 steps), and a
 # sequence of max_length tokens is one row of the target's forward: both bounded so that a typo
@@ -283,7 +283,7 @@ def _cast(tree, dtype):
 def train_step(tx, parts: DraftParts, target_graph, cfg: TrainConfig, layers: tuple[int, ...], state: TrainState,
                batch: dict, target_weights, stored=None) -> tuple[TrainState, dict]:
     """One optimizer step. ``batch`` holds tokens, loss_mask, valid ([batch, seq]);
-    ``stored`` = (features, final hidden) when the teacher was precomputed."""
+    ``stored`` = (features, final hidden, full-vocabulary argmax) when the teacher was precomputed."""
     target = nnx.merge(target_graph, target_weights)
     d2t, t2d = state.buffers["d2t"], state.buffers["t2d"]
     draft_ids = jnp.arange(d2t.shape[0], dtype=jnp.int32) + d2t
@@ -291,10 +291,10 @@ def train_step(tx, parts: DraftParts, target_graph, cfg: TrainConfig, layers: tu
     if stored is None:
         teacher = run_target(target, tokens, loss_mask, valid, draft_ids, t2d, layers)
     else:
-        features, hidden = stored
-        logits = target.unembed(hidden.astype(target.dtype))
-        teacher = jax.tree.map(jax.lax.stop_gradient,
-                               teacher_from_logits(tokens, features, logits, loss_mask, valid, draft_ids, t2d))
+        features, hidden, target_ids = stored
+        draft_logits = target.unembed(hidden.astype(target.dtype), ids=draft_ids)
+        teacher = jax.tree.map(jax.lax.stop_gradient, teacher_from_draft_logits(
+            tokens, features, draft_logits, target_ids, loss_mask, valid, t2d))
     compute = jnp.dtype(cfg.compute_dtype)
 
     def loss_fn(params):

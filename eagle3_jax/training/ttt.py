@@ -73,11 +73,21 @@ def teacher_from_logits(tokens, features, logits, loss_mask, valid, draft_ids, t
       draft_ids: [draft_vocab] int32 target ids of the draft vocabulary (ascending).
       t2d: [vocab] bool.
     """
-    logits = shift_left(logits.astype(jnp.float32), 1)
-    target_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    target_p = jax.nn.softmax(jnp.take(logits, draft_ids, axis=-1), axis=-1)
+    logits = logits.astype(jnp.float32)
+    return teacher_from_draft_logits(tokens, features, jnp.take(logits, draft_ids, axis=-1),
+                                     jnp.argmax(logits, axis=-1).astype(jnp.int32), loss_mask, valid, t2d)
+
+
+def teacher_from_draft_logits(tokens, features, draft_logits, target_ids, loss_mask, valid, t2d) -> Teacher:
+    """:func:`teacher_from_logits` from the target's logits over the draft vocabulary alone, [batch, seq,
+    draft_vocab], and its argmax over the whole vocabulary, [batch, seq] (both at each index, unshifted): what a
+    precomputed teacher keeps, so that a training step reads only the draft vocabulary's rows of the output layer.
+    """
+    draft_logits = shift_left(draft_logits.astype(jnp.float32), 1)
+    target_ids = shift_left(target_ids.astype(jnp.int32), 1)  # 0 past the end, as the argmax of the zero row
     loss_mask = loss_mask.astype(jnp.float32)
-    return Teacher(input_ids=shift_left(tokens, 1), features=features, target_p=target_p, target_ids=target_ids,
+    return Teacher(input_ids=shift_left(tokens, 1), features=features,
+                   target_p=jax.nn.softmax(draft_logits, axis=-1), target_ids=target_ids,
                    position_mask=loss_mask * t2d[target_ids].astype(jnp.float32), loss_mask=loss_mask,
                    valid=valid.astype(bool))
 
