@@ -61,7 +61,10 @@ def test_help_texts_name_the_defaults():
     assert f"(default {d})" in _help("generate", "--num-steps")
     assert f"(default {k}: a chain)" in _help("generate", "--topk")
     assert f"(default {d})" in _help("regenerate", "--num-steps")
-    assert "(default {},{},{})".format(*DEMO_TREE) in _help("demo", "--knobs")
+    from eagle3_jax.demo.run import DEFAULT_KNOBS
+
+    assert DEFAULT_KNOBS == {"smollm2": DEFAULT_TREE, "toy": DEMO_TREE}
+    assert "(default {},{},{}; the toy pair {},{},{})".format(*DEFAULT_TREE, *DEMO_TREE) in _help("demo", "--knobs")
     assert "(default: {},{},{} {},{},{})".format(*DEFAULT_TREE, *WIDE_TREE) in _help("eval", "--knobs")
 
 
