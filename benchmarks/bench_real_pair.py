@@ -39,7 +39,7 @@ import jax
 from eagle3_jax.bench_prompts import find_benchmarks
 from eagle3_jax.cli.options import knob_triple
 from eagle3_jax.demo import resolve_pair
-from eagle3_jax.evaluation import evaluate, greedy_mismatches
+from eagle3_jax.evaluation import evaluate, greedy_mismatches, slim_results, speed_cell
 from eagle3_jax.loading import load_draft, load_target
 from eagle3_jax.text import load_tokenizer
 
@@ -56,8 +56,7 @@ def table(results_by_batch: dict[int, dict]) -> str:
             for label in results["knobs"]:
                 r = row[label]
                 lines.append(f"| {batch} | {name} | {label} | {r['acceptance_length']:.2f} | {plain:.1f} | "
-                             f"{r['tokens_per_second']:.1f} | {r['speedup']:.2f}x "
-                             f"({r['speedup_low']:.2f}-{r['speedup_high']:.2f}) |")
+                             f"{r['tokens_per_second']:.1f} | {speed_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -99,15 +98,10 @@ def main(argv=None) -> int:
     print(table(by_batch))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        for results in by_batch.values():  # per-prompt outputs are long; the figures are what is compared
-            for row in results["benchmarks"].values():
-                for r in row.values():
-                    if isinstance(r, dict):
-                        r.pop("outputs", None)
-        with open(args.out, "w", encoding="utf-8") as f:
+        with open(args.out, "w", encoding="utf-8") as f:  # the figures, without the per-prompt tokens
             json.dump({"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
                        "machine": platform.machine(), "jax": jax.__version__, "seconds": time.perf_counter() - t0,
-                       "args": {k: v for k, v in vars(args).items()}, "by_batch": by_batch}, f, indent=1)
+                       "args": vars(args), "by_batch": {b: slim_results(r) for b, r in by_batch.items()}}, f, indent=1)
         print(f"wrote {args.out}")
     if mismatches:
         print("speculative tokens differ from plain decoding:\n" + "\n".join(mismatches), file=sys.stderr)

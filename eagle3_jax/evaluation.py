@@ -312,7 +312,8 @@ def slim_results(results: dict) -> dict:
                                           for k, v in row.items()} for b, row in results["benchmarks"].items()}}
 
 
-def _speed_cell(r: dict) -> str:
+def speed_cell(r: dict) -> str:
+    """A speedup as a table shows it: median (lowest-highest), and ', noise' when the repeats disagree."""
     if r.get("speedup") is None:
         return "n/a"
     text = f"{r['speedup']:.2f}x"
@@ -345,7 +346,7 @@ def _speed_lines(results: dict) -> list[str]:
                                                             for k in knobs) + " |",
              "|" + " --- |" * (3 * len(knobs) + 2)]
     for name, row in results["benchmarks"].items():
-        cells = [f"{row[k]['tokens_per_second']:.1f} | {_speed_cell(row[k])} | {_same_cell(row[k])}" for k in knobs]
+        cells = [f"{row[k]['tokens_per_second']:.1f} | {speed_cell(row[k])} | {_same_cell(row[k])}" for k in knobs]
         lines.append(f"| {name} | {row[PLAIN]['tokens_per_second']:.1f} | " + " | ".join(cells) + " |")
     repeats = results.get("repeats")
     lines += ["", (f"Speedup: the median of {repeats} interleaved repeats of every batch (lowest-highest); "

@@ -34,7 +34,6 @@ CODE_PROMPT = '''import os
 
 def list_python_files(root):
     """Return the paths of all .py files under root, sorted."""'''
-DEFAULT_PROMPT = CODE_PROMPT  # the toy pair's (kept under its old name)
 # Each pair's tree: the toy head is accepted one step deeper (eagle3_jax.decoding.tree says why).
 DEFAULT_KNOBS = {"smollm2": DEFAULT_TREE, "toy": DEMO_TREE}
 DEFAULT_REPEATS = 5

@@ -237,6 +237,14 @@ def buckets_for(max_length: int) -> list[int]:
     return out + [max_length]
 
 
+def group_by_bucket(lengths: Iterable[int], buckets: Sequence[int]) -> dict[int, list[int]]:
+    """bucket -> the indices of the lengths it holds (the smallest bucket each fits), in index order."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(next(b for b in buckets if n <= b), []).append(i)
+    return groups
+
+
 @dataclasses.dataclass
 class Batch:
     """A static-shape batch. ``valid`` marks real tokens; all-padding rows have no valid token."""
@@ -263,10 +271,7 @@ class Batcher:
         self.batch_size = batch_size
         self.buckets = buckets_for(max_length)
         self.seed = seed
-        self._by_bucket: dict[int, list[int]] = {}
-        for i, ex in enumerate(self.examples):
-            bucket = next(b for b in self.buckets if len(ex.tokens) <= b)
-            self._by_bucket.setdefault(bucket, []).append(i)
+        self._by_bucket = group_by_bucket((len(ex.tokens) for ex in self.examples), self.buckets)
 
     def plan(self, epoch: int) -> list[tuple[int, list[int]]]:
         """(bucket, example indices) of every batch of ``epoch``, in order."""

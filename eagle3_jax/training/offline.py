@@ -9,8 +9,9 @@ token) for a target forward per step, which pays off over several epochs.
 
 Building a store can take hours on a CPU (SmolLM2-135M over 1.6 M tokens),
 so it resumes. The examples go through the target in a fixed plan of
-batches (grouped by training's length buckets, ``training.data.buckets_for``,
-about :data:`TOKENS_PER_FORWARD` tokens each), and each example's file is written to a work directory
+batches (grouped by training's length buckets,
+``training.data.buckets_for``, about :data:`TOKENS_PER_FORWARD` tokens
+each), and each example's file is written to a work directory
 ``.NAME.building`` beside the store, under a temporary name renamed when
 complete. That directory's ``build.json`` records what it is being built
 for (data fingerprint, feature layers, example count); a build that finds a
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 from eagle3_jax.atomic import atomic_directory, check_destination, rename_noreplace
 from eagle3_jax.errors import CheckpointError
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.training.data import Example, buckets_for
+from eagle3_jax.training.data import Example, buckets_for, group_by_bucket
 from eagle3_jax.training.trainer import warn
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
@@ -67,10 +68,7 @@ def forward_plan(lengths: Sequence[int], max_length: int) -> list[tuple[list[int
     plan depends only on the lengths: a resumed build recomputes a batch
     exactly as the stopped one would have.
     """
-    buckets = buckets_for(max_length)
-    by_bucket: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_bucket.setdefault(next(b for b in buckets if n <= b), []).append(i)
+    by_bucket = group_by_bucket(lengths, buckets_for(max_length))
     plan = []
     for bucket in sorted(by_bucket):
         rows, per = by_bucket[bucket], _rows_per_forward(bucket)
@@ -173,11 +171,11 @@ class TeacherStore:
             return out.features, out.hidden, jnp.argmax(model.unembed(out.hidden), axis=-1).astype(jnp.int32)
 
         plan = forward_plan([len(ex.tokens) for ex in examples], max_length)
-        done = sum(os.path.isfile(_file(work, i)) for i in range(len(examples)))
-        with tqdm(total=len(examples), initial=done, desc="precomputing teacher", unit="seq",
+        finished = {i for i in range(len(examples)) if os.path.isfile(_file(work, i))}  # by the stopped build
+        with tqdm(total=len(examples), initial=len(finished), desc="precomputing teacher", unit="seq",
                   disable=not progress) as bar:
             for rows, bucket in plan:
-                if all(os.path.isfile(_file(work, i)) for i in rows):
+                if finished.issuperset(rows):
                     continue
                 tokens = np.zeros((_rows_per_forward(bucket), bucket), np.int32)
                 for r, i in enumerate(rows):
@@ -185,10 +183,9 @@ class TeacherStore:
                 features, hidden, argmax = jax.device_get(forward(weights, jnp.asarray(tokens)))
                 for r, i in enumerate(rows):
                     n = len(examples[i].tokens)
-                    new = not os.path.isfile(_file(work, i))
                     _save_atomically({"features": np.asarray(features[r, :n]), "hidden": np.asarray(hidden[r, :n]),
                                       "argmax": np.asarray(argmax[r, :n])}, _file(work, i))
-                    bar.update(int(new))
+                bar.update(len(set(rows) - finished))
         with atomic_directory(directory, overwrite=overwrite, replaceable=is_teacher_store,
                               what="teacher store") as tmp:
             for i in range(len(examples)):

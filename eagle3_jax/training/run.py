@@ -4,8 +4,9 @@ The run directory holds everything a run produces: ``run.json`` (the job,
 written first: it marks the directory as a run of eagle3-jax),
 ``checkpoints/`` (orbax), ``metrics.jsonl`` (one line per step),
 ``vocab.json`` (the vocabulary map's coverage), ``teacher/`` (with
-``precompute``; ``.teacher.building/`` while it is computed), ``summary.json`` and, when training ends, ``head/``, the
-trained head in the SpecForge/SGLang format (written atomically);
+``precompute``; ``.teacher.building/`` while it is computed),
+``summary.json`` and, when training ends, ``head/``, the trained head in
+the SpecForge/SGLang format (written atomically);
 ``corrupt-checkpoints/`` holds checkpoints a resume found unreadable.
 
 A run killed at any point continues with ``resume``: from its newest
