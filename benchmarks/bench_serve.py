@@ -33,7 +33,7 @@ Prints two tables, writes JSON (--out) with every configuration, every
 request's figures, the settings and the machine. Timings are reported, never
 asserted.
 
-Default models: the embedded demo pair (eagle3_jax/demo; its tree is the chain
+Default models: the toy demo pair (eagle3_jax/demo, `demo_paths("toy")`; its tree is the chain
 4,1,5 as in ``eagle3-jax demo``), with short Python code prompts.
 
     python benchmarks/bench_serve.py
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("models and server")
     m.add_argument("--target", default=None, metavar="DIR",
-                   help="target model (HF or converted directory, or Hub id); default the embedded demo target")
+                   help="target model (HF or converted directory, or Hub id); default the toy demo pair's target")
     m.add_argument("--draft", default=None, metavar="DIR",
                    help="EAGLE-3 head for the spec mode; default the demo head when --target is not given")
     m.add_argument("--no-draft", action="store_true", help="no head: run the plain mode only")
@@ -504,7 +504,7 @@ def resolve(args, parser) -> None:
     if args.target is None:
         from eagle3_jax.demo import demo_paths  # a path lookup: imports no JAX
 
-        args.target, demo_head = demo_paths()
+        args.target, demo_head = demo_paths("toy")
         args.demo = True
         if args.draft is None and not args.no_draft:
             args.draft = demo_head

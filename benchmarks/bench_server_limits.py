@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The server against hostile and careless clients: what each maximal request costs the others.
 
-Starts one ``eagle3-jax serve`` process (the embedded demo pair by default,
+Starts one ``eagle3-jax serve`` process (the toy demo pair by default,
 with a ChatML chat template) and, one class at a time, sends the request a
 hostile or careless client would: a 50 MB body, a text prompt and a list of
 token ids that fill the default body limit (2 MiB), a 20 MB chat message, JSON nested 100,000 deep, a client's own chat
@@ -116,8 +116,8 @@ def post(url: str, body: bytes, timeout: float = 600) -> tuple[int, str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default=None, help="target directory (default: the embedded demo target)")
-    p.add_argument("--draft", default=None, help="draft head directory (default: the embedded demo head)")
+    p.add_argument("--target", default=None, help="target directory (default: the toy demo pair's target)")
+    p.add_argument("--draft", default=None, help="draft head directory (default: the toy demo pair's head)")
     p.add_argument("--repo", default=None, help="run the server from this checkout (PYTHONPATH), e.g. an older one")
     p.add_argument("--max-cache-len", type=int, default=256)
     p.add_argument("--max-batch", type=int, default=8)
@@ -126,7 +126,7 @@ def main() -> int:
     if args.target is None or args.draft is None:
         from eagle3_jax.demo import demo_paths
 
-        target, draft = demo_paths()
+        target, draft = demo_paths("toy")
         args.target, args.draft = args.target or target, args.draft or draft
     work = tempfile.mkdtemp(prefix="eagle3-jax-bench-limits-")
     template = os.path.join(work, "chatml.jinja")
