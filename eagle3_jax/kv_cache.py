@@ -18,6 +18,16 @@ arrays, for tests and references (``AttentionMetadata.dense``).
 Writing K/V never advances ``lengths``: the caller commits what it accepts.
 Slots at or past the capacity are dropped, never wrapped or clamped, so an
 overflowing write can not corrupt committed entries.
+
+Forwards and commits touch each row's *window*, the W slots after its
+committed prefix, through :meth:`KVCache.write_window` and
+:meth:`KVCache.move_in_window`: a row's window is read as one block, changed
+in that small block, and written back. How a row's block is reached is the
+platform's (:data:`ROW_ACCESS`): one batched gather and scatter where buffers
+have fixed layouts (CPU, GPU), one dynamic slice per row on TPU, whose layout
+assignment would otherwise re-tile the whole buffers around a batched gather
+or scatter and copy every cache into and out of the loop
+(docs/architecture.md#kv-cache).
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
+from eagle3_jax.platform import target_platform
 from eagle3_jax.sharding import KV_CACHE_AXES, LogicalAxes, constrain
 
 # Decoders allocate buffers in whole blocks (:func:`aligned_capacity`), so that blocked attention
@@ -34,6 +46,62 @@ from eagle3_jax.sharding import KV_CACHE_AXES, LogicalAxes, constrain
 # stays within 1/32 of the capacity.
 SLOT_ALIGN = 128
 MAX_SLOT_ALIGN = 1024
+
+
+# How each platform reaches a row's window: "batched" (one scatter and gather over all rows at
+# their slots) or "rows" (the window as one block per row: a dynamic slice and update per row, a
+# loop over the rows when there are several).
+ROW_ACCESS = {"tpu": "rows"}
+# A row's block is at least this many slots (one bfloat16 sublane tile of the TPU): a narrower
+# block (a decode step's single slot) would be tiled differently from the buffer and pull the
+# whole buffer's layout to its own.
+MIN_ROW_BLOCK = 16
+
+
+def row_access() -> str:
+    """"rows" or "batched": how programs traced now reach each row's window (:data:`ROW_ACCESS`)."""
+    return ROW_ACCESS.get(target_platform(), "batched")
+
+
+def read_rows(buf: jax.Array, start: jax.Array, width: int) -> jax.Array:
+    """[batch, heads, width, dim]: slots ``start[b] .. start[b] + width - 1`` of each row of ``buf``
+    [batch, heads, capacity, dim], one dynamic slice per row; ``start`` [batch] int32 must lie in
+    ``[0, capacity - width]``."""
+    batch, heads, _, dim = buf.shape
+    if batch == 1:
+        return keep_layout(jax.lax.dynamic_slice(buf, (0, 0, start[0], 0), (1, heads, width, dim)))
+
+    def row(b, out):
+        block = jax.lax.dynamic_slice(buf, (b, 0, start[b], 0), (1, heads, width, dim))
+        return jax.lax.dynamic_update_slice(out, block, (b, 0, 0, 0))
+
+    return keep_layout(jax.lax.fori_loop(0, batch, row, jnp.zeros((batch, heads, width, dim), buf.dtype)))
+
+
+def write_rows(buf: jax.Array, start: jax.Array, blocks: jax.Array) -> jax.Array:
+    """``buf`` with slots ``start[b] ..`` of each row replaced by ``blocks`` [batch, heads, width, dim],
+    in place, one dynamic update per row; ``start`` as for :func:`read_rows`. The result keeps the
+    buffers' row-major layout (:func:`keep_layout`)."""
+    if blocks.shape[0] == 1:
+        return keep_layout(jax.lax.dynamic_update_slice(buf, blocks, (0, 0, start[0], 0)))
+
+    def row(b, out):
+        block = jax.lax.dynamic_slice_in_dim(blocks, b, 1, axis=0)
+        return jax.lax.dynamic_update_slice(out, block, (b, 0, start[b], 0))
+
+    return keep_layout(jax.lax.fori_loop(0, blocks.shape[0], row, buf))
+
+
+def keep_layout(buf: jax.Array) -> jax.Array:
+    """``buf`` pinned to the row-major layout the cache's buffers have outside a program.
+
+    Inside a loop, TPU layout assignment lays a carried buffer out as its updates prefer (a
+    decode step's [batch, kv_heads, 1, head_dim] update prefers the capacity axis before the
+    heads); a buffer that enters and leaves the program row-major is then copied whole in and
+    out of every loop. Pinned (the buffers, and the blocks read from them), the small blocks are
+    re-tiled instead.
+    """
+    return with_layout_constraint(buf, Layout(major_to_minor=tuple(range(buf.ndim))))
 
 
 def aligned_capacity(capacity: int) -> int:
@@ -115,6 +183,86 @@ class KVCache:
         v = self.v[layer].at[b, :, slots].set(v_new.astype(self.dtype), mode="drop")
         return self.with_layer(layer, k, v)
 
+    def block_width(self, width: int) -> int:
+        """Slots in a row's block for a window of ``width``: at least :data:`MIN_ROW_BLOCK`,
+        at most the capacity."""
+        return min(max(width, MIN_ROW_BLOCK), self.capacity)
+
+    def window_start(self, base: jax.Array, width: int) -> jax.Array:
+        """[batch] int32: where a row's window block of ``width`` slots starts, ``base`` clamped
+        into the buffer (a window running past the capacity starts early; its slots past the
+        capacity are not in the block)."""
+        return jnp.clip(base.astype(jnp.int32), 0, self.capacity - width)
+
+    def write_window(self, layer: int, k_new: jax.Array, v_new: jax.Array, slots: jax.Array, base: jax.Array,
+                     width: int) -> tuple[KVCache, jax.Array, jax.Array]:
+        """Stores new K/V of one layer at ``slots`` inside each row's window, in place, and returns
+        the window after the write.
+
+        Args:
+          layer: static layer index.
+          k_new, v_new: [batch, T, kv_heads, head_dim].
+          slots: [batch, T] int32, each in ``base .. base + width - 1`` or dropped (at or past the
+            capacity, or outside the window: the int32 maximum marks a dropped write).
+          base: [batch] int32, the first slot of each row's window (its committed length).
+          width: static window size W, at most the capacity.
+        Returns:
+          (the cache, K and V of slots ``base + j`` [batch, kv_heads, W, head_dim]; entries for
+          slots past the capacity are arbitrary).
+        """
+        window = base.astype(jnp.int32)[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [batch, W]
+        if row_access() == "batched":
+            cache = self.write(layer, k_new, v_new, slots)
+            index = jnp.clip(window, 0, self.capacity - 1)[:, None, :, None]
+            return (cache, jnp.take_along_axis(cache.k[layer], index, axis=2),
+                    jnp.take_along_axis(cache.v[layer], index, axis=2))
+        block_width = self.block_width(width)
+        start = self.window_start(base, block_width)
+        b = jnp.arange(k_new.shape[0])[:, None]
+        rel = slots - start[:, None]
+        rel = jnp.where((rel >= 0) & (rel < block_width), rel, block_width)  # outside the block: dropped
+
+        def update(buf, new):
+            block = read_rows(buf, start, block_width).at[b, :, rel].set(new.astype(self.dtype), mode="drop")
+            return write_rows(buf, start, block), block
+
+        k, kw = update(self.k[layer], k_new)
+        v, vw = update(self.v[layer], v_new)
+        # block order -> window order (the same but for a window clamped at the end of the buffer)
+        index = jnp.clip(window - start[:, None], 0, block_width - 1)[:, None, :, None]
+        return self.with_layer(layer, k, v), jnp.take_along_axis(kw, index, axis=2), jnp.take_along_axis(vw, index, axis=2)
+
+    def move_in_window(self, base: jax.Array, src: jax.Array, dst: jax.Array, width: int) -> KVCache:
+        """Copies K/V of every layer from slots ``base + src`` to ``base + dst`` inside each row's
+        window of ``width`` slots (how a verified tree path is compacted into contiguous slots).
+
+        Args:
+          base: [batch] int32 window starts (the committed lengths).
+          src: [batch, n] int32 offsets in ``0 .. width - 1``.
+          dst: [batch, n] int32 offsets; outside ``0 .. width - 1`` or past the capacity: dropped.
+        """
+        b = jnp.arange(src.shape[0])[:, None]
+        base = base.astype(jnp.int32)[:, None]
+        if row_access() == "batched":
+            src_slots = jnp.clip(base + src, 0, self.capacity - 1)
+            dst_slots = jnp.where((dst >= 0) & (dst < width), base + dst, self.capacity)
+
+            def move(buf):
+                return constrain(buf.at[b, :, dst_slots].set(buf[b, :, src_slots], mode="drop"), self.axes)
+        else:
+            block_width = self.block_width(width)
+            start = self.window_start(base[:, 0], block_width)
+            shift = base - start[:, None]  # > 0 only for a window clamped at the end of the buffer
+            src_rel = jnp.clip(src + shift, 0, block_width - 1)
+            dst_rel = jnp.where((dst >= 0) & (dst < width) & (dst + shift < block_width), dst + shift, block_width)
+
+            def move(buf):
+                block = read_rows(buf, start, block_width)
+                block = block.at[b, :, dst_rel].set(block[b, :, src_rel], mode="drop")
+                return constrain(write_rows(buf, start, block), self.axes)
+
+        return dataclasses.replace(self, k=tuple(map(move, self.k)), v=tuple(map(move, self.v)))
+
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
 
@@ -125,20 +273,6 @@ class KVCache:
     def with_layer(self, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
         """This cache with ``layer``'s buffers replaced."""
         return dataclasses.replace(self, k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
-
-    def gather_slots(self, src: jax.Array, dst: jax.Array) -> KVCache:
-        """Copies K/V of every layer from slots ``src`` to slots ``dst`` (both [batch, n]).
-
-        This is how a verified tree path is compacted into contiguous slots;
-        destinations outside the buffer are dropped.
-        """
-        b = jnp.arange(src.shape[0])[:, None]
-        src = jnp.clip(src, 0, self.capacity - 1)
-
-        def move(buf):
-            return constrain(buf.at[b, :, dst].set(buf[b, :, src], mode="drop"), self.axes)
-
-        return dataclasses.replace(self, k=tuple(map(move, self.k)), v=tuple(map(move, self.v)))
 
 
 def _replace(buffers: tuple[jax.Array, ...], layer: int, new: jax.Array) -> tuple[jax.Array, ...]:

@@ -150,16 +150,25 @@ def with_dense_gradient(prefix_fn: Callable[..., Partial]) -> Callable[..., Part
     return prefix
 
 
-def window_part(qg: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMetadata) -> Partial:
-    """Attention over the W window slots ``kv_lengths + j`` through ``meta.local_mask`` [batch or 1, T, W]
-    (slots past the buffer are hidden). Gathers W slots per row and KV head."""
-    capacity = k.shape[2]
+def window_part(qg: jax.Array, kw: jax.Array, vw: jax.Array, meta: AttentionMetadata, capacity: int) -> Partial:
+    """Attention over the W window slots ``kv_lengths + j`` through ``meta.local_mask`` [batch or 1, T, W],
+    given their K and V ``kw``, ``vw`` [batch, kv_heads, W, head_dim] (slots past the buffer are hidden)."""
     slots = meta.kv_lengths[:, None] + jnp.arange(meta.window, dtype=jnp.int32)[None, :]  # [batch, W]
-    index = jnp.clip(slots, 0, capacity - 1)[:, None, :, None]
-    kw = jnp.take_along_axis(k, index, axis=2)  # [batch, kv_heads, W, head_dim]
-    vw = jnp.take_along_axis(v, index, axis=2)
     visible = meta.local_mask & (slots < capacity)[:, None, :]  # [batch, T, W]
     return part(qg, kw, vw, visible[:, None, None, :, :])
+
+
+def write_and_window(k: jax.Array, v: jax.Array, cache: KVCache, layer: int, meta: AttentionMetadata
+                     ) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Writes the new K/V at ``meta.slots`` and returns (the cache, the window's K and V
+    [batch, kv_heads, W, head_dim]) through ``KVCache.write_window`` (in place on every platform);
+    a window as wide as the buffer or wider (a dense mask) writes at arbitrary slots and gathers the window."""
+    if meta.window < cache.capacity:
+        return cache.write_window(layer, k, v, meta.slots, meta.kv_lengths, meta.window)
+    cache = cache.write(layer, k, v, meta.slots)
+    slots = meta.kv_lengths[:, None] + jnp.arange(meta.window, dtype=jnp.int32)[None, :]
+    index = jnp.clip(slots, 0, cache.capacity - 1)[:, None, :, None]
+    return cache, jnp.take_along_axis(cache.k[layer], index, axis=2), jnp.take_along_axis(cache.v[layer], index, axis=2)
 
 
 PrefixFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Partial]
@@ -175,9 +184,10 @@ def live_length_attention(prefix_fn: PrefixFn, q: jax.Array, k: jax.Array, v: ja
     reverse-differentiable by :func:`with_dense_gradient`) and over the window
     with :func:`window_part`, and merges the two.
     """
-    cache = cache.write(layer, k, v, meta.slots)
-    kc, vc = cache.k[layer], cache.v[layer]
-    qg = group_queries(q, kc.shape[1])
-    prefix = with_dense_gradient(prefix_fn)(qg, kc, vc, meta.kv_lengths)
-    out = merge(prefix, window_part(qg, kc, vc, meta)).finish()
+    qg = group_queries(q, cache.k[layer].shape[1])
+    # The prefix (slots below kv_lengths) is read before the write, which only changes the window:
+    # the buffer's last reader in this forward is then the in-place write.
+    prefix = with_dense_gradient(prefix_fn)(qg, cache.k[layer], cache.v[layer], meta.kv_lengths)
+    cache, kw, vw = write_and_window(k, v, cache, layer, meta)
+    out = merge(prefix, window_part(qg, kw, vw, meta, cache.capacity)).finish()
     return ungroup(out, q.dtype), cache

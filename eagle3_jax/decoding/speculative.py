@@ -189,9 +189,10 @@ def commit(cache: KVCache, result: DecodeResult, tree: Tree, acc: Acceptance, le
     """
     with jax.named_scope("commit"):
         n = cache.lengths
+        width = tree.tokens.shape[1]  # the N tree nodes were verified at slots n .. n + N - 1
         j = jnp.arange(acc.path.shape[1], dtype=jnp.int32)[None, :]
-        dst = jnp.where(j < length[:, None], n[:, None] + j, cache.capacity)
-        cache = cache.gather_slots(n[:, None] + acc.path, dst).with_lengths(n + length)
+        dst = jnp.where(j < length[:, None], j, width)  # past the accepted length: dropped
+        cache = cache.move_in_window(n, acc.path, dst, width).with_lengths(n + length)
         emitted = acc.emitted(tree)  # [batch, D+1]
         result = result.append(emitted, length, settings, params, forwards=active.astype(jnp.int32),
                                nonfinite=nonfinite)
