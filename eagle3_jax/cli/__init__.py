@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from eagle3_jax.cli import convert, demo, eval, generate, regenerate, serve, train
+from eagle3_jax.cli import compile, convert, demo, eval, generate, regenerate, serve, train
 from eagle3_jax.cli.options import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -41,7 +41,7 @@ from eagle3_jax.cli.signals import interrupted
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "entry", "main"]
 
-COMMANDS = (generate, serve, convert, train, regenerate, eval, demo)
+COMMANDS = (generate, serve, convert, train, regenerate, eval, demo, compile)
 
 
 def build_parser() -> argparse.ArgumentParser:
