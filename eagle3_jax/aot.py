@@ -16,6 +16,7 @@ the programs are those that platform would run (its attention backend, its KV ca
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -87,15 +88,26 @@ _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
 
 
 def topology(name: str) -> Topology:
-    """The devices of ``name``: "cpu" (this machine's CPU devices) or a TPU topology
-    "CHIP:AxB" / "CHIP:AxBxC" with CHIP in v4, v5e, v5p, v6e (through libtpu)."""
+    """The devices of ``name``: "cpu" (this machine's CPU devices), "local" (this process's default
+    devices, e.g. a GPU, with the memory they report) or a TPU topology "CHIP:AxB" / "CHIP:AxBxC"
+    with CHIP in v4, v5e, v5p, v6e (through libtpu)."""
     if name == "cpu":
         return Topology("cpu", "cpu", "cpu", tuple(jax.devices("cpu")), None)
+    if name == "local":  # this process's own devices (a GPU or TPU machine): their reported memory
+        devices = tuple(jax.devices())
+        try:
+            memory = int(devices[0].memory_stats()["bytes_limit"])
+        except Exception:
+            memory = None
+        platform = "gpu" if devices[0].platform in ("gpu", "cuda", "rocm") else devices[0].platform
+        return Topology("local", platform, str(devices[0].device_kind), devices, memory)
     m = _TOPOLOGY.match(name)
     if not m:
-        raise InputError(f"unknown topology {name!r}; use 'cpu' or a TPU topology such as v5e:1x1, v5e:2x2, "
+        raise InputError(f"unknown topology {name!r}; use 'cpu', 'local' or a TPU topology such as v5e:1x1, v5e:2x2, "
                          f"v6e:2x4, v5p:2x2x1 (chips: {', '.join(CHIP_MEMORY)})")
     chip = m.group(1)
+    # Compiling touches no chip: let several processes load libtpu (it otherwise locks it to one).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - every supported JAX has it
@@ -239,8 +251,7 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
             try:
                 compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             except Exception as e:  # the compiler's refusal (e.g. out of memory) is a result, not a crash
-                message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                raise CompileFailure(name, message) from None
+                raise CompileFailure(name, _first_line(e)) from None
             seconds = time.perf_counter() - t0
             ma = compiled.memory_analysis()
             report = ProgramReport(name, ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
@@ -263,7 +274,12 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
                 else:
                     fn = jax.jit(lambda tw, dw, t, n, r, p: spec_start(tw, dw, t, n, r, p, settings))
                     lowered = fn.lower(tw, dw, tokens, lengths, rng, params)
-                started[key] = _placed(lowered.out_info, lowered.compile().output_shardings)
+                try:
+                    compiled = lowered.compile()
+                except Exception as e:
+                    raise CompileFailure(kind, f"the prefill that makes its state does not compile: {_first_line(e)}"
+                                         ) from None
+                started[key] = _placed(lowered.out_info, compiled.output_shardings)
             return started[key]
 
         for name in programs:
@@ -294,6 +310,11 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
                 reports.append(ProgramReport(name, 0, 0, 0, 0, 0.0, False, error=f.message))
                 log(f"{name}: does not compile: {f.message}")
     return reports
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 class CompileFailure(Exception):

@@ -137,6 +137,30 @@ def test_pallas_gpu_runs_the_kernel_for_decode_and_verify():
     assert "pallas_call" not in traced(MAX_KERNEL_ROWS // (HQ // HKV) + 1)
 
 
+def test_pallas_tpu_runs_the_kernel_over_several_blocks(monkeypatch):
+    """The TPU kernel (interpret mode here) over 128-slot blocks of a 512-slot cache: prefixes ending in
+    the first, the second and the fourth block and an empty one, for a decode step, a verify forward
+    and a draft beam step; a prefill-sized forward falls back to the block loop."""
+    import eagle3_jax.attention.pallas_tpu as pallas_tpu
+
+    monkeypatch.setattr(pallas_tpu, "BLOCK_K", 128)
+    assert pallas_tpu.kernel_block(512) == 128 and pallas_tpu.kernel_block(40) is None
+    lengths = jnp.asarray([0, 130, 500], jnp.int32)
+    for meta in (AttentionMetadata.causal(lengths, 1), AttentionMetadata.causal(lengths, 6),
+                 AttentionMetadata.window_of(lengths, lengths[:, None] + jnp.asarray([[2, 2, 2]]), jnp.asarray([[3, 4, 5]]),
+                                             jnp.ones((B, 3, 9), bool))):
+        _check_definition("pallas_tpu", meta, capacity=512)
+
+    def traced(t):
+        meta = AttentionMetadata.causal(lengths, t, backend="pallas_tpu")
+        q, kv = jnp.zeros((B, t, HQ, D)), jnp.zeros((B, t, HKV, D))
+        cache = KVCache.create(num_layers=1, batch=B, capacity=512, kv_heads=HKV, head_dim=D, dtype=jnp.float32)
+        return str(jax.make_jaxpr(lambda *a: attend(*a, 0, meta))(q, kv, kv, cache))
+
+    assert "pallas_call" in traced(1) and "pallas_call" in traced(8)
+    assert "pallas_call" not in traced(pallas_tpu.MAX_KERNEL_ROWS // (HQ // HKV) + 1)
+
+
 def test_pallas_gpu_kernel_over_sixteen_splits():
     """A 1024-slot cache: 16 splits of 64 slots, prefixes ending inside the first, the second and the
     eleventh split, for a decode step and a verify forward."""
@@ -153,6 +177,47 @@ def test_auto_is_the_platform_default():
     assert PLATFORM_DEFAULTS["gpu"] == "pallas_gpu"
     if jax.default_backend() == "cpu":
         assert resolve_backend("auto") == "blockwise"
+
+
+def test_auto_follows_the_platform_compiled_for():
+    from eagle3_jax.attention import resolve_backend
+    from eagle3_jax.platform import compiling_for
+
+    with compiling_for("gpu"):  # ahead of time for a GPU: its kernel, which this CPU cannot check
+        assert resolve_backend("auto") == "pallas_gpu"
+    with compiling_for("tpu"):
+        assert resolve_backend("auto") == "pallas_tpu"
+
+
+class _FakeGpu:
+    platform = "gpu"
+    device_kind = "Tesla T4"
+
+    def __init__(self, capability):
+        self.compute_capability = capability
+
+
+@pytest.mark.parametrize("capability, backend", [("7.5", "blockwise"), ("8.0", "pallas_gpu"), ("9.0", "pallas_gpu")])
+def test_auto_avoids_the_kernel_on_old_gpus(monkeypatch, capsys, capability, backend):
+    """A GPU older than compute capability 8.0 (Colab's T4: 7.5) cannot compile the Pallas GPU kernel:
+    'auto' falls back to 'blockwise' and says so once."""
+    import eagle3_jax.attention as attention
+    from eagle3_jax.platform import compiling_for
+
+    monkeypatch.setattr(attention, "executes_here", lambda: True)
+    monkeypatch.setattr(jax, "devices", lambda *a: [_FakeGpu(capability)])
+    attention.pallas_gpu_supported.cache_clear()
+    try:
+        with compiling_for("gpu"):
+            assert attention.resolve_backend("auto") == backend
+            assert attention.resolve_backend("auto") == backend
+            assert attention.resolve_backend("pallas_gpu") == "pallas_gpu"  # named: as asked
+    finally:
+        attention.pallas_gpu_supported.cache_clear()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == (backend == "blockwise")
+    if notes:
+        assert "Tesla T4 (compute capability 7.5)" in notes[0] and "'blockwise'" in notes[0]
 
 
 def test_dense_mask_is_prefix_plus_window():
@@ -183,7 +248,8 @@ def test_backend_in_whole_forwards_matches_reference(backend):
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(InputError,
-                       match="unknown attention backend 'flash'; choose one of auto, blockwise, pallas_gpu, reference"):
+                       match="unknown attention backend 'flash'; choose one of auto, blockwise, pallas_gpu, pallas_tpu, "
+                             "reference"):
         check_backend("flash")
     from eagle3_jax.decoding.common import DecodeSettings
 
@@ -203,7 +269,7 @@ def test_generator_takes_the_backend_by_name():
     assert len(out[0].token_ids) == 4
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu"])
+@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "pallas_tpu"])
 def test_gradients_match_the_reference(backend):
     """Reverse-mode derivatives through a live-length backend (its prefix loop and kernel take the
     dense prefix's VJP) equal those through the reference, for the queries, the new K/V and the cache."""

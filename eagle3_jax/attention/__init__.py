@@ -12,10 +12,14 @@ Backends:
               (cost follows the capacity; portable; the definition).
   blockwise   write, then the committed prefix in blocks up to the longest
               live row plus the window, merged by log-sum-exp (cost follows
-              the live length; portable; the default on CPU and TPU).
+              the live length; portable; the default on CPU).
   pallas_gpu  as blockwise, with the prefix through JAX's Pallas GPU
-              decode-attention kernel (the default on GPU; Pallas interpret
-              mode elsewhere, which is how the tests run it).
+              decode-attention kernel (the default on GPUs of compute
+              capability 8.0 and newer; Pallas interpret mode elsewhere,
+              which is how the tests run it).
+  pallas_tpu  as blockwise, with the prefix through this project's Pallas TPU
+              flash-decoding kernel (the default on TPU; interpret mode
+              elsewhere).
   auto        not a backend of its own: the platform's default, resolved
               when the forward is traced (:func:`resolve_backend`).
 
@@ -27,6 +31,8 @@ added with :func:`register_backend`.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 
 import jax
@@ -34,20 +40,24 @@ import jax
 from eagle3_jax.attention.blockwise import blockwise_attention
 from eagle3_jax.attention.metadata import DEFAULT_BACKEND, AttentionMetadata
 from eagle3_jax.attention.pallas_gpu import pallas_gpu_attention
+from eagle3_jax.attention.pallas_tpu import pallas_tpu_attention
 from eagle3_jax.attention.reference import MASK_VALUE, grouped_attention, reference_attention
 from eagle3_jax.attention.sharded import sharded_attention
 from eagle3_jax.errors import InputError
 from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.platform import executes_here, target_platform
 from eagle3_jax.sharding import current_mesh
 
 Backend = Callable[[jax.Array, jax.Array, jax.Array, KVCache, int, AttentionMetadata],
                    tuple[jax.Array, KVCache]]
 
 BACKENDS: dict[str, Backend] = {"reference": reference_attention, "blockwise": blockwise_attention,
-                                "pallas_gpu": pallas_gpu_attention}
+                                "pallas_gpu": pallas_gpu_attention, "pallas_tpu": pallas_tpu_attention}
 
-# What "auto" means on each platform (jax.default_backend()); anything else gets "blockwise".
-PLATFORM_DEFAULTS = {"gpu": "pallas_gpu", "cuda": "pallas_gpu"}
+# What "auto" means on each platform (eagle3_jax.platform.target_platform()); anything else gets "blockwise".
+PLATFORM_DEFAULTS = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+# The Pallas GPU kernel is compiled by Triton for compute capability 8.0 (Ampere) and newer.
+MIN_PALLAS_GPU_CAPABILITY = (8, 0)
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -64,10 +74,41 @@ def check_backend(name: str) -> str:
 
 def resolve_backend(name: str) -> str:
     """The backend ``name`` stands for here: "auto" is the platform's default
-    (:data:`PLATFORM_DEFAULTS`, else "blockwise"); a known name is itself."""
+    (:data:`PLATFORM_DEFAULTS` of :func:`~eagle3_jax.platform.target_platform`, else "blockwise";
+    on a GPU the kernel cannot compile for, "blockwise"); a known name is itself."""
     if check_backend(name) == "auto":
-        return PLATFORM_DEFAULTS.get(jax.default_backend(), "blockwise")
+        backend = PLATFORM_DEFAULTS.get(target_platform(), "blockwise")
+        if backend == "pallas_gpu" and not pallas_gpu_supported():
+            return "blockwise"
+        return backend
     return name
+
+
+@functools.cache
+def pallas_gpu_supported() -> bool:
+    """Whether this process's GPU can compile the Pallas GPU kernel (compute capability 8.0 or
+    newer); says once, on stderr, when it cannot and ``auto`` falls back to ``blockwise``. True
+    where no GPU can be asked (compiling ahead of time for one)."""
+    if not executes_here():
+        return True
+    capability = gpu_capability(jax.devices()[0])
+    if capability is None or capability >= MIN_PALLAS_GPU_CAPABILITY:
+        return True
+    kind = getattr(jax.devices()[0], "device_kind", "this GPU")
+    print(f"note: {kind} (compute capability {capability[0]}.{capability[1]}) cannot compile the Pallas GPU "
+          f"attention kernel (it needs {MIN_PALLAS_GPU_CAPABILITY[0]}.{MIN_PALLAS_GPU_CAPABILITY[1]}); attention "
+          "'auto' uses 'blockwise'", file=sys.stderr)
+    return False
+
+
+def gpu_capability(device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device, None if it does not say."""
+    text = str(getattr(device, "compute_capability", "") or "")
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return None
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
@@ -94,5 +135,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
 
 
 __all__ = ["AttentionMetadata", "BACKENDS", "DEFAULT_BACKEND", "MASK_VALUE", "PLATFORM_DEFAULTS", "attend",
-           "blockwise_attention", "check_backend", "grouped_attention", "pallas_gpu_attention", "reference_attention",
-           "register_backend", "resolve_backend"]
+           "blockwise_attention", "check_backend", "gpu_capability", "grouped_attention", "pallas_gpu_attention",
+           "pallas_gpu_supported", "pallas_tpu_attention", "reference_attention", "register_backend", "resolve_backend"]

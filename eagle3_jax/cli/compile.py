@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                                                     "(default qwen3-4b)")
     src.add_argument("--config", metavar="DIR", default=None,
                      help="a model directory (or its config.json): its shape, no weights read")
-    p.add_argument("--topology", default="v5e:1x1", help="cpu, or a TPU topology CHIP:AxB[xC]")
+    p.add_argument("--topology", default="v5e:1x1",
+                   help="a TPU topology CHIP:AxB[xC] (v4, v5e, v5p, v6e), cpu (this CPU), or local (this "
+                        "machine's default devices, e.g. its GPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and KV cache")
     p.add_argument("--cache", type=positive_int, default=8192, metavar="SLOTS", help="KV slots per row")
     p.add_argument("--batch", type=positive_int, default=1, help="rows of the library's programs")
