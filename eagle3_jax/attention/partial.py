@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.attention.metadata import AttentionMetadata
-from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.kv_cache import KVCache, row_access
 
 # Scores of hidden keys; finite (as in the reference backend), and the starting maximum of a part.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -182,12 +182,17 @@ def live_length_attention(prefix_fn: PrefixFn, q: jax.Array, k: jax.Array, v: ja
     ``layer``, attends ``q`` [batch, T, q_heads, head_dim] over the prefix with
     ``prefix_fn(qg, k_buffer, v_buffer, kv_lengths) -> Partial`` (made
     reverse-differentiable by :func:`with_dense_gradient`) and over the window
-    with :func:`window_part`, and merges the two.
+    with :func:`window_part`, and merges the two. The prefix (slots below ``kv_lengths``, which
+    the write does not touch) is read after the write with the batched row access and before it
+    with the rows access (``kv_cache.row_access``): the order each platform's compiler updates
+    the buffer in place with.
     """
     qg = group_queries(q, cache.k[layer].shape[1])
-    # The prefix (slots below kv_lengths) is read before the write, which only changes the window:
-    # the buffer's last reader in this forward is then the in-place write.
-    prefix = with_dense_gradient(prefix_fn)(qg, cache.k[layer], cache.v[layer], meta.kv_lengths)
+    prefix_first = row_access() == "rows"
+    if prefix_first:  # (TPU) the write is then the buffer's last use: a loop reading it after would copy it
+        prefix = with_dense_gradient(prefix_fn)(qg, cache.k[layer], cache.v[layer], meta.kv_lengths)
     cache, kw, vw = write_and_window(k, v, cache, layer, meta)
+    if not prefix_first:  # (CPU, GPU) a scatter updates in place before the reads
+        prefix = with_dense_gradient(prefix_fn)(qg, cache.k[layer], cache.v[layer], meta.kv_lengths)
     out = merge(prefix, window_part(qg, kw, vw, meta, cache.capacity)).finish()
     return ungroup(out, q.dtype), cache
