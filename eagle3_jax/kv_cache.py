@@ -92,6 +92,18 @@ def write_rows(buf: jax.Array, start: jax.Array, blocks: jax.Array) -> jax.Array
     return keep_layout(jax.lax.fori_loop(0, blocks.shape[0], row, buf))
 
 
+def pin_row_major(x: jax.Array) -> jax.Array:
+    """``x`` pinned to the row-major layout where the cache's buffers are (the rows access: TPU),
+    ``x`` itself elsewhere.
+
+    The attention's Q/K/V projections call it on their outputs: left free, TPU layout assignment
+    of a forward of several rows or tokens (a verify, a batch) emits them heads-before-tokens and
+    pays for it by laying every layer's projection weights out again, copies made once before the
+    loop that held 1.1 GB of temporaries for Qwen3-4B.
+    """
+    return keep_layout(x) if row_access() == "rows" else x
+
+
 def keep_layout(buf: jax.Array) -> jax.Array:
     """``buf`` pinned to the row-major layout the cache's buffers have outside a program.
 

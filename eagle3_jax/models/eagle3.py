@@ -31,7 +31,7 @@ from flax import nnx
 
 from eagle3_jax.attention import AttentionMetadata, attend
 from eagle3_jax.config import Eagle3Config
-from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.kv_cache import KVCache, pin_row_major
 from eagle3_jax.models.layers import DEFAULT_INIT_STD, GatedMLP, RMSNorm, apply_rope, normal_init, rope_tables
 
 
@@ -73,9 +73,9 @@ class Eagle3Attention(nnx.Module):
         which keys each query sees (a KV cache, or the training-time-test history)."""
         b, t, _ = u.shape
         cfg = self.cfg
-        q = self.q_proj(u).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(u).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(u).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = pin_row_major(self.q_proj(u)).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = pin_row_major(self.k_proj(u)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = pin_row_major(self.v_proj(u)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, state = attend(q, k, v)
         return self.o_proj(out.reshape(b, t, -1)), state

@@ -25,7 +25,7 @@ from flax import nnx
 
 from eagle3_jax.attention import AttentionMetadata, attend
 from eagle3_jax.config import TargetConfig
-from eagle3_jax.kv_cache import KVCache
+from eagle3_jax.kv_cache import KVCache, pin_row_major
 from eagle3_jax.models.layers import DEFAULT_INIT_STD, GatedMLP, RMSNorm, apply_rope, normal_init, rope_tables
 from eagle3_jax.models.target import ForwardOutput, new_cache
 from eagle3_jax.sharding import constrain
@@ -52,9 +52,9 @@ class Attention(nnx.Module):
         """x: [batch, seq, hidden]; cos/sin: [batch, seq, head_dim]. Returns ([batch, seq, hidden], cache)."""
         b, t, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = pin_row_major(self.q_proj(x)).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = pin_row_major(self.k_proj(x)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = pin_row_major(self.v_proj(x)).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
