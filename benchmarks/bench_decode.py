@@ -42,18 +42,13 @@ from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
 from eagle3_jax.attention import AttentionMetadata
+from eagle3_jax.aot import PRESETS as SHAPES
 from eagle3_jax.cli.options import knob_triple
 from eagle3_jax.loading import load_draft, load_target, parse_dtype
 from eagle3_jax.timing import interleaved, paired_speedup
 
-PRESETS = {
-    "qwen3-4b": Qwen3Config.qwen3_4b_thinking_2507(),
-    "qwen3-0.6b": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                              num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                              max_position_embeddings=40960, tie_word_embeddings=True, eos_token_ids=(151645,)),
-    "qwen3-32b": Qwen3Config(vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-                             num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                             max_position_embeddings=40960, tie_word_embeddings=False, eos_token_ids=(151645,)),
+# The package's model shapes (eagle3_jax/aot.py: qwen3-0.6b, qwen3-4b, qwen3-8b, qwen3-32b) and a small one.
+PRESETS = {name: make() for name, make in SHAPES.items()} | {
     "small": Qwen3Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, rope_theta=1e6,
                          max_position_embeddings=8192, tie_word_embeddings=True, eos_token_ids=(2,)),
