@@ -93,11 +93,15 @@ def test_f32_gguf_gives_back_the_hf_weights_and_greedy_tokens(fixture, arch, req
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] == hf.model.config.tie_word_embeddings
     # greedy tokens through load_target(file.gguf), against transformers on the same weights
+    saved = os.environ.get("EAGLE3_JAX_CACHE")  # conftest's session cache: restored, not deleted
     os.environ["EAGLE3_JAX_CACHE"] = str(tmp_path / "cache")
     try:
         model = load_target(path, dtype="float32", progress=False)
     finally:
-        del os.environ["EAGLE3_JAX_CACHE"]
+        if saved is None:
+            del os.environ["EAGLE3_JAX_CACHE"]
+        else:
+            os.environ["EAGLE3_JAX_CACHE"] = saved
     prompt = [3, 17, 42, 8, 66, 20]
     ours = Generator(model, max_cache_len=64).generate([prompt], max_new_tokens=12)[0].token_ids
     assert len(ours) > 3

@@ -113,13 +113,17 @@ def _config_dir(tmp_path):
 def test_compile_command_reports_every_program(tmp_path, capsys):
     from eagle3_jax.cli import main
 
+    from eagle3_jax.cli import build_parser
+    from eagle3_jax.cli.compile import PROGRAM_NAMES
+
+    assert build_parser().parse_args(["compile"]).programs == list(PROGRAM_NAMES)  # every program by default
     code = main(["compile", "--config", _config_dir(tmp_path), "--topology", "v5e:1x1", "--cache", "1024",
-                 "--batch", "2", "--draft-vocab", "256", "--json", "--no-compile-cache"])
+                 "--batch", "2", "--draft-vocab", "256", "--json", "--no-compile-cache",
+                 "--programs", "plain-loop", "speculative-loop", "server-loop"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     names = [p["program"] for p in report["programs"]]
-    assert names == ["prefill", "plain loop", "speculative prefill", "speculative loop", "server prefill",
-                     "server loop"]  # every program, by default
+    assert names == ["plain loop", "speculative loop", "server loop"]
     assert report["setup"]["chip"] == "v5e" and report["setup"]["chip_memory_bytes"] == 16 << 30
     layer_cache = 2 * 8 * 1024 * 128 * 2  # one layer's K buffer: batch 2, 8 heads, 1024 slots, bfloat16
     for p in report["programs"]:
@@ -214,7 +218,7 @@ def test_rows_access_gives_the_batched_tokens(monkeypatch):
     for access in ("batched", "rows"):
         monkeypatch.setattr(kv_cache, "ROW_ACCESS", {"cpu": access})
         assert kv_cache.row_access() == access
-        for name, spec in (("plain", None), ("chain", TreeSpec(4, 1, 5)), ("tree", TreeSpec(3, 2, 6))):
+        for name, spec in (("plain", None), ("tree", TreeSpec(3, 2, 6))):
             results[access, name] = _generate(target, head, tokens, lengths, capacity, spec)
     reference = results["batched", "plain"]
     assert (reference[1] == capacity - np.asarray(lengths)).all()  # every row was cut by the cache
