@@ -45,7 +45,8 @@ def _environment() -> dict:
 
     devices = jax.devices()
     return {"backend": jax.default_backend(), "devices": [str(d.device_kind) for d in devices],
-            "device_count": len(devices), "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "device_count": len(devices), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
             "auto_attention": resolve_backend("auto"),
             "compute_capability": getattr(devices[0], "compute_capability", None)}
 

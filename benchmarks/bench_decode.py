@@ -41,8 +41,8 @@ import numpy as np
 from flax import nnx
 
 from eagle3_jax import Eagle3Config, Eagle3DraftHead, Generator, KVCache, Qwen3Config, Qwen3ForCausalLM
-from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.aot import PRESETS as SHAPES
+from eagle3_jax.attention import AttentionMetadata
 from eagle3_jax.cli.options import knob_triple
 from eagle3_jax.loading import load_draft, load_target, parse_dtype
 from eagle3_jax.timing import interleaved, paired_speedup

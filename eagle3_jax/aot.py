@@ -119,7 +119,7 @@ def topology(name: str) -> Topology:
                                             num_slices=1, **kwargs)
     except Exception as e:  # libtpu missing, or a topology it does not know
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = (" (install libtpu: pip install 'jax[tpu]==%s')" % jax.__version__
+        hint = (f" (install libtpu: pip install 'jax[tpu]=={jax.__version__}')"
                 if "libtpu" in text.lower() or "tpu" in text.lower() and "not" in text.lower() else "")
         raise InputError(f"cannot make TPU topology {name!r}: {text}{hint}") from None
     return Topology(name, "tpu", chip, tuple(desc.devices), CHIP_MEMORY[chip])
@@ -203,8 +203,9 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
         tg, tw = nnx.split(abstract_target(config, dtype))
         paths = list(flat_params(nnx.merge(tg, tw)))
         leaves, treedef = jax.tree.flatten(tw)
-        tw = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.param_sharding(p, x.shape))
-                                          for p, x in zip(paths, leaves)])
+        tw = jax.tree.unflatten(treedef, [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.param_sharding(p, x.shape))
+            for p, x in zip(paths, leaves)])
         dg, dw = _abstract_head(config, draft_vocab, dtype)
         dw = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), dw)
         library = DecodeSettings(max_new_tokens=capacity - prompt_bucket, capacity=capacity,
@@ -285,15 +286,15 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
         for name in programs:
             try:
                 if name == "prefill":
-                    run(name, lambda tw, t, n, r, p: plain_start(tw, t, n, r, p, library), (tw, *inputs(batch, prompt_bucket),
-                                                                                             params_for(batch, False)))
+                    run(name, lambda tw, t, n, r, p: plain_start(tw, t, n, r, p, library),
+                        (tw, *inputs(batch, prompt_bucket), params_for(batch, False)))
                 elif name == "speculative prefill":
                     run(name, lambda tw, dw, t, n, r, p: spec_start(tw, dw, t, n, r, p, library),
                         (tw, dw, *inputs(batch, prompt_bucket), params_for(batch, False)))
                 elif name == "plain loop":
                     state = state_of("plain", batch, library, False)
-                    run(name, lambda tw, s, p: plain_loop(tw, s, p, library, None), (tw, state, params_for(batch, False)),
-                        donate=(1,))
+                    run(name, lambda tw, s, p: plain_loop(tw, s, p, library, None),
+                        (tw, state, params_for(batch, False)), donate=(1,))
                 elif name == "speculative loop":
                     state = state_of("speculative", batch, library, False)
                     run(name, lambda tw, dw, s, p: spec_loop(tw, dw, s, p, library, None),

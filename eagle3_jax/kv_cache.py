@@ -36,7 +36,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Layout, with_layout_constraint
+
+try:  # the layout API (JAX 0.6 and later keep it here; only the TPU's rows access uses it)
+    from jax.experimental.layout import Layout, with_layout_constraint
+except ImportError:  # pragma: no cover - a JAX without it: layouts are left to the compiler
+    Layout = with_layout_constraint = None
 
 from eagle3_jax.platform import target_platform
 from eagle3_jax.sharding import KV_CACHE_AXES, LogicalAxes, constrain
@@ -113,6 +117,8 @@ def keep_layout(buf: jax.Array) -> jax.Array:
     out of every loop. Pinned (the buffers, and the blocks read from them), the small blocks are
     re-tiled instead.
     """
+    if with_layout_constraint is None:
+        return buf
     return with_layout_constraint(buf, Layout(major_to_minor=tuple(range(buf.ndim))))
 
 
@@ -242,7 +248,8 @@ class KVCache:
         v, vw = update(self.v[layer], v_new)
         # block order -> window order (the same but for a window clamped at the end of the buffer)
         index = jnp.clip(window - start[:, None], 0, block_width - 1)[:, None, :, None]
-        return self.with_layer(layer, k, v), jnp.take_along_axis(kw, index, axis=2), jnp.take_along_axis(vw, index, axis=2)
+        kw, vw = jnp.take_along_axis(kw, index, axis=2), jnp.take_along_axis(vw, index, axis=2)
+        return self.with_layer(layer, k, v), kw, vw
 
     def move_in_window(self, base: jax.Array, src: jax.Array, dst: jax.Array, width: int) -> KVCache:
         """Copies K/V of every layer from slots ``base + src`` to ``base + dst`` inside each row's

@@ -147,8 +147,8 @@ def test_pallas_tpu_runs_the_kernel_over_several_blocks(monkeypatch):
     assert pallas_tpu.kernel_block(512) == 128 and pallas_tpu.kernel_block(40) is None
     lengths = jnp.asarray([0, 130, 500], jnp.int32)
     for meta in (AttentionMetadata.causal(lengths, 1), AttentionMetadata.causal(lengths, 6),
-                 AttentionMetadata.window_of(lengths, lengths[:, None] + jnp.asarray([[2, 2, 2]]), jnp.asarray([[3, 4, 5]]),
-                                             jnp.ones((B, 3, 9), bool))):
+                 AttentionMetadata.window_of(lengths, lengths[:, None] + jnp.asarray([[2, 2, 2]]),
+                                             jnp.asarray([[3, 4, 5]]), jnp.ones((B, 3, 9), bool))):
         _check_definition("pallas_tpu", meta, capacity=512)
 
     def traced(t):
@@ -248,8 +248,8 @@ def test_backend_in_whole_forwards_matches_reference(backend):
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(InputError,
-                       match="unknown attention backend 'flash'; choose one of auto, blockwise, pallas_gpu, pallas_tpu, "
-                             "reference"):
+                       match="unknown attention backend 'flash'; choose one of auto, blockwise, pallas_gpu, "
+                             "pallas_tpu, reference"):
         check_backend("flash")
     from eagle3_jax.decoding.common import DecodeSettings
 

@@ -49,8 +49,9 @@ CAPACITY = 4096
 
 
 def _tpu_loop(mode: str, spec: TreeSpec | None, batch: int):
-    from eagle3_jax.aot import topology
     from jax.sharding import SingleDeviceSharding
+
+    from eagle3_jax.aot import topology
 
     place = SingleDeviceSharding(topology("v5e:1x1").devices[0])
 
@@ -111,9 +112,7 @@ def _config_dir(tmp_path):
 
 @needs_libtpu
 def test_compile_command_reports_every_program(tmp_path, capsys):
-    from eagle3_jax.cli import main
-
-    from eagle3_jax.cli import build_parser
+    from eagle3_jax.cli import build_parser, main
     from eagle3_jax.cli.compile import PROGRAM_NAMES
 
     assert build_parser().parse_args(["compile"]).programs == list(PROGRAM_NAMES)  # every program by default

@@ -23,8 +23,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+
+try:  # Pallas and its TPU dialect (a JAX without them: the portable block loop serves the prefix)
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+except ImportError:  # pragma: no cover
+    pl = pltpu = None
 
 from eagle3_jax.attention.blockwise import PREFIX_BLOCK
 from eagle3_jax.attention.metadata import AttentionMetadata
@@ -106,7 +110,7 @@ def kernel_prefix(qg: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Arr
         scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                         pltpu.VMEM((rows, d), jnp.float32)],
     )
-    acc, m, l = pl.pallas_call(
+    acc, peak, total = pl.pallas_call(
         functools.partial(_kernel, block=block, scale=d ** -0.5),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, hkv, rows, d), jnp.float32),
@@ -116,7 +120,7 @@ def kernel_prefix(qg: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Arr
         interpret=target_platform() != "tpu",
         name="eagle3_prefix_attention",
     )(lengths, q, k, v)
-    return Partial(m=m.reshape(b, hkv, g, t), l=l.reshape(b, hkv, g, t), acc=acc.reshape(b, hkv, g, t, d))
+    return Partial(m=peak.reshape(b, hkv, g, t), l=total.reshape(b, hkv, g, t), acc=acc.reshape(b, hkv, g, t, d))
 
 
 def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
@@ -125,7 +129,7 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCach
     ``q`` [batch, T, q_heads, head_dim]: the prefix by the Pallas TPU kernel, the window portably."""
     block = kernel_block(cache.capacity)
     rows = (q.shape[2] // k.shape[2]) * q.shape[1]
-    if block is not None and rows <= MAX_KERNEL_ROWS:
+    if block is not None and rows <= MAX_KERNEL_ROWS and pltpu is not None:
         prefix_fn = functools.partial(kernel_prefix, block=block)
     else:
         prefix_fn = functools.partial(prefix_blocks, block=PREFIX_BLOCK)

@@ -60,7 +60,7 @@ def format_report(result: dict) -> str:
              f"{','.join(map(str, setup['knobs']))}, draft vocabulary {setup['draft_vocab']}",
              "memory per chip in GiB" + (f" (chip memory {setup['chip_memory_bytes'] / gib:.2f})"
                                          if setup["chip_memory_bytes"] else ""),
-             f"| program | arguments | outputs | aliased | temporaries | total | fits | compile s |",
+             "| program | arguments | outputs | aliased | temporaries | total | fits | compile s |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in result["programs"]:
         if r["error"]:

@@ -113,9 +113,9 @@ def add_runtime_options(p) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
-                   help="attention backend (auto: pallas_gpu on GPUs of compute capability 8.0 and newer, pallas_tpu on "
-                        "TPU, blockwise elsewhere; all cost the live length, not the cache's capacity; reference "
-                        "scores every slot, the definition for tests)")
+                   help="attention backend (auto: pallas_gpu on GPUs of compute capability 8.0 and newer, "
+                        "pallas_tpu on TPU, blockwise elsewhere; all cost the live length, not the cache's "
+                        "capacity; reference scores every slot, the definition for tests)")
     p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
                    help="load weights that hold NaN or Inf instead of refusing them (generation still stops a row "
                         "on non-finite logits, with finish_reason 'nonfinite')")
