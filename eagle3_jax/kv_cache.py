@@ -231,9 +231,7 @@ class KVCache:
         window = base.astype(jnp.int32)[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [batch, W]
         if row_access() == "batched":
             cache = self.write(layer, k_new, v_new, slots)
-            index = jnp.clip(window, 0, self.capacity - 1)[:, None, :, None]
-            return (cache, jnp.take_along_axis(cache.k[layer], index, axis=2),
-                    jnp.take_along_axis(cache.v[layer], index, axis=2))
+            return (cache, *cache.gather_window(layer, base, width))
         block_width = self.block_width(width)
         start = self.window_start(base, block_width)
         b = jnp.arange(k_new.shape[0])[:, None]
@@ -250,6 +248,13 @@ class KVCache:
         index = jnp.clip(window - start[:, None], 0, block_width - 1)[:, None, :, None]
         kw, vw = jnp.take_along_axis(kw, index, axis=2), jnp.take_along_axis(vw, index, axis=2)
         return self.with_layer(layer, k, v), kw, vw
+
+    def gather_window(self, layer: int, base: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+        """K and V of slots ``base + j`` (j < ``width``) of ``layer``, [batch, kv_heads, width, head_dim],
+        one batched gather (slots past the buffer read its last slot)."""
+        window = base.astype(jnp.int32)[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+        index = jnp.clip(window, 0, self.capacity - 1)[:, None, :, None]
+        return jnp.take_along_axis(self.k[layer], index, axis=2), jnp.take_along_axis(self.v[layer], index, axis=2)
 
     def move_in_window(self, base: jax.Array, src: jax.Array, dst: jax.Array, width: int) -> KVCache:
         """Copies K/V of every layer from slots ``base + src`` to ``base + dst`` inside each row's

@@ -166,9 +166,7 @@ def write_and_window(k: jax.Array, v: jax.Array, cache: KVCache, layer: int, met
     if meta.window < cache.capacity:
         return cache.write_window(layer, k, v, meta.slots, meta.kv_lengths, meta.window)
     cache = cache.write(layer, k, v, meta.slots)
-    slots = meta.kv_lengths[:, None] + jnp.arange(meta.window, dtype=jnp.int32)[None, :]
-    index = jnp.clip(slots, 0, cache.capacity - 1)[:, None, :, None]
-    return cache, jnp.take_along_axis(cache.k[layer], index, axis=2), jnp.take_along_axis(cache.v[layer], index, axis=2)
+    return (cache, *cache.gather_window(layer, meta.kv_lengths, meta.window))
 
 
 PrefixFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Partial]
