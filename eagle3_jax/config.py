@@ -1,9 +1,10 @@
 """Model configs: the schema. Frozen, hashable dataclasses with their checks.
 
 A config is a static argument of every jitted function, so it must be hashable
-and immutable; every field that changes a compiled shape lives here. Reading
-and writing Hugging Face ``config.json`` files is ``eagle3_jax/hf_config.py``;
-the ``from_hf_dict`` / ``from_pretrained`` / ``to_hf_dict`` methods here call it.
+and immutable; every field that changes a compiled shape lives here. This module
+imports nothing of the project but its errors and checks: reading and writing
+Hugging Face ``config.json`` files is ``eagle3_jax/hf_config.py``, and the
+dispatch by ``model_type`` is the registry's (``read_target_config``).
 
 The constructors check types and ranges, so a config built from Python is held
 to the same rules as one read from a file (with the field names in the message).
@@ -16,15 +17,10 @@ are the architectures the registry (``eagle3_jax/models/registry.py``) knows.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-import operator
-import os
-import reprlib
-from collections.abc import Mapping
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 from eagle3_jax.errors import ConfigError
+from eagle3_jax.validation import field_bool, field_fail, field_float, field_ids, field_indices, field_int, show
 
 # model_type values of the Qwen family (Qwen3Config); every target type is in the registry.
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
@@ -66,7 +62,7 @@ MIN_AUX_LAYER_ID = -1
 MAX_JSON_BYTES = 64 * 2**20
 
 # The upper bound of each integer size field (all of them are >= 1).
-_SIZE_LIMITS = {
+SIZE_LIMITS = {
     "vocab_size": MAX_VOCAB_SIZE,
     "draft_vocab_size": MAX_VOCAB_SIZE,
     "hidden_size": MAX_HIDDEN_SIZE,
@@ -79,119 +75,9 @@ _SIZE_LIMITS = {
     "max_position_embeddings": MAX_POSITIONS,
 }
 
-# ------------------------------------------------------ value checks and readers
-
-_REQUIRED = object()  # the ``default`` of a reader whose key must be present (eagle3_jax/hf_config.py)
-
-
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 60
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = 6
-_repr.maxlevel = 3
-
-
-def _show(value: Any) -> str:
-    """A short repr for an error message, safe for huge or deeply nested values."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-    try:
-        return _repr.repr(value)
-    except Exception:  # a pathological object (a repr that fails or recurses too deep)
-        return f"<{type(value).__name__}>"
-
-
-def _describe(value: Any) -> str:
-    """``value`` for an error message, with its JSON type where the repr could mislead."""
-    if value is None:
-        return "null"
-    kinds = ((bool, "a boolean"), (str, "a string"), (float, "a float"), ((list, tuple), "a list"),
-             (Mapping, "an object"))
-    kind = next((k for t, k in kinds if isinstance(value, t)), None)
-    return f"{_show(value)} ({kind})" if kind else _show(value)
-
-
-def _prefix(where: str | None) -> str:
-    return f"{where}: " if where else ""
-
-
-def _fail(where: str | None, key: str, expected: str, value: Any) -> NoReturn:
-    raise ConfigError(f"{_prefix(where)}{key} must be {expected}, got {_describe(value)}")
-
-
-def _int_range(lo: int, hi: int) -> str:
-    if lo == 1:
-        return f"a positive integer (at most {hi})"
-    if lo == 0:
-        return f"a non-negative integer (at most {hi})"
-    return f"an integer from {lo} to {hi}"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(value: Any, key: str, lo: int, hi: int, where: str | None = None) -> int:
-    """``value`` if it is an int (not a bool, not a float) in ``[lo, hi]``."""
-    if not _is_int(value) or not lo <= value <= hi:
-        _fail(where, key, _int_range(lo, hi), value)
-    return int(value)
-
-
-def _check_float(value: Any, key: str, lo: float, hi: float, *, lo_open: bool = True, hi_open: bool = False,
-                 where: str | None = None) -> float:
-    """``value`` as a float if it is a finite real number (not a bool) in the given range."""
-    lo_text = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
-    hi_text = f"less than {hi:g}" if hi_open else f"at most {hi:g}"
-    expected = f"a finite number {lo_text} and {hi_text}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(where, key, expected, value)
-    try:
-        x = float(value)
-    except (OverflowError, ValueError, TypeError):
-        _fail(where, key, expected, value)
-    if not math.isfinite(x) or (x <= lo if lo_open else x < lo) or (x >= hi if hi_open else x > hi):
-        _fail(where, key, expected, value)
-    return x
-
-
-def _check_bool(value: Any, key: str, where: str | None = None) -> bool:
-    if not isinstance(value, bool):
-        _fail(where, key, "true or false", value)
-    return value
-
-
-def _check_ids(value: Any, key: str, where: str | None = None, *, lo: int = 0, hi: int = MAX_TOKEN_ID,
-               scalar: bool = True) -> tuple[int, ...]:
-    """A tuple of ints in ``[lo, hi]`` from a list (or, if ``scalar``, a single int); null is ()."""
-    if value is None:
-        return ()
-    if scalar and _is_int(value) and lo <= value <= hi:
-        return (int(value),)
-    if isinstance(value, (list, tuple)) and all(_is_int(v) and lo <= v <= hi for v in value):
-        return tuple(int(v) for v in value)
-    what = "an int or a list of ints" if scalar else "a list of ints"
-    _fail(where, key, f"{what} from {lo} to {hi}", value)
-
-
 def _check_feature_layers(layers: Any, key: str) -> tuple[int, ...]:
     """HF hidden_states indices (inputs of layers): ints (or numpy ints) from 0 to MAX_LAYERS - 1."""
-    expected = f"a list of layer indices (integers from 0 to {MAX_LAYERS - 1})"
-    if isinstance(layers, (str, bytes, Mapping)):
-        _fail(None, key, expected, layers)
-    try:
-        items = list(layers)
-    except TypeError:
-        _fail(None, key, expected, layers)
-    out = []
-    for i in items:
-        try:
-            index = None if isinstance(i, bool) else operator.index(i)
-        except TypeError:
-            index = None
-        if index is None or not 0 <= index < MAX_LAYERS:
-            _fail(None, key, expected, items)
-        out.append(index)
-    return tuple(out)
+    return field_indices(layers, key, MAX_LAYERS)
 
 
 def _check_shapes(cfg, size_fields: tuple[str, ...]) -> None:
@@ -200,26 +86,26 @@ def _check_shapes(cfg, size_fields: tuple[str, ...]) -> None:
     Also normalises ``rope_theta`` and ``rms_norm_eps`` to float (an int is accepted).
     """
     for name in size_fields:
-        _check_int(getattr(cfg, name), name, 1, _SIZE_LIMITS[name])
+        field_int(getattr(cfg, name), name, 1, SIZE_LIMITS[name])
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ConfigError(f"num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
                           f"num_key_value_heads ({cfg.num_key_value_heads})")
     if cfg.head_dim % 2:
         raise ConfigError(f"head_dim must be even for RoPE, got {cfg.head_dim}")
-    object.__setattr__(cfg, "rope_theta", _check_float(cfg.rope_theta, "rope_theta", MIN_ROPE_THETA, MAX_ROPE_THETA))
+    object.__setattr__(cfg, "rope_theta", field_float(cfg.rope_theta, "rope_theta", MIN_ROPE_THETA, MAX_ROPE_THETA))
     object.__setattr__(cfg, "rms_norm_eps",
-                       _check_float(cfg.rms_norm_eps, "rms_norm_eps", 0.0, MAX_RMS_NORM_EPS, hi_open=True))
+                       field_float(cfg.rms_norm_eps, "rms_norm_eps", 0.0, MAX_RMS_NORM_EPS, hi_open=True))
 
 
 def _check_optional_id(value: Any, name: str) -> None:
     if value is not None:
-        _check_int(value, name, 0, MAX_TOKEN_ID)
+        field_int(value, name, 0, MAX_TOKEN_ID)
 
 
 
 def _check_rope_scaling(scaling: Any) -> None:
     if scaling is not None and not isinstance(scaling, RopeScaling):
-        _fail(None, "rope_scaling", "a RopeScaling or None", scaling)
+        field_fail(None, "rope_scaling", "a RopeScaling or None", scaling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +126,10 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.rope_type != "llama3":
-            raise ConfigError(f"rope_scaling: rope type {_show(self.rope_type)} is not implemented (supported: llama3)")
+            raise ConfigError(f"rope_scaling: rope type {show(self.rope_type)} is not implemented (supported: llama3)")
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            object.__setattr__(self, name, _check_float(getattr(self, name), f"rope_scaling.{name}", 0.0, 1e6))
-        _check_int(self.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings", 1,
+            object.__setattr__(self, name, field_float(getattr(self, name), f"rope_scaling.{name}", 0.0, 1e6))
+        field_int(self.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings", 1,
                    MAX_POSITIONS)
         if not self.low_freq_factor < self.high_freq_factor:
             raise ConfigError(f"rope_scaling: low_freq_factor ({self.low_freq_factor:g}) must be less than "
@@ -287,13 +173,14 @@ class TargetConfig:
         _check_shapes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"):
-            _check_bool(getattr(self, name), name)
+            field_bool(getattr(self, name), name)
         if not isinstance(self.model_type, str) or self.model_type not in self.MODEL_TYPES:
-            raise ConfigError(f"unknown model_type {_show(self.model_type)} for {type(self).__name__}; "
+            raise ConfigError(f"unknown model_type {show(self.model_type)} for {type(self).__name__}; "
                               f"supported: {', '.join(self.MODEL_TYPES)}")
         if not isinstance(self.eos_token_ids, (tuple, list)):
-            _fail(None, "eos_token_ids", f"a tuple of ints from 0 to {MAX_TOKEN_ID}", self.eos_token_ids)
-        object.__setattr__(self, "eos_token_ids", _check_ids(self.eos_token_ids, "eos_token_ids", scalar=False))
+            field_fail(None, "eos_token_ids", f"a tuple of ints from 0 to {MAX_TOKEN_ID}", self.eos_token_ids)
+        eos = field_ids(self.eos_token_ids, "eos_token_ids", scalar=False, hi=MAX_TOKEN_ID)
+        object.__setattr__(self, "eos_token_ids", eos)
         outside = [t for t in self.eos_token_ids if t >= self.vocab_size]
         if outside:  # generation would never stop on them
             raise ConfigError(f"eos_token_id {outside[0]} is outside the vocabulary [0, {self.vocab_size}) "
@@ -308,40 +195,6 @@ class TargetConfig:
         n = self.num_hidden_layers
         return (2, n // 2, n - 3)
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> TargetConfig:
-        """Reads ``config.json`` (and ``generation_config.json`` if present) from a model directory.
-
-        On :class:`TargetConfig` itself the parser is chosen by ``model_type``
-        (the registry); on a subclass, only that subclass's types are accepted.
-        """
-        from eagle3_jax import hf_config
-
-        model_dir = os.fspath(model_dir)
-        path = os.path.join(model_dir, "config.json")
-        raw = hf_config.read_json(path)
-        gen, gen_path = hf_config.read_generation_config(model_dir)
-        return cls.from_hf_dict(raw, where=path, generation_config=gen, generation_where=gen_path)
-
-    @classmethod
-    def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json",
-                     generation_config: Mapping[str, Any] | None = None, *,
-                     generation_where: str = "generation_config.json") -> TargetConfig:
-        """Parses an HF ``config.json`` dict with the parser of its ``model_type`` (the registry).
-
-        Raises:
-          ConfigError: an unknown ``model_type``, or what the parser refuses.
-        """
-        from eagle3_jax.models.registry import target_architecture
-
-        arch = target_architecture(raw, where, among=cls.MODEL_TYPES or None)
-        return arch.parse_config(raw, where, generation_config, generation_where=generation_where)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The config as an HF ``config.json`` dict that ``transformers`` can load."""
-        from eagle3_jax.hf_config import target_to_hf
-
-        return target_to_hf(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,15 +269,6 @@ class LlamaConfig(TargetConfig):
         )
 
 
-def __getattr__(name: str):
-    # read_json lives with the rest of the file I/O; kept importable from here.
-    if name == "read_json":
-        from eagle3_jax.hf_config import read_json
-
-        return read_json
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Eagle3Config:
     """An EAGLE-3 draft head, whatever format it was published in (SpecForge /
@@ -473,13 +317,13 @@ class Eagle3Config:
                              "head_dim", "vocab_size", "draft_vocab_size", "target_hidden_size",
                              "max_position_embeddings"))
         _check_rope_scaling(self.rope_scaling)
-        _check_bool(self.norm_before_residual, "norm_before_residual")
+        field_bool(self.norm_before_residual, "norm_before_residual")
         if self.draft_vocab_size > self.vocab_size:
             raise ConfigError(f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size})")
         if self.aux_layer_ids is not None:
             if not isinstance(self.aux_layer_ids, (tuple, list)):
-                _fail(None, "aux_layer_ids", "a tuple of ints or None", self.aux_layer_ids)
-            object.__setattr__(self, "aux_layer_ids", _check_ids(self.aux_layer_ids, "aux_layer_ids", scalar=False,
+                field_fail(None, "aux_layer_ids", "a tuple of ints or None", self.aux_layer_ids)
+            object.__setattr__(self, "aux_layer_ids", field_ids(self.aux_layer_ids, "aux_layer_ids", scalar=False,
                                                                  lo=MIN_AUX_LAYER_ID, hi=MAX_LAYERS - 2))
         _check_optional_id(self.bos_token_id, "bos_token_id")
         _check_optional_id(self.eos_token_id, "eos_token_id")
@@ -507,7 +351,7 @@ class Eagle3Config:
         """
         cfg = self
         if rope_theta is not None:
-            theta = _check_float(rope_theta, "rope_theta (override)", MIN_ROPE_THETA, MAX_ROPE_THETA)
+            theta = field_float(rope_theta, "rope_theta (override)", MIN_ROPE_THETA, MAX_ROPE_THETA)
             cfg = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=None)
         if feature_layers is not None:
             layers = _check_feature_layers(feature_layers, "feature_layers (override)")
@@ -529,34 +373,13 @@ class Eagle3Config:
             problems.append(f"the head's vocab_size {self.vocab_size} differs from the target's {target.vocab_size}")
         layers = self.feature_layers(target)
         if len(layers) != 3:
-            problems.append(f"EAGLE-3 needs 3 feature layers, got {_show(list(layers))}")
+            problems.append(f"EAGLE-3 needs 3 feature layers, got {show(list(layers))}")
         bad = [i for i in layers if not 0 <= i < target.num_hidden_layers]
         if bad:
-            problems.append(f"feature layers {_show(bad)} are outside the target's {target.num_hidden_layers} layers "
+            problems.append(f"feature layers {show(bad)} are outside the target's {target.num_hidden_layers} layers "
                             f"(valid: 0..{target.num_hidden_layers - 1})")
         if problems:
             raise ConfigError(f"{where} does not match the target: " + "; ".join(problems))
-
-    @classmethod
-    def from_hf_dict(cls, raw: Mapping[str, Any], where: str = "config.json") -> Eagle3Config:
-        """Parses an EAGLE-3 head's ``config.json`` dict (``eagle3_jax.hf_config.parse_eagle3``)."""
-        from eagle3_jax.hf_config import parse_eagle3
-
-        return parse_eagle3(raw, where)
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> Eagle3Config:
-        """Reads a draft head's ``config.json`` from its directory."""
-        from eagle3_jax.hf_config import read_json
-
-        path = os.path.join(os.fspath(model_dir), "config.json")
-        return cls.from_hf_dict(read_json(path), where=path)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """config.json in the format SpecForge, SGLang and vLLM load."""
-        from eagle3_jax.hf_config import eagle3_to_hf
-
-        return eagle3_to_hf(self)
 
     @classmethod
     def for_target(cls, target: TargetConfig, *, draft_vocab_size: int = 32000,
@@ -567,9 +390,9 @@ class Eagle3Config:
         layers = feature_layers or target.default_feature_layers
         bad = [i for i in layers if not 0 <= i < target.num_hidden_layers]
         if bad:
-            raise ConfigError(f"feature layers {_show(bad)} are outside the target's {target.num_hidden_layers} "
+            raise ConfigError(f"feature layers {show(bad)} are outside the target's {target.num_hidden_layers} "
                               f"layers (valid: 0..{target.num_hidden_layers - 1})")
-        draft_vocab_size = _check_int(draft_vocab_size, "draft_vocab_size", 1, MAX_VOCAB_SIZE)
+        draft_vocab_size = field_int(draft_vocab_size, "draft_vocab_size", 1, MAX_VOCAB_SIZE)
         return cls(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
                    num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
                    head_dim=target.head_dim, vocab_size=target.vocab_size,

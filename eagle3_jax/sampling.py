@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.checks import check_int, check_real
+from eagle3_jax.validation import check_int, check_real
 
 # top-k beyond this is pointless and costs a sort of that width (2**24 exceeds every real vocabulary).
 MAX_TOP_K = 2**24

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from spec_helpers import random_head, tiny_target
 
 from eagle3_jax import Generator, InputError, SamplingParams
-from eagle3_jax.checks import MAX_SEED
 from eagle3_jax.config import Qwen3Config
-from eagle3_jax.generation import plan_batch
 from eagle3_jax.memory import check_generation_memory
+from eagle3_jax.planning import plan_batch
+from eagle3_jax.validation import MAX_SEED
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 
 from eagle3_jax.atomic import atomic_directory, atomic_file, clean_stale_partials
 from eagle3_jax.errors import CheckpointError
+from eagle3_jax.models.registry import read_target_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "ours.txt"
@@ -266,7 +267,7 @@ def test_two_converts_to_one_destination(hf_qwen3, tmp_path):
     from eagle3_jax.loading import save_draft
     from eagle3_jax.models.eagle3 import Eagle3DraftHead
 
-    cfg = Qwen3Config.from_pretrained(hf_qwen3.path)
+    cfg = read_target_config(hf_qwen3.path, among=Qwen3Config.MODEL_TYPES)
     head = Eagle3DraftHead(Eagle3Config.for_target(cfg, draft_vocab_size=cfg.vocab_size, feature_layers=(0, 1, 2)),
                            rngs=nnx.Rngs(0))
     head_dir = save_draft(head, tmp_path / "head")

@@ -5,15 +5,21 @@ import pytest
 import transformers
 
 from eagle3_jax import ConfigError, Qwen3Config
+from eagle3_jax.hf_config import target_to_hf
+from eagle3_jax.hf_heads import parse_eagle3, read_eagle3_config
+from eagle3_jax.hf_json import read_json
+from eagle3_jax.models.registry import read_target_config, target_config_from_hf
+
+QWEN = Qwen3Config.MODEL_TYPES  # the model types Qwen3Config reads
 
 BASE = dict(model_type="qwen3", vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6)
 
 
 def test_rope_theta_both_spellings():
-    a = Qwen3Config.from_hf_dict(BASE)
+    a = target_config_from_hf(BASE, among=QWEN)
     raw = {k: v for k, v in BASE.items() if k != "rope_theta"}
-    b = Qwen3Config.from_hf_dict({**raw, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    b = target_config_from_hf({**raw, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, among=QWEN)
     assert a == b and a.rope_theta == 1e6
 
 
@@ -22,7 +28,7 @@ def test_transformers5_config_json_parses(tmp_path):
                                    num_attention_heads=3, num_key_value_heads=1, head_dim=10, rope_theta=12345.0,
                                    eos_token_id=[7, 8])
     cfg.save_pretrained(tmp_path)
-    ours = Qwen3Config.from_pretrained(tmp_path)
+    ours = read_target_config(tmp_path, among=QWEN)
     assert ours.rope_theta == 12345.0
     assert ours.head_dim == 10  # read, not derived (24 / 3 = 8)
     assert ours.eos_token_ids == (7, 8)
@@ -32,7 +38,7 @@ def test_transformers5_config_json_parses(tmp_path):
 def test_generation_config_adds_eos(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "eos_token_id": 5}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
-    assert Qwen3Config.from_pretrained(tmp_path).eos_token_ids == (5, 9)
+    assert read_target_config(tmp_path, among=QWEN).eos_token_ids == (5, 9)
 
 
 def test_an_eos_outside_the_vocabulary_names_its_file(tmp_path):
@@ -40,22 +46,22 @@ def test_an_eos_outside_the_vocabulary_names_its_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "eos_token_id": 5}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, vocab]}))
     with pytest.raises(ConfigError, match=f"generation_config.json: eos_token_id {vocab} is outside the vocabulary"):
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "eos_token_id": vocab}))
     with pytest.raises(ConfigError, match=f"config.json: eos_token_id {vocab} is outside the vocabulary"):
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
 
 
 def test_qwen2_flags():
     raw = {**BASE, "model_type": "qwen2"}
     raw.pop("head_dim")
-    cfg = Qwen3Config.from_hf_dict(raw)
+    cfg = target_config_from_hf(raw, among=QWEN)
     assert cfg.qkv_bias and not cfg.o_bias and not cfg.qk_norm
     assert cfg.head_dim == 8  # qwen2 derives hidden / heads
 
 
 def test_no_eos_means_no_stop_ids():
-    assert Qwen3Config.from_hf_dict(BASE).eos_token_ids == ()
+    assert target_config_from_hf(BASE, among=QWEN).eos_token_ids == ()
 
 
 def test_named_constructor_qwen3_4b_thinking():
@@ -71,7 +77,7 @@ def test_named_constructor_qwen3_4b_thinking():
 
 def test_round_trip_through_hf_dict():
     cfg = Qwen3Config.qwen3_4b_thinking_2507()
-    assert Qwen3Config.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert target_config_from_hf(target_to_hf(cfg), among=QWEN) == cfg
 
 
 @pytest.mark.parametrize("change, message", [
@@ -91,17 +97,17 @@ def test_config_errors(change, message):
     raw = {**BASE, **change}
     raw = {k: v for k, v in raw.items() if v is not None or k == "model_type"}
     with pytest.raises(ConfigError) as e:
-        Qwen3Config.from_hf_dict(raw, where="cfg.json")
+        target_config_from_hf(raw, where="cfg.json", among=QWEN)
     assert message in str(e.value)
     assert str(e.value).startswith("cfg.json")
 
 
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
 
 
 # ------------------------------------------------- hardening: every bad value is a ConfigError naming file and key
@@ -183,7 +189,7 @@ def _write(tmp_path, raw, name="config.json"):
 def test_bad_target_values_name_file_and_key(tmp_path, change, key):
     path = _write(tmp_path, {**BASE, **change})
     with pytest.raises(ConfigError) as e:
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
     assert str(e.value).startswith(path + ": ") and key in str(e.value), str(e.value)
 
 
@@ -194,7 +200,7 @@ def test_bad_target_values_name_file_and_key(tmp_path, change, key):
 ])
 def test_derived_head_dim_is_checked(change, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
-        Qwen3Config.from_hf_dict({**QWEN2_BASE, **change}, where="cfg.json")
+        target_config_from_hf({**QWEN2_BASE, **change}, where="cfg.json", among=QWEN)
 
 
 @pytest.mark.parametrize("change, key", [
@@ -235,23 +241,21 @@ def test_derived_head_dim_is_checked(change, key):
     ({"bos_token_id": "x"}, "bos_token_id"),
 ])
 def test_bad_head_values_name_file_and_key(tmp_path, change, key):
-    from eagle3_jax.config import Eagle3Config
 
     path = _write(tmp_path, {**HEAD_BASE, **change})
     with pytest.raises(ConfigError) as e:
-        Eagle3Config.from_pretrained(tmp_path)
+        read_eagle3_config(tmp_path)
     assert str(e.value).startswith(path + ": ") and key in str(e.value), str(e.value)
 
 
 def test_head_base_and_null_means_absent():
-    from eagle3_jax.config import Eagle3Config
 
-    cfg = Eagle3Config.from_hf_dict(HEAD_BASE)
+    cfg = parse_eagle3(HEAD_BASE)
     assert cfg.aux_layer_ids == (0, 1, 2) and cfg.draft_vocab_size == 40
     nulls = {"num_key_value_heads": None, "head_dim": None, "draft_vocab_size": None, "target_hidden_size": None,
              "num_hidden_layers": None, "eagle_config": None, "rope_scaling": None, "eos_token_id": None,
              "rms_norm_eps": None, "fc_norm": None, "tie_word_embeddings": None}
-    cfg = Eagle3Config.from_hf_dict({**HEAD_BASE, **nulls})
+    cfg = parse_eagle3({**HEAD_BASE, **nulls})
     assert (cfg.num_key_value_heads, cfg.head_dim, cfg.draft_vocab_size, cfg.target_hidden_size) == (4, 8, 100, 32)
     assert cfg.aux_layer_ids is None and cfg.eos_token_id is None and cfg.rms_norm_eps == 1e-6
 
@@ -262,11 +266,11 @@ def test_target_null_means_absent_and_unknown_keys_are_ignored():
              "rope_scaling": None, "rope_parameters": None, "eos_token_id": None, "bos_token_id": None,
              "pad_token_id": None, "hidden_act": None}
     junk = {"sliding_window": "x", "initializer_range": NAN, "foo": [[[{}]]], "quantization_config": {"bits": "4"}}
-    cfg = Qwen3Config.from_hf_dict({**BASE, **nulls, **junk})
+    cfg = target_config_from_hf({**BASE, **nulls, **junk}, among=QWEN)
     assert (cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.max_position_embeddings) == (4, 8, 1e-6, 32768)
     assert cfg.eos_token_ids == () and cfg.bos_token_id is None and not cfg.tie_word_embeddings
-    assert Qwen3Config.from_hf_dict({**BASE, "layer_types": ["full_attention"] * 2, "eos_token_id": []}) \
-        == Qwen3Config.from_hf_dict(BASE)
+    assert target_config_from_hf({**BASE, "layer_types": ["full_attention"] * 2, "eos_token_id": []}, among=QWEN) \
+        == target_config_from_hf(BASE, among=QWEN)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -287,19 +291,18 @@ def test_broken_json_files(tmp_path, content, message):
     (tmp_path / "config.json").write_bytes(content)
     path = str(tmp_path / "config.json")
     with pytest.raises(ConfigError) as e:
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
     assert str(e.value).startswith(path + ": ") and message in str(e.value), str(e.value)
 
 
 def test_unreadable_paths(tmp_path):
-    from eagle3_jax.config import Eagle3Config, read_json
 
     (tmp_path / "config.json").mkdir()
     with pytest.raises(ConfigError, match="config.json: not a regular file"):
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
     (tmp_path / "file").write_text("{}")
     with pytest.raises(ConfigError, match="file/config.json: can not be read"):
-        Eagle3Config.from_pretrained(tmp_path / "file")
+        read_eagle3_config(tmp_path / "file")
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(BASE).encode())
     assert read_json(tmp_path / "bom.json") == BASE  # a byte-order mark is tolerated
 
@@ -316,33 +319,34 @@ def test_broken_generation_config(tmp_path, generation, key):
     _write(tmp_path, {**BASE, "eos_token_id": 5})
     (tmp_path / "generation_config.json").write_text(generation)
     with pytest.raises(ConfigError) as e:
-        Qwen3Config.from_pretrained(tmp_path)
+        read_target_config(tmp_path, among=QWEN)
     assert str(e.value).startswith(str(tmp_path / "generation_config.json") + ": ") and key in str(e.value)
 
 
 def test_from_hf_dict_refuses_non_objects():
     with pytest.raises(ConfigError, match="cfg.json: expected a JSON object"):
-        Qwen3Config.from_hf_dict([1], where="cfg.json")
+        target_config_from_hf([1], where="cfg.json", among=QWEN)
     with pytest.raises(ConfigError, match="gen.json: expected a JSON object"):
-        Qwen3Config.from_hf_dict(BASE, where="cfg.json", generation_config=[5], generation_where="gen.json")
+        target_config_from_hf(BASE, where="cfg.json", generation_config=[5], generation_where="gen.json", among=QWEN)
 
 
 def test_limits_admit_the_largest_published_checkpoints():
     # Qwen3-235B-A22B (dense-equivalent attention shape) and Llama-3.1-405B, spelled as a qwen3 config.
-    qwen = Qwen3Config.from_hf_dict({**BASE, "num_hidden_layers": 94, "num_attention_heads": 64,
+    qwen = target_config_from_hf({**BASE, "num_hidden_layers": 94, "num_attention_heads": 64,
                                      "num_key_value_heads": 4, "hidden_size": 4096, "head_dim": 128,
                                      "intermediate_size": 12288, "vocab_size": 151936,
-                                     "max_position_embeddings": 262144, "rope_theta": 5000000})
+                                     "max_position_embeddings": 262144, "rope_theta": 5000000}, among=QWEN)
     assert qwen.num_hidden_layers == 94 and qwen.rope_theta == 5e6 and isinstance(qwen.rope_theta, float)
-    llama = Qwen3Config.from_hf_dict({**BASE, "num_hidden_layers": 126, "num_attention_heads": 128,
+    llama = target_config_from_hf({**BASE, "num_hidden_layers": 126, "num_attention_heads": 128,
                                       "num_key_value_heads": 8, "hidden_size": 16384, "head_dim": 128,
                                       "intermediate_size": 53248, "vocab_size": 128256,
-                                      "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5})
+                                      "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5},
+                                  among=QWEN)
     assert llama.hidden_size == 16384 and llama.intermediate_size == 53248
-    edge = Qwen3Config.from_hf_dict({**BASE, "num_hidden_layers": 1024, "vocab_size": 2**24, "head_dim": 1024,
+    edge = target_config_from_hf({**BASE, "num_hidden_layers": 1024, "vocab_size": 2**24, "head_dim": 1024,
                                      "max_position_embeddings": 2**24, "hidden_size": 2**17,
                                      "intermediate_size": 2**17, "num_attention_heads": 1024,
-                                     "num_key_value_heads": 1024})
+                                     "num_key_value_heads": 1024}, among=QWEN)
     assert edge.num_hidden_layers == 1024
 
 
@@ -380,7 +384,7 @@ def test_constructor_normalises_numbers_and_sequences():
 def test_head_overrides_and_target_checks():
     from eagle3_jax.config import Eagle3Config
 
-    head = Eagle3Config.from_hf_dict(HEAD_BASE)
+    head = parse_eagle3(HEAD_BASE)
     for theta in (NAN, INF, -1.0, 0, 1.0, 1e13, "1e4", True, [1e4]):
         with pytest.raises(ConfigError, match=re.escape("rope_theta (override) must be a finite number")):
             head.with_overrides(rope_theta=theta)
@@ -390,19 +394,19 @@ def test_head_overrides_and_target_checks():
     np = pytest.importorskip("numpy")
     fixed = head.with_overrides(rope_theta=np.float32(5e5), feature_layers=np.array([2, 3, 4]))
     assert fixed.rope_theta == 5e5 and fixed.aux_layer_ids == (1, 2, 3) and type(fixed.aux_layer_ids[0]) is int
-    target = Qwen3Config.from_hf_dict({**BASE, "num_hidden_layers": 4})
+    target = target_config_from_hf({**BASE, "num_hidden_layers": 4}, among=QWEN)
     head.with_overrides(feature_layers=(0, 1, 3)).check_target(target)  # layer 0: the embedding output
     with pytest.raises(ConfigError, match=re.escape("feature layers [4] are outside the target's 4 layers")):
         head.with_overrides(feature_layers=(0, 1, 4)).check_target(target)
     with pytest.raises(ConfigError, match="needs 3 feature layers"):
         head.with_overrides(feature_layers=(1, 2)).check_target(target)
     with pytest.raises(ConfigError, match="outside the target's 2 layers"):  # default (2, L//2, L-3) on 2 layers
-        Eagle3Config.from_hf_dict({**HEAD_BASE, "eagle_config": None}).check_target(
-            Qwen3Config.from_hf_dict({**BASE, "num_hidden_layers": 2}))
+        parse_eagle3({**HEAD_BASE, "eagle_config": None}).check_target(
+            target_config_from_hf({**BASE, "num_hidden_layers": 2}, among=QWEN))
     with pytest.raises(ConfigError, match="aux_layer_ids"):
         Eagle3Config(**{**head.__dict__, "aux_layer_ids": (0, "1", 2)})
     with pytest.raises(ConfigError, match="outside the target's 2 layers"):
-        Eagle3Config.for_target(Qwen3Config.from_hf_dict({**BASE, "num_hidden_layers": 2}))
+        Eagle3Config.for_target(target_config_from_hf({**BASE, "num_hidden_layers": 2}, among=QWEN))
     with pytest.raises(ConfigError, match="feature_layers"):
         Eagle3Config.for_target(target, feature_layers=(1, "2", 3))
     assert Eagle3Config.for_target(target, feature_layers=(1, 2, 3)).aux_layer_ids == (0, 1, 2)

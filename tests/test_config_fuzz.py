@@ -36,6 +36,9 @@ from eagle3_jax.config import (
     Qwen3Config,
 )
 from eagle3_jax.errors import ConfigError
+from eagle3_jax.hf_config import target_to_hf
+from eagle3_jax.hf_heads import eagle3_to_hf, parse_eagle3, read_eagle3_config
+from eagle3_jax.models.registry import read_target_config, target_config_from_hf
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -52,15 +55,15 @@ QWEN3_V5 = {
     "vocab_size": 97,
 }
 # transformers 4 spelling (top-level rope_theta / rope_scaling), as Qwen3-4B-Thinking-2507 ships it.
-QWEN3_V4 = {**Qwen3Config.qwen3_4b_thinking_2507().to_hf_dict(), "rope_scaling": None, "torch_dtype": "bfloat16"}
+QWEN3_V4 = {**target_to_hf(Qwen3Config.qwen3_4b_thinking_2507()), "rope_scaling": None, "torch_dtype": "bfloat16"}
 # Qwen2: no head_dim (derived as hidden / heads), no attention_bias.
 QWEN2 = {k: v for k, v in QWEN3_V5.items() if k not in ("head_dim", "attention_bias")} | {
     "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
 # An EAGLE-3 head (SpecForge LlamaForCausalLMEagle3) as tests/eagle3_reference.py writes it, with eagle_config.
-HEAD = Eagle3Config(hidden_size=40, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                    vocab_size=97, draft_vocab_size=31, target_hidden_size=40, rope_theta=10000.0,
-                    max_position_embeddings=1024, aux_layer_ids=(0, 2, 3), bos_token_id=1,
-                    eos_token_id=5).to_hf_dict()
+HEAD = eagle3_to_hf(Eagle3Config(hidden_size=40, intermediate_size=56, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=12, vocab_size=97, draft_vocab_size=31, target_hidden_size=40,
+                                 rope_theta=10000.0, max_position_embeddings=1024, aux_layer_ids=(0, 2, 3),
+                                 bos_token_id=1, eos_token_id=5))
 GENERATION = {"bos_token_id": 1, "eos_token_id": [5, 9], "do_sample": True, "temperature": 0.6}
 
 # Keys a parser reads, plus some it must ignore, so that mutations also add keys the base lacks.
@@ -93,6 +96,11 @@ def deep_nesting(depth: int) -> object:
         value = [value] if i % 2 else {"rope_theta": value}
     return value
 
+
+
+def read_qwen3(model_dir):
+    """A target's config read as ``Qwen3Config``'s types (qwen3, qwen2) only."""
+    return read_target_config(model_dir, among=Qwen3Config.MODEL_TYPES)
 
 @st.composite
 def mutated(draw, base: dict) -> tuple[dict, list[str]]:
@@ -148,7 +156,7 @@ def assert_valid_target(cfg: Qwen3Config, round_trip: bool = True):
         if getattr(cfg, name) is not None:
             assert_int(getattr(cfg, name), name, 0, MAX_TOKEN_ID)
     if round_trip:  # (qkv_bias without o_bias, set from Python, has no qwen3 config.json spelling)
-        assert Qwen3Config.from_hf_dict(cfg.to_hf_dict()) == cfg
+        assert target_config_from_hf(target_to_hf(cfg), among=Qwen3Config.MODEL_TYPES) == cfg
 
 
 def assert_valid_head(cfg: Eagle3Config):
@@ -163,7 +171,7 @@ def assert_valid_head(cfg: Eagle3Config):
     for name in ("bos_token_id", "eos_token_id"):
         if getattr(cfg, name) is not None:
             assert_int(getattr(cfg, name), name, 0, MAX_TOKEN_ID)
-    assert Eagle3Config.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert parse_eagle3(eagle3_to_hf(cfg)) == cfg
 
 
 def load_or_error(load, directory):
@@ -192,9 +200,9 @@ def workdir(tmp_path_factory):
 def test_bases_parse(workdir):
     for base in (QWEN3_V5, QWEN3_V4, QWEN2):
         write(workdir, "config.json", base)
-        assert_valid_target(Qwen3Config.from_pretrained(workdir))
+        assert_valid_target(read_target_config(workdir, among=Qwen3Config.MODEL_TYPES))
     write(workdir, "config.json", HEAD)
-    assert_valid_head(Eagle3Config.from_pretrained(workdir))
+    assert_valid_head(read_eagle3_config(workdir))
 
 
 @FUZZ
@@ -202,7 +210,7 @@ def test_bases_parse(workdir):
 def test_mutated_target_config(workdir, data, base):
     raw, keys = data.draw(mutated(base))
     path = write(workdir, "config.json", raw)
-    cfg, error = load_or_error(Qwen3Config.from_pretrained, workdir)
+    cfg, error = load_or_error(read_qwen3, workdir)
     if error is None:
         assert_valid_target(cfg)
     else:
@@ -215,7 +223,7 @@ def test_mutated_target_config(workdir, data, base):
 def test_mutated_head_config(workdir, data):
     raw, keys = data.draw(mutated(HEAD))
     path = write(workdir, "config.json", raw)
-    cfg, error = load_or_error(Eagle3Config.from_pretrained, workdir)
+    cfg, error = load_or_error(read_eagle3_config, workdir)
     if error is None:
         assert_valid_head(cfg)
     else:
@@ -233,7 +241,7 @@ def test_mutated_generation_config(workdir, data):
         raw, keys = data.draw(json_values), None  # not even an object
     path = write(workdir, "generation_config.json", raw)
     try:
-        cfg, error = load_or_error(Qwen3Config.from_pretrained, workdir)
+        cfg, error = load_or_error(read_qwen3, workdir)
     finally:
         os.remove(path)
     if error is None:
@@ -252,7 +260,7 @@ def test_mutated_generation_config(workdir, data):
        head=st.booleans())
 def test_random_file_contents(workdir, content, head):
     path = write(workdir, "config.json", content)
-    cfg, error = load_or_error(Eagle3Config.from_pretrained if head else Qwen3Config.from_pretrained, workdir)
+    cfg, error = load_or_error(read_eagle3_config if head else read_qwen3, workdir)
     assert cfg is None, "random bytes made a valid config"
     assert error.startswith(path + ": "), error
 
@@ -260,7 +268,7 @@ def test_random_file_contents(workdir, content, head):
 @FUZZ
 @given(rope_theta=scalars, feature_layers=st.none() | json_values | st.lists(ints, max_size=4))
 def test_with_overrides(rope_theta, feature_layers):
-    cfg = Eagle3Config.from_hf_dict(HEAD)
+    cfg = parse_eagle3(HEAD)
     try:
         out = cfg.with_overrides(rope_theta=rope_theta, feature_layers=feature_layers)
     except ConfigError as e:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file as torch_load_file
 
 from eagle3_jax import CheckpointError, ConfigError, KVCache, Qwen3Config
 from eagle3_jax.attention import AttentionMetadata
-from eagle3_jax.config import Eagle3Config
+from eagle3_jax.hf_heads import eagle3_to_hf, parse_eagle3, read_eagle3_config
 from eagle3_jax.kv_cache import append_slots, causal_mask
 from eagle3_jax.loading import convert_draft, load_draft, save_draft
 from eagle3_jax.training.ttt_attention import ttt_mask, ttt_step
@@ -47,7 +47,7 @@ def draft_cache(head, batch, capacity=32):
 # ---------------------------------------------------------------- config
 
 def test_config_fields(ref_head):
-    cfg = Eagle3Config.from_pretrained(ref_head[0])
+    cfg = read_eagle3_config(ref_head[0])
     assert cfg.head_dim == 12  # read, not 40 / 4
     assert (cfg.draft_vocab_size, cfg.vocab_size, cfg.target_hidden_size) == (31, 97, 40)
     assert cfg.rope_theta == 5e5
@@ -57,17 +57,17 @@ def test_config_fields(ref_head):
 
 def test_default_feature_layers_and_overrides(tmp_path):
     make_reference_head(tmp_path)
-    cfg = Eagle3Config.from_pretrained(tmp_path)
+    cfg = read_eagle3_config(tmp_path)
     assert cfg.feature_layers(TARGET) == (2, 3, 3)  # [2, L//2, L-3] for L = 6
     assert cfg.feature_layers(Qwen3Config.qwen3_4b_thinking_2507()) == (2, 18, 33)
     fixed = cfg.with_overrides(rope_theta=10000, feature_layers=(2, 17, 33))
     assert fixed.rope_theta == 10000.0 and fixed.feature_layers(TARGET) == (2, 17, 33)
-    assert fixed.to_hf_dict()["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 16, 32]}
+    assert eagle3_to_hf(fixed)["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 16, 32]}
 
 
 def test_config_round_trip(ref_head):
-    cfg = Eagle3Config.from_pretrained(ref_head[0])
-    assert Eagle3Config.from_hf_dict(cfg.to_hf_dict()) == cfg
+    cfg = read_eagle3_config(ref_head[0])
+    assert parse_eagle3(eagle3_to_hf(cfg)) == cfg
 
 
 @pytest.mark.parametrize("change, message", [
@@ -84,7 +84,7 @@ def test_config_errors(tmp_path, change, message):
     raw.update(change)
     raw = {k: v for k, v in raw.items() if v is not None}
     with pytest.raises(ConfigError) as e:
-        Eagle3Config.from_hf_dict(raw)
+        parse_eagle3(raw)
     assert message in str(e.value)
 
 

@@ -24,7 +24,7 @@ from spec_helpers import fit_head
 
 from eagle3_jax import CheckpointError, ConfigError, Eagle3Config, Generator, load_draft, load_target
 from eagle3_jax.attention import AttentionMetadata
-from eagle3_jax.hf_config import head_format
+from eagle3_jax.hf_heads import eagle3_to_hf, head_format, parse_eagle3
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.loading import save_draft
 from eagle3_jax.weights.params import flat_params
@@ -221,7 +221,7 @@ def test_feature_layers_mean_the_same_in_every_format(raw, layers):
 
     target = LlamaConfig(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=32,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=10, rope_theta=1e4)
-    assert Eagle3Config.from_hf_dict(raw).feature_layers(target) == layers
+    assert parse_eagle3(raw).feature_layers(target) == layers
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -242,7 +242,7 @@ def test_speculators_config_errors(raw, message):
     if "transformer_layer_config" in raw and raw["transformer_layer_config"] is None:
         del raw["transformer_layer_config"]
     with pytest.raises(ConfigError) as e:
-        Eagle3Config.from_hf_dict(raw, where="head.json")
+        parse_eagle3(raw, where="head.json")
     assert message in str(e.value) and str(e.value).startswith("head.json")
 
 
@@ -274,17 +274,17 @@ def test_rope_theta_override_makes_the_heads_rope_plain():
     out = cfg.with_overrides(rope_theta=10000)
     assert out.rope_theta == 10000.0 and out.rope_scaling is None
     assert cfg.with_overrides(feature_layers=(1, 2, 3)).rope_scaling == cfg.rope_scaling
-    assert Eagle3Config.from_hf_dict(cfg.to_hf_dict()) == cfg  # the SpecForge export keeps the scaling
+    assert parse_eagle3(eagle3_to_hf(cfg)) == cfg  # the SpecForge export keeps the scaling
 
 
 def test_eagle_format_without_rope_theta_still_refuses_unsupported_scaling():
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1, "hidden_size": 40,
            "intermediate_size": 56, "num_attention_heads": 4, "vocab_size": 97, "draft_vocab_size": 32}
-    assert Eagle3Config.from_hf_dict(raw).rope_theta == 10000.0
+    assert parse_eagle3(raw).rope_theta == 10000.0
     with pytest.raises(ConfigError, match="rope type 'linear'"):
-        Eagle3Config.from_hf_dict({**raw, "rope_scaling": {"type": "linear", "factor": 2.0}})
+        parse_eagle3({**raw, "rope_scaling": {"type": "linear", "factor": 2.0}})
     layer_null = _speculators_config(**{"layer.model_type": None})
-    assert Eagle3Config.from_hf_dict(layer_null).draft_vocab_size == 32  # null model_type means absent
+    assert parse_eagle3(layer_null).draft_vocab_size == 32  # null model_type means absent
 
 
 def test_tensors_without_an_array_form_are_a_checkpoint_error(tmp_path):

@@ -18,12 +18,13 @@ from eagle3_jax import (
     LlamaConfig,
     LlamaForCausalLM,
     Qwen3ForCausalLM,
-    TargetConfig,
     load_target,
 )
 from eagle3_jax.config import RopeScaling
+from eagle3_jax.hf_config import target_to_hf
 from eagle3_jax.loading import save_target
 from eagle3_jax.models.layers import rope_inv_freq
+from eagle3_jax.models.registry import read_target_config, target_config_from_hf
 
 REL_TOL = 1e-4
 
@@ -39,11 +40,11 @@ def hf_logits(hf, ids):
 
 
 def test_llama_config_from_hf(hf_llama, hf_llama_tied):
-    cfg = TargetConfig.from_pretrained(hf_llama.path)
+    cfg = read_target_config(hf_llama.path)
     assert type(cfg) is LlamaConfig and cfg.model_type == "llama"
     assert cfg.qkv_bias and cfg.o_bias and not cfg.qk_norm and not cfg.tie_word_embeddings
     assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 32) and cfg.head_dim == 12
-    tied = TargetConfig.from_pretrained(hf_llama_tied.path)
+    tied = read_target_config(hf_llama_tied.path)
     assert tied.tie_word_embeddings and not tied.qkv_bias and tied.rope_scaling is None and tied.head_dim == 10
     hash(cfg)
 
@@ -55,7 +56,7 @@ def test_both_transformers_spellings_of_llama3_scaling_parse_alike(hf_llama):
     v4.update(rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING))
     v5 = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_theta")}
     v5["rope_parameters"] = {**LLAMA3_SCALING, "rope_theta": 10000.0}
-    assert TargetConfig.from_hf_dict(v4) == TargetConfig.from_hf_dict(v5) == TargetConfig.from_pretrained(hf_llama.path)
+    assert target_config_from_hf(v4) == target_config_from_hf(v5) == read_target_config(hf_llama.path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -70,7 +71,7 @@ def test_llama_config_errors(hf_llama, change, message):
     with open(os.path.join(hf_llama.path, "config.json")) as f:
         raw = {k: v for k, v in json.load(f).items() if k != "rope_parameters"} | {"rope_theta": 10000.0}
     with pytest.raises(ConfigError) as e:
-        TargetConfig.from_hf_dict({**raw, **change}, where="cfg.json")
+        target_config_from_hf({**raw, **change}, where="cfg.json")
     assert message in str(e.value) and str(e.value).startswith("cfg.json")
 
 
@@ -126,7 +127,7 @@ def test_llama_greedy_generation_matches_hf(request, name):
 def test_llama_export_loads_in_transformers(hf_llama, tmp_path):
     model = load_target(hf_llama.path, dtype="float32", progress=False)
     save_target(model, tmp_path / "out", dtype="float32")
-    assert LlamaConfig.from_hf_dict(model.config.to_hf_dict()) == model.config
+    assert target_config_from_hf(target_to_hf(model.config), among=LlamaConfig.MODEL_TYPES) == model.config
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     ids = np.random.default_rng(4).integers(0, 97, size=(1, 40))
@@ -155,7 +156,7 @@ def test_llama_converts_to_orbax_and_back(hf_llama, tmp_path):
 
     out = convert_target(hf_llama.path, tmp_path / "conv", dtype="float32", progress=False)
     model = load_target(out, dtype="float32", progress=False)
-    assert isinstance(model, LlamaForCausalLM) and model.config == TargetConfig.from_pretrained(hf_llama.path)
+    assert isinstance(model, LlamaForCausalLM) and model.config == read_target_config(hf_llama.path)
     ids = np.random.default_rng(8).integers(0, 97, size=(1, 40))
     ours = np.asarray(model.forward_sequence(jnp.asarray(ids, jnp.int32)).logits)
     assert rel_err(ours, hf_logits(hf_llama, ids)) < REL_TOL
@@ -164,7 +165,7 @@ def test_llama_converts_to_orbax_and_back(hf_llama, tmp_path):
 def test_llama2_config_without_rope_theta_takes_transformers_default(hf_llama_tied):
     with open(os.path.join(hf_llama_tied.path, "config.json")) as f:
         raw = {k: v for k, v in json.load(f).items() if k not in ("rope_theta", "rope_parameters", "rope_scaling")}
-    cfg = TargetConfig.from_hf_dict(raw)
+    cfg = target_config_from_hf(raw)
     assert cfg.rope_theta == 10000.0 == transformers.LlamaConfig().rope_parameters["rope_theta"]
 
 
@@ -177,5 +178,5 @@ def test_llama_config_refuses_flags_it_can_not_write():
         LlamaConfig(**base, qkv_bias=True, o_bias=False)
     from eagle3_jax import Qwen3Config
 
-    with pytest.raises(ConfigError, match="TargetConfig.from_pretrained / from_hf_dict read every supported type"):
-        Qwen3Config.from_hf_dict(LlamaConfig(**base).to_hf_dict())
+    with pytest.raises(ConfigError, match="read_target_config / target_config_from_hf read every supported type"):
+        target_config_from_hf(target_to_hf(LlamaConfig(**base)), among=Qwen3Config.MODEL_TYPES)

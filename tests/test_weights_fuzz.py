@@ -33,6 +33,7 @@ from safetensors import deserialize
 from eagle3_jax import CheckpointError, convert_target, load_target
 from eagle3_jax.config import Qwen3Config
 from eagle3_jax.loading import abstract_target
+from eagle3_jax.models.registry import read_target_config
 from eagle3_jax.weights import converted
 from eagle3_jax.weights.params import flat_params, load_safetensors_into
 from eagle3_jax.weights.rules import qwen3_rules
@@ -310,7 +311,7 @@ NAN_TENSOR = "model.layers.1.self_attn.q_proj.weight"
 
 
 def _load_unchecked(path, dtype=np.float32):
-    cfg = Qwen3Config.from_pretrained(path)
+    cfg = read_target_config(path, among=Qwen3Config.MODEL_TYPES)
     return load_safetensors_into(abstract_target(cfg, dtype), checkpoint_files(str(path)),
                                  qwen3_rules(cfg.tie_word_embeddings), source=str(path), progress=False,
                                  check_finite=False)
@@ -347,7 +348,7 @@ def test_nan_in_converted_checkpoint_is_refused(hf_qwen3, tmp_path):
     with pytest.raises(CheckpointError, match=r"conv \(params/\): tensor 'model.layers.1.self_attn.q_proj.kernel' "
                                               r"\[\d+, \d+\] holds 2 non-finite"):
         load_target(out, dtype="float32", progress=False)
-    abstract = abstract_target(Qwen3Config.from_pretrained(out), np.float32)
+    abstract = abstract_target(read_target_config(out, among=Qwen3Config.MODEL_TYPES), np.float32)
     kernel = np.asarray(converted.restore_into(abstract, out, check_finite=False).model.layers[1]
                         .self_attn.q_proj.kernel[...])
     assert np.isnan(kernel[5, 3])

@@ -81,9 +81,9 @@ def run(args) -> int:
     from eagle3_jax.errors import InputError
 
     if args.config is not None:
-        from eagle3_jax.config import TargetConfig
+        from eagle3_jax.models.registry import read_target_config
 
-        config, model = TargetConfig.from_pretrained(args.config), args.config
+        config, model = read_target_config(args.config), args.config
     else:
         model = args.preset or "qwen3-4b"
         if model not in PRESETS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eagle3_jax.checks import MAX_SEED
+from eagle3_jax.validation import MAX_SEED
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -216,15 +216,16 @@ def check_configs(target: str, draft: str | None = None, **overrides):
 
     Returns (target dir, target config, draft dir, draft config).
     """
-    from eagle3_jax.config import Eagle3Config, TargetConfig
+    from eagle3_jax.hf_heads import read_eagle3_config
     from eagle3_jax.hub import resolve_model_dir
+    from eagle3_jax.models.registry import read_target_config
 
     target_dir = resolve_model_dir(target)
-    target_config = TargetConfig.from_pretrained(target_dir)
+    target_config = read_target_config(target_dir)
     draft_dir = draft_config = None
     if draft is not None:
         draft_dir = resolve_model_dir(draft, draft=True)
-        draft_config = Eagle3Config.from_pretrained(draft_dir).with_overrides(**overrides)
+        draft_config = read_eagle3_config(draft_dir).with_overrides(**overrides)
         draft_config.check_target(target_config, where=f"draft head {draft_dir}")
     return target_dir, target_config, draft_dir, draft_config
 

@@ -9,18 +9,21 @@ export, decoding, training) goes through this table.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from eagle3_jax.config import LlamaConfig, Qwen3Config, TargetConfig, _show
+from eagle3_jax.config import LlamaConfig, Qwen3Config, TargetConfig
 from eagle3_jax.errors import ConfigError
-from eagle3_jax.hf_config import check_model_type, parse_llama, parse_qwen3
+from eagle3_jax.hf_config import check_model_type, parse_llama, parse_qwen3, read_generation_config
+from eagle3_jax.hf_json import read_json
 from eagle3_jax.models.layers import DEFAULT_INIT_STD
 from eagle3_jax.models.llama import LlamaForCausalLM
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.validation import show
 from eagle3_jax.weights.rules import RuleTable, decoder_lm_rules
 
 
@@ -77,10 +80,34 @@ def target_architecture(raw_or_config: Mapping[str, Any] | TargetConfig, where: 
                                   "target's; pass it as the draft (--draft / load_draft)")
         model_type = raw_or_config.get("model_type")
         if isinstance(model_type, str) and model_type in TARGETS and model_type not in supported:
-            raise ConfigError(f"{where}: unknown model_type {_show(model_type)} for a config class that reads "
-                              f"{', '.join(supported)}; TargetConfig.from_pretrained / from_hf_dict read every "
+            raise ConfigError(f"{where}: unknown model_type {show(model_type)} for a config class that reads "
+                              f"{', '.join(supported)}; read_target_config / target_config_from_hf read every "
                               f"supported type ({', '.join(TARGETS)})")
     return TARGETS[check_model_type(raw_or_config, where, supported)]
+
+
+def target_config_from_hf(raw: Mapping[str, Any], where: str = "config.json",
+                          generation_config: Mapping[str, Any] | None = None, *,
+                          generation_where: str = "generation_config.json",
+                          among: tuple[str, ...] | None = None) -> TargetConfig:
+    """A target's config from an HF ``config.json`` dict, parsed by its ``model_type``'s parser.
+
+    ``generation_config`` (the dict of ``generation_config.json``) adds its eos
+    ids; ``among`` limits the accepted model types (e.g. ``Qwen3Config.MODEL_TYPES``).
+
+    Raises:
+      ConfigError: an unknown ``model_type``, or what the parser refuses.
+    """
+    arch = target_architecture(raw, where, among=among)
+    return arch.parse_config(raw, where, generation_config, generation_where=generation_where)
+
+
+def read_target_config(model_dir: str | os.PathLike, *, among: tuple[str, ...] | None = None) -> TargetConfig:
+    """A target's config from ``model_dir``: ``config.json`` and ``generation_config.json`` if present."""
+    model_dir = os.fspath(model_dir)
+    path = os.path.join(model_dir, "config.json")
+    gen, gen_path = read_generation_config(model_dir)
+    return target_config_from_hf(read_json(path), path, gen, generation_where=gen_path, among=among)
 
 
 def build_target(cfg: TargetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,

@@ -19,10 +19,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from eagle3_jax.checks import MAX_SEED, is_int
 from eagle3_jax.errors import InputError
 from eagle3_jax.sampling import MAX_TOP_K
 from eagle3_jax.text import check_template_kwargs
+from eagle3_jax.validation import MAX_SEED, is_int
 
 
 class APIError(Exception):

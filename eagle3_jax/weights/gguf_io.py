@@ -439,7 +439,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     """
     from tqdm.auto import tqdm
 
-    from eagle3_jax.config import TargetConfig
+    from eagle3_jax.models.registry import target_config_from_hf
     from eagle3_jax.weights.gguf_tokenizer import write_tokenizer
     from eagle3_jax.weights.safetensors_io import save_streamed
 
@@ -447,7 +447,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     ckpt = GGUFCheckpoint(src)
     config = hf_config_of(ckpt)
     generation = generation_config_of(ckpt, config)
-    TargetConfig.from_hf_dict(config, where=f"{ckpt.path} (metadata)", generation_config=generation,
+    target_config_from_hf(config, where=f"{ckpt.path} (metadata)", generation_config=generation,
                               generation_where=f"{ckpt.path} (metadata)")
     plan = Plan(ckpt, config, store)
     types = dict(Counter(ckpt.type_name(name) for name in ckpt.tensors))
