@@ -122,15 +122,17 @@ def per_device_bytes(cfg, tensor: int, data: int, *, itemsize: int, batch: int, 
     from flax import nnx
 
     from eagle3_jax import Eagle3DraftHead, Qwen3ForCausalLM
-    from eagle3_jax.sharding import LOGICAL_TO_MESH, target_param_axes
+    from eagle3_jax.axes import LOGICAL_TO_MESH
+    from eagle3_jax.sharding import param_axes
     from eagle3_jax.weights.params import flat_params
 
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     replicated = {"kv_heads"} if cfg.num_key_value_heads % tensor else set()
     weights = 0
+    axes = param_axes(abstract)
     for path, var in flat_params(abstract).items():
         split = 1
-        for dim, axis in zip(var.shape, target_param_axes(path)):
+        for dim, axis in zip(var.shape, axes[path]):
             if axis and LOGICAL_TO_MESH.get(axis) == "tensor" and axis not in replicated and dim % tensor == 0:
                 split = tensor
         weights += int(np.prod(var.shape)) * itemsize // split

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from eagle3_jax.axes import constrain_tree
 from eagle3_jax.config import Eagle3Config, Qwen3Config, TargetConfig
 from eagle3_jax.decoding import plain, speculative
 from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
@@ -35,7 +36,7 @@ from eagle3_jax.errors import InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.registry import abstract_target
 from eagle3_jax.platform import compiling_for
-from eagle3_jax.sharding import ShardingPlan, constrain_state, make_mesh
+from eagle3_jax.sharding import ShardingPlan, make_mesh
 from eagle3_jax.weights.params import flat_params
 
 GiB = 1 << 30
@@ -228,21 +229,21 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
 
         def plain_start(tw, tokens, lengths, rng, params, settings):
             state = plain.start(nnx.merge(tg, tw), tokens, lengths, rng, params, settings)
-            return constrain_state(state, tokens.shape[0])
+            return constrain_tree(state)
 
         def plain_loop(tw, state, params, settings, iterations):
             state = plain.decode_loop(nnx.merge(tg, tw), state, params, settings, iterations)
-            return constrain_state(state, state.result.tokens.shape[0])
+            return constrain_tree(state)
 
         def spec_start(tw, dw, tokens, lengths, rng, params, settings):
             state = speculative.start(nnx.merge(tg, tw), nnx.merge(dg, dw), tokens, lengths, rng, params, settings,
                                       spec)
-            return constrain_state(state, tokens.shape[0])
+            return constrain_tree(state)
 
         def spec_loop(tw, dw, state, params, settings, iterations):
             state = speculative.decode_loop(nnx.merge(tg, tw), nnx.merge(dg, dw), state, params, settings, spec,
                                             iterations)
-            return constrain_state(state, state.result.tokens.shape[0])
+            return constrain_tree(state)
 
         reports = []
         started: dict[tuple, Any] = {}

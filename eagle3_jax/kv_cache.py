@@ -42,8 +42,8 @@ try:  # the layout API (JAX 0.6 and later keep it here; only the TPU's rows acce
 except ImportError:  # pragma: no cover - a JAX without it: layouts are left to the compiler
     Layout = with_layout_constraint = None
 
+from eagle3_jax.axes import KV_CACHE_AXES, LogicalAxes, constrain
 from eagle3_jax.platform import target_platform
-from eagle3_jax.sharding import KV_CACHE_AXES, LogicalAxes, constrain
 
 # Decoders allocate buffers in whole blocks (:func:`aligned_capacity`), so that blocked attention
 # kernels tile every cache without a remainder: 128 slots, doubling up to 1024 while the rounding
@@ -149,7 +149,7 @@ class KVCache:
       lengths: [batch] int32, committed entries per row; slots >= length are
         free (they may hold stale or provisional K/V).
       axes: static; the buffers' logical axes on a device mesh
-        (``eagle3_jax/sharding.py``): rows over ``data`` and KV heads over
+        (``eagle3_jax/axes.py``): rows over ``data`` and KV heads over
         ``tensor`` for the target; the draft head's cache keeps its heads whole.
     """
 
@@ -169,6 +169,12 @@ class KVCache:
             return tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(num_layers))
 
         return cls(k=buffers(), v=buffers(), lengths=constrain(jnp.zeros((batch,), jnp.int32), axes[:1]), axes=axes)
+
+    def constrain_layout(self) -> KVCache:
+        """The cache laid out by its own ``axes`` on the current mesh (``axes.constrain_tree``)."""
+        return dataclasses.replace(self, k=tuple(constrain(b, self.axes) for b in self.k),
+                                   v=tuple(constrain(b, self.axes) for b in self.v),
+                                   lengths=constrain(self.lengths, self.axes[:1]))
 
     @property
     def capacity(self) -> int:

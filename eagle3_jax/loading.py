@@ -23,10 +23,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from eagle3_jax.atomic import atomic_directory, check_destination
 from eagle3_jax.config import Eagle3Config, TargetConfig
 from eagle3_jax.errors import CheckpointError, ConfigError
-from eagle3_jax.hf_config import head_format, read_json
+from eagle3_jax.hf_config import target_to_hf
+from eagle3_jax.hf_heads import eagle3_to_hf, head_format, parse_eagle3
+from eagle3_jax.hf_json import read_json
 from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
-from eagle3_jax.models.registry import abstract_target, target_rules
+from eagle3_jax.models.registry import abstract_target, read_target_config, target_rules
 from eagle3_jax.models.target import TargetModel
 from eagle3_jax.sharding import ShardingPlan, check_mesh, put
 from eagle3_jax.weights import converted, torch_bin
@@ -98,7 +100,7 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
         non-finite logits (finish_reason 'nonfinite').
       mesh: a ``(data, tensor)`` device mesh (:func:`eagle3_jax.sharding.make_mesh`):
         each tensor is placed straight onto its shards as it is read
-        (:data:`eagle3_jax.sharding.TARGET_PARAM_AXES`; a converted checkpoint
+        (by the logical axes the model's modules declare; a converted checkpoint
         is restored into them), never whole on one device. None: the default device.
 
     The model remembers its directory (:func:`target_directory`): a
@@ -107,14 +109,14 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
     """
     model_dir = resolve_model_dir(name_or_path)
     dtype = parse_dtype(dtype)
-    cfg = TargetConfig.from_pretrained(model_dir)
+    cfg = read_target_config(model_dir)
     abstract = abstract_target(cfg, dtype)
     place = sharding_of = None
     if mesh is not None:
-        plan = ShardingPlan.for_target(mesh, cfg)
+        shardings = ShardingPlan.for_target(mesh, cfg).param_shardings(abstract)
 
         def sharding_of(path: str, shape: tuple[int, ...]):
-            return plan.param_sharding(path, shape)
+            return shardings[path]
 
         def place(path: str, array: np.ndarray) -> jax.Array:
             return put(array, sharding_of(path, array.shape))
@@ -175,7 +177,7 @@ def save_target(model: TargetModel, output_dir: str | os.PathLike, *, dtype="bfl
     out = os.path.abspath(os.fspath(output_dir))
     with atomic_directory(out, overwrite=overwrite, replaceable=lambda p: is_export(p, "target"),
                           what="exported target") as tmp:
-        config = cfg.to_hf_dict()
+        config = target_to_hf(cfg)
         config["torch_dtype"] = parse_dtype(dtype).name
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
@@ -249,7 +251,7 @@ def load_draft(name_or_path: str | os.PathLike, target_config: TargetConfig | No
     config_path = os.path.join(model_dir, "config.json")
     raw = read_json(config_path)
     fmt = head_format(raw, config_path)
-    cfg = Eagle3Config.from_hf_dict(raw, where=config_path).with_overrides(rope_theta=rope_theta,
+    cfg = parse_eagle3(raw, where=config_path).with_overrides(rope_theta=rope_theta,
                                                                           feature_layers=feature_layers)
     if target_config is not None:
         cfg.check_target(target_config, where=f"draft head {model_dir}")
@@ -298,7 +300,7 @@ def save_draft(head: Eagle3DraftHead, output_dir: str | os.PathLike, *, embeddin
     with atomic_directory(out, overwrite=overwrite, replaceable=lambda p: is_export(p, "draft"),
                           what="exported draft head") as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(head.config.to_hf_dict(), f, indent=2)
+            json.dump(eagle3_to_hf(head.config), f, indent=2)
         extra = None
         if not own and embedding is not None:
             extra = {"embed_tokens.weight": np.asarray(jax.device_get(embedding)).astype(parse_dtype(dtype))}

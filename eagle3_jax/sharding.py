@@ -1,92 +1,50 @@
-"""Sharding as data: the logical axes of every parameter and of the KV cache, mapped to a device mesh
+"""Placement on a device mesh: meshes, sharding plans, and putting arrays on their shards
 (docs/architecture.md#device-mesh).
 
-A mesh has two axes, ``data`` (batch rows) and ``tensor`` (heads, MLP
-columns, vocabulary). Each array names its dimensions with *logical* axes;
-one table maps a logical axis to a mesh axis:
-
-    batch     -> data      the rows of a generation or a training batch
-    heads     -> tensor    query heads (q_proj's columns, o_proj's rows)
-    kv_heads  -> tensor    key/value heads (k_proj, v_proj, the KV cache)
-    mlp       -> tensor    the MLP's intermediate columns
-    vocab     -> tensor    the embedding's rows, lm_head's columns
-    embed     -> (whole)   the residual stream
-
-:data:`TARGET_PARAM_AXES` gives each target parameter's logical axes (by
-path, as data, like the weight-name rules of ``weights/rules.py``); the KV
-cache names its own (``KVCache.axes``). The draft head and the tree
-bookkeeping are small and replicated. That is Megatron-style tensor
-parallelism: each device holds 1/N of the heads and MLP columns and of the KV
-cache, and XLA's SPMD partitioner (GSPMD) inserts the all-reduces after
-``o_proj`` and ``down_proj``. Attention runs per shard
+The vocabulary -- logical axes and the mesh axes they map to -- is
+``eagle3_jax/axes.py``; the arrays declare theirs where they are defined (a
+target's parameters in its modules, the KV cache in ``KVCache.axes``). That
+is Megatron-style tensor parallelism: each device holds 1/N of the heads and
+MLP columns and of the KV cache, and XLA's SPMD partitioner (GSPMD) inserts
+the all-reduces after ``o_proj`` and ``down_proj``. Attention runs per shard
 (``eagle3_jax/attention/sharded.py``): every (row, KV head) is independent,
-so it needs no communication.
+so it needs no communication. The draft head and the tree bookkeeping are
+small and replicated.
 
 A dimension that the mesh axis does not divide is kept whole (replicated) on
 that axis -- :class:`ShardingPlan` says which, and refuses query heads that
 do not divide (tensor parallelism over heads is the point of the axis).
-Outside a mesh (``current_mesh()`` is None) every helper here is a no-op, so
-single-device code is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from eagle3_jax.axes import AXES_KEY, DATA, MESH_AXES, TENSOR, LogicalAxes, logical_spec
 from eagle3_jax.errors import InputError
-
-DATA, TENSOR = "data", "tensor"
-MESH_AXES = (DATA, TENSOR)
-
-LogicalAxes = tuple[str | None, ...]
-
-# logical axis -> mesh axis (None: never sharded)
-LOGICAL_TO_MESH: dict[str, str | None] = {
-    "batch": DATA,
-    "heads": TENSOR,
-    "kv_heads": TENSOR,
-    "mlp": TENSOR,
-    "vocab": TENSOR,
-    "embed": None,
-}
-
-_LAYER = r"model\.layers\.\d+\."
-# Target parameter path (dotted, as eagle3_jax.weights.params.flat_params names them) -> logical axes.
-# Kernels are Flax's [in, out]. Every parameter of every registered architecture matches exactly one row.
-TARGET_PARAM_AXES: tuple[tuple[str, LogicalAxes], ...] = (
-    (r"model\.embed_tokens\.embedding", ("vocab", "embed")),
-    (_LAYER + r"self_attn\.q_proj\.kernel", ("embed", "heads")),
-    (_LAYER + r"self_attn\.q_proj\.bias", ("heads",)),
-    (_LAYER + r"self_attn\.[kv]_proj\.kernel", ("embed", "kv_heads")),
-    (_LAYER + r"self_attn\.[kv]_proj\.bias", ("kv_heads",)),
-    (_LAYER + r"self_attn\.o_proj\.kernel", ("heads", "embed")),
-    (_LAYER + r"self_attn\.o_proj\.bias", ("embed",)),
-    (_LAYER + r"self_attn\.[qk]_norm\.weight", (None,)),
-    (_LAYER + r"(input|post_attention)_layernorm\.weight", ("embed",)),
-    (_LAYER + r"mlp\.(gate|up)_proj\.kernel", ("embed", "mlp")),
-    (_LAYER + r"mlp\.down_proj\.kernel", ("mlp", "embed")),
-    (r"model\.norm\.weight", ("embed",)),
-    (r"lm_head\.kernel", ("embed", "vocab")),
-)
-
-# The KV cache's buffers [batch, kv_heads, capacity, head_dim]; the draft head's cache keeps its heads whole.
-KV_CACHE_AXES: LogicalAxes = ("batch", "kv_heads", None, None)
-DRAFT_KV_CACHE_AXES: LogicalAxes = ("batch", None, None, None)
+from eagle3_jax.weights.params import flat_params, with_values
 
 
-def target_param_axes(path: str) -> LogicalAxes:
-    """The logical axes of a target parameter (dotted path); a ValueError for a path the table lacks."""
-    found = [axes for pattern, axes in TARGET_PARAM_AXES if re.fullmatch(pattern, path)]
-    if len(found) != 1:
-        raise ValueError(f"parameter {path!r} matches {len(found)} rows of TARGET_PARAM_AXES (it needs exactly one)")
-    return found[0]
+def param_axes(module: Any) -> dict[str, LogicalAxes]:
+    """Dotted parameter path -> the logical axes its module declared (``Param`` metadata).
+
+    Raises:
+      ValueError: a parameter declares no axes, or axes that do not match its rank.
+    """
+    out = {}
+    for path, var in flat_params(module).items():
+        axes = var.get_metadata().get(AXES_KEY)
+        if axes is None or len(axes) != len(var.shape):
+            raise ValueError(f"parameter {path!r} of shape {tuple(var.shape)} declares logical axes {axes} "
+                             "(its module must declare one per dimension)")
+        out[path] = tuple(axes)
+    return out
 
 
 # ------------------------------------------------------------------ meshes
@@ -135,65 +93,6 @@ def check_mesh(mesh: Any) -> Mesh | None:
         raise InputError(f"mesh axes must be {MESH_AXES} (see eagle3_jax.sharding.make_mesh), "
                          f"got {tuple(mesh.axis_names)}")
     return mesh
-
-
-def current_mesh():
-    """The mesh set with ``jax.set_mesh`` (an AbstractMesh while tracing), or None outside one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
-
-
-def logical_spec(shape: Sequence[int], axes: LogicalAxes, mesh_sizes: Mapping[str, int],
-                 replicated: frozenset[str] = frozenset()) -> PartitionSpec:
-    """The PartitionSpec of an array of ``shape`` with logical ``axes``: each logical axis on its mesh
-    axis (:data:`LOGICAL_TO_MESH`) unless the mesh axis is absent, of size 1, does not divide the
-    dimension, or the logical axis is in ``replicated``."""
-    if len(axes) != len(shape):
-        raise ValueError(f"logical axes {axes} do not match an array of shape {tuple(shape)}")
-    parts = []
-    for dim, name in zip(shape, axes):
-        target = LOGICAL_TO_MESH.get(name) if name is not None else None
-        size = mesh_sizes.get(target, 1) if target is not None else 1
-        keep = target is not None and name not in replicated and size > 1 and dim % size == 0
-        parts.append(target if keep else None)
-    return PartitionSpec(*parts)
-
-
-def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-    """``x`` constrained to its logical axes on the current mesh (a no-op outside one).
-
-    For the places where XLA's propagation would otherwise guess: new cache
-    buffers, the compacted tree path, the concatenated features.
-    """
-    mesh = current_mesh()
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(x.shape, axes, dict(mesh.shape)))
-
-
-def constrain_state(tree: Any, rows: int) -> Any:
-    """Every array of a loop state laid out by one rule (a no-op outside a mesh): KV caches by their
-    ``axes``, arrays of ``rows`` leading rows over ``data``, the rest replicated.
-
-    Applied to what each compiled program returns, so that the prefill's state, a loop chunk's and
-    the next chunk's input have the same shardings (another layout would be another program).
-    """
-    if current_mesh() is None:
-        return tree
-    from eagle3_jax.kv_cache import KVCache
-
-    def layout(x):
-        if isinstance(x, KVCache):
-            return dataclasses.replace(x, k=tuple(constrain(b, x.axes) for b in x.k),
-                                       v=tuple(constrain(b, x.axes) for b in x.v),
-                                       lengths=constrain(x.lengths, x.axes[:1]))
-        if not isinstance(x, jax.Array):
-            return x
-        if x.ndim and x.shape[0] == rows:
-            return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-        return constrain(x, (None,) * x.ndim)
-
-    return jax.tree.map(layout, tree, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 # ------------------------------------------------------------------ plans
@@ -261,9 +160,11 @@ class ShardingPlan:
     def replicate(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def param_sharding(self, path: str, shape: Sequence[int]) -> NamedSharding:
-        """A target parameter's sharding (:data:`TARGET_PARAM_AXES`)."""
-        return self.sharding(shape, target_param_axes(path))
+    def param_shardings(self, module: Any) -> dict[str, NamedSharding]:
+        """Dotted path -> sharding of every parameter of a target module (abstract or concrete), by the
+        logical axes its modules declare (:func:`param_axes`)."""
+        variables = flat_params(module)
+        return {path: self.sharding(variables[path].shape, axes) for path, axes in param_axes(module).items()}
 
     def describe(self) -> str:
         """One line: 'mesh data 2 x tensor 4 (8 devices)', plus what is replicated."""
@@ -304,17 +205,13 @@ def put_tree(tree: Any, sharding: NamedSharding) -> Any:
 
 
 def place_target(module: Any, plan: ShardingPlan) -> Any:
-    """A target module with every parameter placed on its shards (:data:`TARGET_PARAM_AXES`)."""
-    from eagle3_jax.weights.params import flat_params, with_values
-
-    values = {path: put(var[...], plan.param_sharding(path, var.shape)) for path, var in flat_params(module).items()}
-    return with_values(module, values)
+    """A target module with every parameter placed on its shards (:meth:`ShardingPlan.param_shardings`)."""
+    shardings = plan.param_shardings(module)
+    return with_values(module, {path: put(var[...], shardings[path]) for path, var in flat_params(module).items()})
 
 
 def place_replicated(module: Any, mesh: Mesh) -> Any:
     """A module (the draft head) with every parameter replicated on ``mesh``."""
-    from eagle3_jax.weights.params import flat_params, with_values
-
     sharding = NamedSharding(mesh, PartitionSpec())
     return with_values(module, {path: put(var[...], sharding) for path, var in flat_params(module).items()})
 

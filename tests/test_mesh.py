@@ -20,11 +20,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from eagle3_jax.axes import KV_CACHE_AXES, logical_spec
 from eagle3_jax.config import LlamaConfig, Qwen3Config
 from eagle3_jax.errors import InputError
 from eagle3_jax.models.llama import LlamaForCausalLM
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
-from eagle3_jax.sharding import KV_CACHE_AXES, check_mesh, logical_spec, make_mesh, target_param_axes
+from eagle3_jax.sharding import check_mesh, make_mesh, param_axes
 from eagle3_jax.weights.params import flat_params
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -48,11 +49,15 @@ def _targets():
 
 def test_every_target_parameter_has_logical_axes_of_its_rank():
     for target in _targets():
+        axes = param_axes(target)
+        assert set(axes) == set(flat_params(target))
         for path, var in flat_params(target).items():
-            axes = target_param_axes(path)
-            assert len(axes) == len(var.shape), (path, axes, var.shape)
-    with pytest.raises(ValueError, match="matches 0 rows"):
-        target_param_axes("model.layers.0.mlp.new_proj.kernel")
+            assert len(axes[path]) == len(var.shape), (path, axes[path], var.shape)
+        assert axes["model.layers.0.self_attn.k_proj.kernel"] == ("embed", "kv_heads")
+        assert axes["model.layers.0.mlp.down_proj.kernel"] == ("mlp", "embed")
+    undeclared = nnx.Linear(4, 8, rngs=nnx.Rngs(0))  # a module that declares no axes
+    with pytest.raises(ValueError, match="of shape .* declares logical axes None"):
+        param_axes(undeclared)
 
 
 def test_logical_spec_maps_axes_and_keeps_undivided_dimensions_whole():

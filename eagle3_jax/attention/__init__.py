@@ -43,10 +43,10 @@ from eagle3_jax.attention.pallas_gpu import pallas_gpu_attention
 from eagle3_jax.attention.pallas_tpu import pallas_tpu_attention
 from eagle3_jax.attention.reference import MASK_VALUE, grouped_attention, reference_attention
 from eagle3_jax.attention.sharded import sharded_attention
+from eagle3_jax.axes import current_mesh
 from eagle3_jax.errors import InputError
 from eagle3_jax.kv_cache import KVCache
 from eagle3_jax.platform import executes_here, target_platform
-from eagle3_jax.sharding import current_mesh
 
 Backend = Callable[[jax.Array, jax.Array, jax.Array, KVCache, int, AttentionMetadata],
                    tuple[jax.Array, KVCache]]

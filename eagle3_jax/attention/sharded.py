@@ -25,8 +25,8 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from eagle3_jax.attention.metadata import AttentionMetadata
+from eagle3_jax.axes import logical_spec
 from eagle3_jax.kv_cache import KVCache
-from eagle3_jax.sharding import logical_spec
 
 
 def sharded_attention(backend: Callable, mesh, q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.attention import AttentionMetadata
+from eagle3_jax.axes import ROWS, SHARED, axes_field
 from eagle3_jax.decoding.common import (
     DecodeResult,
     DecodeSettings,
@@ -46,10 +47,10 @@ class PlainLoopState:
     """
 
     cache: KVCache
-    last_token: jax.Array
+    last_token: jax.Array = axes_field(ROWS)
     result: DecodeResult
-    rng: jax.Array
-    iterations: jax.Array
+    rng: jax.Array = axes_field(ROWS)
+    iterations: jax.Array = axes_field(SHARED)
 
 
 def start(model: TargetModel, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.attention import AttentionMetadata
+from eagle3_jax.axes import DRAFT_KV_CACHE_AXES, ROWS, SHARED, axes_field
 from eagle3_jax.decoding.common import DecodeResult, DecodeSettings, RuntimeParams, nonfinite_rows, prefill
 from eagle3_jax.decoding.loop import run_loop
 from eagle3_jax.decoding.tree import Tree, TreeSpec, draft_tree, root_candidates, verify_attention
@@ -46,7 +47,6 @@ from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import ForwardOutput, TargetModel
 from eagle3_jax.sampling import next_keys, row_keys, select_tokens
-from eagle3_jax.sharding import DRAFT_KV_CACHE_AXES
 
 
 @jax.tree_util.register_dataclass
@@ -67,13 +67,13 @@ class SpecLoopState:
 
     target_cache: KVCache
     draft_cache: KVCache
-    root: jax.Array
-    root_children: jax.Array
-    root_logp: jax.Array
-    root_hidden: jax.Array
+    root: jax.Array = axes_field(ROWS)
+    root_children: jax.Array = axes_field(ROWS)
+    root_logp: jax.Array = axes_field(ROWS)
+    root_hidden: jax.Array = axes_field(ROWS)
     result: DecodeResult
-    rng: jax.Array
-    iterations: jax.Array
+    rng: jax.Array = axes_field(ROWS)
+    iterations: jax.Array = axes_field(SHARED)
 
     @property
     def accept_lengths(self) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eagle3_jax.axes import LogicalAxes, param_metadata
 from eagle3_jax.config import RopeScaling
 
 DEFAULT_INIT_STD = 0.02  # the initializer's standard deviation for new (untrained) weights
@@ -25,10 +26,13 @@ def normal_init(std: float):
 
 
 class RMSNorm(nnx.Module):
-    """``weight * (x / rms(x))`` with the normalisation computed in float32."""
+    """``weight * (x / rms(x))`` with the normalisation computed in float32.
 
-    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype))
+    ``axes``: the weight's logical axes on a device mesh (``eagle3_jax/axes.py``), or None (never sharded: the
+    draft head's)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, axes: LogicalAxes | None = None):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype), **(param_metadata(axes) if axes else {}))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,13 +88,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class GatedMLP(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))``.
 
-    def __init__(self, hidden: int, intermediate: int, *, dtype, init_std: float, rngs: nnx.Rngs):
+    ``sharded``: declare the kernels' logical axes (a target's MLP: columns over the tensor axis); the
+    draft head's MLP declares none (replicated)."""
+
+    def __init__(self, hidden: int, intermediate: int, *, dtype, init_std: float, rngs: nnx.Rngs,
+                 sharded: bool = False):
         kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=normal_init(init_std), rngs=rngs)
-        self.gate_proj = nnx.Linear(hidden, intermediate, **kw)
-        self.up_proj = nnx.Linear(hidden, intermediate, **kw)
-        self.down_proj = nnx.Linear(intermediate, hidden, **kw)
+        up_axes = dict(kernel_metadata=param_metadata(("embed", "mlp"))) if sharded else {}
+        down_axes = dict(kernel_metadata=param_metadata(("mlp", "embed"))) if sharded else {}
+        self.gate_proj = nnx.Linear(hidden, intermediate, **kw, **up_axes)
+        self.up_proj = nnx.Linear(hidden, intermediate, **kw, **up_axes)
+        self.down_proj = nnx.Linear(intermediate, hidden, **kw, **down_axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

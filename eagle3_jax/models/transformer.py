@@ -24,26 +24,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eagle3_jax.attention import AttentionMetadata, attend
+from eagle3_jax.axes import LogicalAxes, constrain, param_metadata
 from eagle3_jax.config import TargetConfig
 from eagle3_jax.kv_cache import KVCache, pin_row_major
 from eagle3_jax.models.layers import DEFAULT_INIT_STD, GatedMLP, RMSNorm, apply_rope, normal_init, rope_tables
 from eagle3_jax.models.target import ForwardOutput, new_cache
-from eagle3_jax.sharding import constrain
 
 RESIDUAL_AXES = ("batch", None, "embed")  # [batch, seq, hidden]: rows over the data axis, whole on the tensor axis
+
+
+def _axes(kernel: LogicalAxes) -> dict:
+    """nnx.Linear metadata: the kernel's logical axes ([in, out]) and its bias's (the output axis)."""
+    return dict(kernel_metadata=param_metadata(kernel), bias_metadata=param_metadata(kernel[1:]))
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: TargetConfig, *, dtype, init_std: float, rngs: nnx.Rngs):
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         kw = dict(dtype=dtype, param_dtype=dtype, kernel_init=normal_init(init_std), rngs=rngs)
-        self.q_proj = nnx.Linear(cfg.hidden_size, hq * d, use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = nnx.Linear(cfg.hidden_size, hkv * d, use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = nnx.Linear(cfg.hidden_size, hkv * d, use_bias=cfg.qkv_bias, **kw)
-        self.o_proj = nnx.Linear(hq * d, cfg.hidden_size, use_bias=cfg.o_bias, **kw)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+        self.q_proj = nnx.Linear(cfg.hidden_size, hq * d, use_bias=cfg.qkv_bias, **kw, **_axes(("embed", "heads")))
+        self.k_proj = nnx.Linear(cfg.hidden_size, hkv * d, use_bias=cfg.qkv_bias, **kw, **_axes(("embed", "kv_heads")))
+        self.v_proj = nnx.Linear(cfg.hidden_size, hkv * d, use_bias=cfg.qkv_bias, **kw, **_axes(("embed", "kv_heads")))
+        self.o_proj = nnx.Linear(hq * d, cfg.hidden_size, use_bias=cfg.o_bias, **kw, **_axes(("heads", "embed")))
+        if cfg.qk_norm:  # per head: every tensor shard holds the whole weight
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, axes=(None,))
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, axes=(None,))
         else:
             self.q_norm = self.k_norm = None
         self.cfg = cfg
@@ -64,10 +69,11 @@ class Attention(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TargetConfig, *, dtype, init_std: float, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, axes=("embed",))
         self.self_attn = Attention(cfg, dtype=dtype, init_std=init_std, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, init_std=init_std, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, axes=("embed",))
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, init_std=init_std, rngs=rngs,
+                            sharded=True)
 
     def __call__(self, x, cos, sin, cache, layer, meta):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, meta)
@@ -81,10 +87,11 @@ class Backbone(nnx.Module):
 
     def __init__(self, cfg: TargetConfig, *, dtype, init_std: float, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      embedding_init=normal_init(init_std), rngs=rngs)
+                                      embedding_init=normal_init(init_std), rngs=rngs,
+                                      embedding_metadata=param_metadata(("vocab", "embed")))
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, init_std=init_std, rngs=rngs)
                                 for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, axes=("embed",))
 
 
 class DecoderLM(nnx.Module):
@@ -102,7 +109,8 @@ class DecoderLM(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-                                      kernel_init=normal_init(init_std), rngs=rngs)
+                                      kernel_init=normal_init(init_std), rngs=rngs,
+                                      kernel_metadata=param_metadata(("embed", "vocab")))
 
     @property
     def dtype(self):
