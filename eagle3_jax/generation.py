@@ -12,7 +12,6 @@ is at hand.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
@@ -20,53 +19,25 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from eagle3_jax import compile_cache as compile_cache_module
 from eagle3_jax.attention import DEFAULT_BACKEND, check_backend
-from eagle3_jax.checks import check_int, check_seed, check_token_ids, is_int
-from eagle3_jax.compiled import CompiledFunction
-from eagle3_jax.decoding import plain, speculative
-from eagle3_jax.decoding.common import (
-    FINISH_LENGTH,
-    RUNNING,
-    DecodeSettings,
-    RuntimeParams,
-    finish_reasons,
-    with_finish_codes,
-)
+from eagle3_jax.decoding.common import FINISH_LENGTH, RUNNING, finish_reasons
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError, NumericsError
-from eagle3_jax.memory import check_generation_memory
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
+from eagle3_jax.planning import check_cache_dtype, check_memory, device_errors, plan_batch
+from eagle3_jax.runner import Runner, check_models, end_rows, finish_codes
 from eagle3_jax.sampling import SamplingParams
-from eagle3_jax.sharding import (
-    ShardingPlan,
-    check_mesh,
-    constrain_state,
-    place_replicated,
-    place_target,
-    put,
-    put_tree,
-    to_host,
-)
+from eagle3_jax.sharding import to_host
 from eagle3_jax.text import check_stop_strings, check_template_kwargs, prompt_opens_thinking, reasoning_and_answer
 from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, encode_prompts
+from eagle3_jax.validation import check_int, check_seed
 
 StreamCallback = Callable[[int, list[int]], None]
-
-MIN_BUCKET = 16
-CAPACITY_ALIGN = 128
-
-
-def bucket_length(n: int, limit: int | None = None) -> int:
-    """The padded prompt length for ``n`` tokens: the next power of two >= max(n, 16), capped at ``limit``."""
-    bucket = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
-    return min(bucket, limit) if limit is not None else bucket
-
+NO_LIMIT = 1 << 30  # loop iterations of a run that is not chunked: until every row has ended
 
 @dataclasses.dataclass
 class GenerationOutput:
@@ -150,172 +121,6 @@ def batch_summary(outputs: Sequence[GenerationOutput]) -> dict[str, Any]:
             "tokens_per_second": tokens / elapsed}
 
 
-PROMPT_KINDS = ("prompts must be text, a list of chat messages [{'role': 'user', 'content': '...'}] or token ids, "
-                "or a list of those (a batch, e.g. a list of token-id lists)")
-
-
-def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
-    """Prompts as lists of ints: a batch of token-id sequences, or one sequence."""
-    if isinstance(prompts, np.ndarray):
-        if prompts.ndim not in (1, 2):
-            raise InputError(f"prompts must be a list of token-id lists, got an array of shape {list(prompts.shape)}")
-        prompts = prompts.tolist()
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise InputError(f"{PROMPT_KINDS}; got {type(prompts).__name__}")
-    if not len(prompts):
-        raise InputError("no prompts given")
-    if all(is_int(t) for t in prompts):
-        prompts = [prompts]  # a single prompt
-    return [check_token_ids(f"prompt {i}", p, vocab_size) for i, p in enumerate(prompts)]
-
-
-def _check_stop_ids(stop_token_ids: Any, vocab_size: int) -> tuple[int, ...] | None:
-    if stop_token_ids is None:
-        return None
-    if is_int(stop_token_ids):
-        stop_token_ids = [stop_token_ids]
-    return tuple(check_token_ids("stop_token_ids", stop_token_ids, vocab_size, allow_empty=True))
-
-
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_cache_dtype(dtype: Any) -> jnp.dtype:
-    """A floating KV storage dtype: float32, bfloat16 or float16 (integer caches would change the tokens)."""
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt.name not in CACHE_DTYPES:
-        raise InputError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
-    return dt
-
-
-def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
-               stop_token_ids: Sequence[int] | None, max_cache_len: int | None,
-               cache_dtype, attention: str = DEFAULT_BACKEND
-               ) -> tuple[list[list[int]], DecodeSettings, RuntimeParams, int]:
-    """Validates a batch against a model config and picks its static shapes.
-
-    Needs only the config, so callers (the CLI) can reject bad input before
-    loading any weights. ``max_cache_len`` is at most the model's context
-    (``max_position_embeddings``). The result buffers are sized by what the
-    cache can hold, so a huge ``max_new_tokens`` costs nothing: a row stops
-    with 'length' when its cache is full. Returns (prompts as lists, static
-    settings, traced runtime parameters, prompt bucket).
-    """
-    if not isinstance(sampling, SamplingParams):
-        raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-    prompts = _validate_prompts(prompts, config.vocab_size)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
-    context = config.max_position_embeddings
-    if max_cache_len is not None:
-        max_cache_len = check_int("max_cache_len", max_cache_len, minimum=2, maximum=context)
-    longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
-    if max_cache_len is not None:
-        capacity = max_cache_len
-    else:
-        if longest >= context:
-            raise InputError(f"a prompt of {longest} tokens exceeds the model's context "
-                             f"(max_position_embeddings={context})")
-        wanted = -(-(bucket_length(longest) + min(max_new_tokens, context)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
-        capacity = max(min(wanted, context), longest + 1)
-    if longest + 1 > capacity:
-        raise InputError(
-            f"a prompt of {longest} tokens does not fit in a KV cache of {capacity} slots "
-            f"(need at least {longest + 1}); raise max_cache_len or shorten the prompt"
-        )
-    stops = _check_stop_ids(stop_token_ids, config.vocab_size)
-    stops = config.eos_token_ids if stops is None else stops
-    settings = DecodeSettings(max_new_tokens=min(max_new_tokens, capacity - shortest), capacity=capacity,
-                              greedy=sampling.greedy, top_k=sampling.top_k, cache_dtype=check_cache_dtype(cache_dtype),
-                              attention=attention)
-    params = RuntimeParams.make(temperature=sampling.temperature or 1.0, top_p=sampling.top_p, stop_ids=stops)
-    return prompts, settings, params, bucket_length(longest, capacity)
-
-
-def check_memory(config, settings: DecodeSettings, batch: int, bucket: int, *, draft_config=None,
-                 spec: TreeSpec | None = None, weights_bytes: int = 0, plan: ShardingPlan | None = None) -> int:
-    """Refuses (InputError) a generation whose buffers can not fit in free memory; returns the bytes needed
-    (per device on a mesh: ``plan``).
-
-    ``weights_bytes``: weights not loaded yet (when checking before loading).
-    """
-    dp, kv_shards = (plan.data_parallel, plan.tensor_parallel if plan.shards_kv_heads else 1) if plan else (1, 1)
-    return check_generation_memory(
-        config, extra_bytes=weights_bytes, devices=len(plan.mesh.local_devices) if plan else 1,
-        data_parallel=dp, kv_shards=kv_shards, batch=batch, bucket=bucket, capacity=settings.capacity,
-        max_new_tokens=settings.max_new_tokens, cache_dtype=settings.cache_dtype, draft_config=draft_config,
-        num_draft_tokens=spec.num_draft_tokens if spec else 0,
-        headroom=speculative.cache_headroom(spec) if spec else 0, attention=settings.attention)
-
-
-@contextlib.contextmanager
-def device_errors():
-    """Turns the accelerator running out of memory into an InputError with advice."""
-    try:
-        yield
-    except Exception as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
-            raise
-        first = str(e).strip().splitlines()[0][:300]
-        raise InputError(f"out of device memory ({first}); lower max_cache_len (--max-cache-len), "
-                         "max_new_tokens or the batch size") from None
-
-
-# The compiled programs. Each returns its loop state laid out by one rule (sharding.constrain_state), so
-# that on a mesh the prefill's output, a loop chunk's and the next chunk's input are one program's.
-
-def _plain_start(graphdef, settings, weights, tokens, lengths, rng, params):
-    state = plain.start(nnx.merge(graphdef, weights), tokens, lengths, rng, params, settings)
-    return constrain_state(state, tokens.shape[0])
-
-
-def _plain_loop(graphdef, settings, weights, state, params, max_iterations):
-    state = plain.decode_loop(nnx.merge(graphdef, weights), state, params, settings, max_iterations)
-    return constrain_state(state, state.result.tokens.shape[0])
-
-
-def _spec_start(graphdefs, statics, weights, tokens, lengths, rng, params):
-    target, draft = nnx.merge(graphdefs[0], weights[0]), nnx.merge(graphdefs[1], weights[1])
-    return constrain_state(speculative.start(target, draft, tokens, lengths, rng, params, *statics), tokens.shape[0])
-
-
-def _spec_loop(graphdefs, statics, weights, state, params, max_iterations):
-    target, draft = nnx.merge(graphdefs[0], weights[0]), nnx.merge(graphdefs[1], weights[1])
-    state = speculative.decode_loop(target, draft, state, params, *statics, max_iterations)
-    return constrain_state(state, state.result.tokens.shape[0])
-
-
-_PLAIN_START = CompiledFunction(_plain_start, num_static=2)
-_PLAIN_LOOP = CompiledFunction(_plain_loop, num_static=2, donate_argnums=(3,))
-_SPEC_START = CompiledFunction(_spec_start, num_static=2)
-_SPEC_LOOP = CompiledFunction(_spec_loop, num_static=2, donate_argnums=(3,))
-_NO_LIMIT = 1 << 30
-
-
-def _describe(what: str, with_bucket: bool):
-    """The compile messages' text: 'the speculative loop (batch 1, cache 256, tree 4,1,5)'."""
-
-    def describe(graphdefs, statics, weights, data, *_):
-        settings, spec = statics if isinstance(statics, tuple) else (statics, None)
-        shape = (data if with_bucket else data.result.tokens).shape
-        parts = [f"batch {shape[0]}"] + ([f"prompt bucket {shape[1]}"] if with_bucket else [])
-        parts.append(f"cache {settings.capacity}")
-        if spec is not None:
-            parts.append(f"tree {spec.num_steps},{spec.topk},{spec.num_draft_tokens}")
-        return f"{what} ({', '.join(parts)})"
-
-    return describe
-
-
-for _fn, _what, _bucket in ((_PLAIN_START, "the prefill", True), (_PLAIN_LOOP, "the decode loop", False),
-                            (_SPEC_START, "the speculative prefill", True),
-                            (_SPEC_LOOP, "the speculative loop", False)):
-    _fn.describe = _describe(_what, _bucket)
-del _fn, _what, _bucket
-
-
 class Generator:
     """Generation with a target, plain or speculative, compiled once per shape.
 
@@ -369,11 +174,7 @@ class Generator:
                  max_cache_len: int | None = None, cache_dtype=None, compile_cache=None,
                  tokenizer: Any = None, attention: str = DEFAULT_BACKEND, mesh=None):
         compile_cache_module.enable(compile_cache)
-        if not isinstance(target, TargetModel):
-            raise InputError(f"target must be a loaded Qwen3ForCausalLM or LlamaForCausalLM (see load_target), "
-                             f"got {type(target).__name__}")
-        if draft is not None and not isinstance(draft, Eagle3DraftHead):
-            raise InputError(f"draft must be a loaded Eagle3DraftHead (see load_draft), got {type(draft).__name__}")
+        check_models(target, draft)
         self.config = target.config
         if max_cache_len is not None:
             max_cache_len = check_int("max_cache_len", max_cache_len, minimum=2,
@@ -381,62 +182,30 @@ class Generator:
         self.max_cache_len = max_cache_len
         self.cache_dtype = check_cache_dtype(target.dtype if cache_dtype is None else cache_dtype)
         self.attention = check_backend(attention)
-        self.mesh = check_mesh(mesh)
-        self.plan = None
-        if self.mesh is not None:
-            self.plan = ShardingPlan.for_target(self.mesh, self.config)
-            for note in self.plan.notes:
-                warnings.warn(note, stacklevel=2)
-        self.tokenizers = TokenizerSource(tokenizer, target)  # the given target's: a placed copy has no directory
-        if self.plan is not None:
-            target = place_target(target, self.plan)
-            draft = place_replicated(draft, self.mesh) if draft is not None else None
-        target_graph, target_params = nnx.split(target)
+        spec = None
         if draft is None:
             if any(v is not None for v in (num_steps, topk, num_draft_tokens)):
                 raise InputError("num_steps / topk / num_draft_tokens need a draft head")
-            self.spec = self.draft_config = None
-            self._graphdefs, self._weights = target_graph, target_params
         else:
             draft.config.check_target(target.config)
             if num_steps is not None:
                 num_steps = check_int("num_steps", num_steps, minimum=1)
             if topk is not None:
                 topk = check_int("topk", topk, minimum=1)
-            self.spec = TreeSpec.resolve(num_steps, topk, num_draft_tokens)
-            self.draft_config = draft.config
-            draft_graph, draft_params = nnx.split(draft)
-            self._graphdefs, self._weights = (target_graph, draft_graph), (target_params, draft_params)
+            spec = TreeSpec.resolve(num_steps, topk, num_draft_tokens)
+        self.tokenizers = TokenizerSource(tokenizer, target)  # the given target's: a placed copy has no directory
+        self.runner = Runner(target, draft, spec=spec, mesh=mesh)
+        self.mesh, self.plan, self.spec, self.draft_config = (self.runner.mesh, self.runner.plan, self.runner.spec,
+                                                              self.runner.draft_config)
 
     @property
     def speculative(self) -> bool:
-        return self.spec is not None
-
-    @property
-    def graphdefs(self):
-        """The static graph(s) of the compiled programs' first argument (target, or (target, draft))."""
-        return self._graphdefs
-
-    @property
-    def weights(self):
-        """The weights the compiled programs take as an argument (target, or (target, draft))."""
-        return self._weights
-
-    def programs(self, settings: DecodeSettings) -> tuple[CompiledFunction, CompiledFunction, Any]:
-        """(prefill, loop, static arguments) of this generator's compiled programs. Called as
-        ``prefill(graphdefs, statics, weights, tokens, lengths, rng, params)`` and
-        ``loop(graphdefs, statics, weights, state, params, max_iterations)``; each returns
-        (result, seconds spent compiling). For engines built on the same programs (the server's)."""
-        if self.speculative:
-            return _SPEC_START, _SPEC_LOOP, (settings, self.spec)
-        return _PLAIN_START, _PLAIN_LOOP, settings
+        return self.runner.speculative
 
     @property
     def num_compiles(self) -> int:
         """Compilations so far by all generators of this kind (prefill and loop together)."""
-        if self.speculative:
-            return _SPEC_START.num_compiles + _SPEC_LOOP.num_compiles
-        return _PLAIN_START.num_compiles + _PLAIN_LOOP.num_compiles
+        return self.runner.num_compiles
 
     def generate(self, prompts: Any, *, max_new_tokens: int = 128,
                  sampling: SamplingParams | None = None, seed: int = 0,
@@ -496,7 +265,7 @@ class Generator:
                                                        sampling=sampling, stop_token_ids=stop_token_ids,
                                                        max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype,
                                                        attention=self.attention)
-        check_memory(self.config, settings, self._padded_rows(len(prompts)), bucket, spec=self.spec,
+        check_memory(self.config, settings, self.runner.padded_rows(len(prompts)), bucket, spec=self.spec,
                      draft_config=self.draft_config, plan=self.plan)
         with device_errors():
             outputs = self._run(prompts, settings, params, bucket, seed, stream, stream_every, text)
@@ -504,64 +273,50 @@ class Generator:
 
     def _run(self, prompts, settings, params, bucket, seed, stream, stream_every,
              text: TextOptions | None = None) -> list[GenerationOutput]:
-        rows = self._padded_rows(len(prompts))
+        """The host loop: every row admitted at once, then chunks of the compiled loop until every row has
+        ended; between chunks, stop strings end rows and new tokens are streamed."""
+        runner = self.runner
+        rows = runner.padded_rows(len(prompts))
         tokens = np.zeros((rows, bucket), np.int32)
         lengths = np.zeros((rows,), np.int32)
         for i in range(rows):  # rows past the prompts repeat the last one (a mesh's data axis): never longer
             p = prompts[min(i, len(prompts) - 1)]
             tokens[i, : len(p)], lengths[i] = p, len(p)
-        inputs = self._inputs(tokens, lengths, jax.random.key(seed), params)
-        start_fn, loop_fn, statics = self.programs(settings)
-
-        with self._on_mesh():
-            t0 = time.perf_counter()
-            state, prefill_compile = start_fn(self._graphdefs, statics, self._weights, *inputs)
-            params = inputs[-1]
-            jax.block_until_ready(state)
-            prefill_seconds = time.perf_counter() - t0 - prefill_compile
-            t1 = time.perf_counter()
-            if rows > len(prompts):  # padding rows end now: sampled, they could otherwise outrun every prompt
-                state = _end_rows(state, len(prompts))
-            watcher = StopWatcher(text, rows) if text is not None and text.stops else None
-            chunked = stream is not None or watcher is not None
-            state, sent = self._between_chunks(state, stream, watcher, [0] * len(prompts))
-            loop_compile = 0.0
-            chunk = jnp.int32(stream_every if chunked else _NO_LIMIT)
-            while True:
-                state, seconds = loop_fn(self._graphdefs, statics, self._weights, state, params, chunk)
-                loop_compile += seconds
-                if not chunked:
-                    break
-                state, sent = self._between_chunks(state, stream, watcher, sent)
-                if not np.any(to_host(state.result.finish_reason) == RUNNING):
-                    break
-            result = to_host(state.result)
+        t0 = time.perf_counter()
+        state, prefill_compile = runner.prefill(settings, tokens, lengths, jax.random.key(seed), params)
+        jax.block_until_ready(state)
+        prefill_seconds = time.perf_counter() - t0 - prefill_compile
+        t1 = time.perf_counter()
+        if rows > len(prompts):  # padding rows end now: sampled, they could otherwise outrun every prompt
+            codes = finish_codes(state)
+            codes[len(prompts):] = FINISH_LENGTH
+            state = end_rows(state, codes)
+        watcher = StopWatcher(text, rows) if text is not None and text.stops else None
+        chunked = stream is not None or watcher is not None
+        state, sent = self._between_chunks(state, stream, watcher, [0] * len(prompts))
+        loop_compile = 0.0
+        while True:
+            state, seconds = runner.run(settings, state, params, stream_every if chunked else NO_LIMIT)
+            loop_compile += seconds
+            if not chunked:
+                break
+            state, sent = self._between_chunks(state, stream, watcher, sent)
+            if not np.any(finish_codes(state) == RUNNING):
+                break
+        result = to_host(state.result)
         decode_seconds = time.perf_counter() - t1 - loop_compile
         return self._outputs(result, lengths[: len(prompts)], prefill_seconds, decode_seconds,
                              prefill_compile + loop_compile)
-
-    def _padded_rows(self, n: int) -> int:
-        """Rows of a batch of ``n`` prompts: a multiple of the mesh's data axis."""
-        dp = self.plan.data_parallel if self.plan is not None else 1
-        return -(-n // dp) * dp
-
-    def _inputs(self, tokens: np.ndarray, lengths: np.ndarray, rng, params):
-        """The loop's inputs on the device(s): on a mesh, rows over ``data`` and the rest replicated."""
-        if self.plan is None:
-            return jnp.asarray(tokens), jnp.asarray(lengths), rng, params
-        rows = self.plan.sharding(tokens.shape, ("batch", None))
-        return (put(tokens, rows), put(lengths, self.plan.sharding(lengths.shape, ("batch",))),
-                put_tree(rng, self.plan.replicate), put_tree(params, self.plan.replicate))
-
-    def _on_mesh(self):
-        """The context the compiled programs are traced and run in: ``jax.set_mesh`` on a mesh."""
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @classmethod
     def _between_chunks(cls, state, stream: StreamCallback | None, watcher: StopWatcher | None, sent: list[int]):
         """Ends the rows that reached a stop string, then streams the new tokens: (state, tokens sent per row)."""
         if watcher is not None:
-            state = watcher.check(state)
+            result = state.result
+            tokens, counts, codes = to_host((result.tokens, result.num_generated, result.finish_reason))
+            codes = np.array(codes)
+            if watcher.check(tokens, counts, codes):
+                state = end_rows(state, codes)
         if stream is not None:
             sent = cls._emit(stream, state.result, sent, watcher.kept if watcher is not None else None)
         return state, sent
@@ -600,13 +355,6 @@ class Generator:
                 tokens_per_second=n / elapsed,
             ))
         return outputs
-
-
-def _end_rows(state, first: int):
-    """The loop state with rows ``first..`` marked finished (their outputs are never read)."""
-    codes = np.array(to_host(state.result.finish_reason))
-    codes[first:] = FINISH_LENGTH
-    return with_finish_codes(state, codes)
 
 
 def _with_text(out: GenerationOutput, prompt: list[int], text: TextOptions) -> GenerationOutput:

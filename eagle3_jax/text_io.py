@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax.decoding.common import FINISH_STOP_STRING, RUNNING, finish_reasons, with_finish_codes
+from eagle3_jax.decoding.common import Finish
 from eagle3_jax.errors import InputError
 from eagle3_jax.loading import target_directory
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.sharding import to_host
 from eagle3_jax.text import (
     check_messages,
     covering_prefix,
@@ -180,12 +179,15 @@ class StopWatcher:
         self.kept: list[int | None] = [None] * rows
         self.unreadable: set[int] = set()  # rows the tokenizer could not decode: no stop strings checked
 
-    def check(self, state):
-        """The loop state with newly stopped running rows marked finished (FINISH_STOP_STRING)."""
-        result = state.result
-        tokens, counts, codes = to_host((result.tokens, result.num_generated, result.finish_reason))
-        codes = np.array(codes)
-        reasons = finish_reasons(codes)
+    def check(self, tokens: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> bool:
+        """Marks the running rows whose text now holds a stop string as stopped (``codes[row]`` set to
+        ``Finish.STOP``, in place); returns whether any was.
+
+        Args:
+          tokens: [batch, width] the rows' generated tokens (host); counts: [batch] how many are valid.
+          codes: [batch] the rows' finish codes (host, :class:`~eagle3_jax.decoding.common.Finish`).
+        """
+        reasons = [Finish(int(c)).reason for c in codes]
         ended = False
         for row, n in enumerate(int(c) for c in counts):
             if self.kept[row] is not None or row in self.unreadable or n <= self.checked[row]:
@@ -204,8 +206,6 @@ class StopWatcher:
             if reason != "stop":
                 continue
             self.kept[row] = len(kept)
-            if codes[row] == RUNNING:
-                codes[row], ended = FINISH_STOP_STRING, True
-        if not ended:
-            return state
-        return with_finish_codes(state, codes)
+            if codes[row] == Finish.RUNNING:
+                codes[row], ended = Finish.STOP, True
+        return ended

@@ -10,7 +10,7 @@ from flax import nnx
 from eagle3_jax import Generator, InputError, SamplingParams, load_target
 from eagle3_jax.decoding import plain
 from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
-from eagle3_jax.generation import bucket_length
+from eagle3_jax.planning import bucket_length
 from eagle3_jax.sampling import filter_logits
 
 

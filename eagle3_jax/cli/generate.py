@@ -96,8 +96,9 @@ def weights_bytes(config, dtype) -> int:
 
 def run(args) -> int:
     from eagle3_jax.errors import InputError
-    from eagle3_jax.generation import Generator, check_memory, plan_batch
+    from eagle3_jax.generation import Generator
     from eagle3_jax.loading import load_draft, load_target, parse_dtype
+    from eagle3_jax.planning import check_memory, plan_batch
     from eagle3_jax.sampling import SamplingParams
     from eagle3_jax.sharding import ShardingPlan
     from eagle3_jax.text import check_stop_strings

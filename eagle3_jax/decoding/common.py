@@ -5,6 +5,7 @@ share is ``eagle3_jax/decoding/loop.py``.)"""
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Sequence
 
 import jax
@@ -12,22 +13,46 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.attention import DEFAULT_BACKEND, AttentionMetadata, check_backend
+from eagle3_jax.axes import ROWS, axes_field
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.target import TargetModel, new_cache
 from eagle3_jax.sampling import RowSampling, device_temperature
 from eagle3_jax.sharding import put_like
 
-RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = 0, 1, 2, 3
-# Set by the host between chunks of the loop, never inside it: the row's decoded text holds a stop
-# string (eagle3_jax/generation.py). Any code but RUNNING ends a row in the loop.
-FINISH_STOP_STRING = 4
-_REASON_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length", FINISH_NONFINITE: "nonfinite",
-                 FINISH_STOP_STRING: "stop"}
+
+class Finish(enum.IntEnum):
+    """Why a row ended: the one finish-code type of the loop state (``DecodeResult.finish_reason``), the
+    generator and the server. Any code but RUNNING ends a row in the loop.
+
+    The compiled loop sets EOS, LENGTH and NONFINITE; the host sets the others between chunks of the
+    loop, never inside it (:func:`with_finish_codes`): STOP (the row's decoded text holds a stop
+    string), CANCELLED (the server's client went away: never reported) and ERROR (the server's request
+    failed on the host, alone).
+    """
+
+    RUNNING = 0
+    EOS = 1
+    LENGTH = 2
+    NONFINITE = 3
+    STOP = 4
+    CANCELLED = 5
+    ERROR = 6
+
+    @property
+    def reason(self) -> str | None:
+        """The name a caller sees ('eos', 'length', 'nonfinite', 'stop', 'cancelled', 'error'); None: running."""
+        return None if self is Finish.RUNNING else self.name.lower()
+
+
+# The codes as plain ints, for the compiled code.
+RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE = (int(Finish.RUNNING), int(Finish.EOS), int(Finish.LENGTH),
+                                                        int(Finish.NONFINITE))
+FINISH_STOP_STRING = int(Finish.STOP)
 
 
 def finish_reasons(codes) -> list[str | None]:
-    """Finish codes -> 'eos' / 'length' / 'nonfinite' / 'stop' (None for a row still running)."""
-    return [_REASON_NAMES.get(int(c)) for c in np.asarray(codes)]
+    """Finish codes -> 'eos' / 'length' / 'nonfinite' / 'stop' / 'cancelled' / 'error' (None: still running)."""
+    return [Finish(int(c)).reason for c in np.asarray(codes)]
 
 
 def nonfinite_rows(logits: jax.Array) -> jax.Array:
@@ -147,12 +172,12 @@ class DecodeResult:
         speculative cycle, bonus included); 0 past ``num_forwards``.
     """
 
-    tokens: jax.Array
-    num_generated: jax.Array
-    finish_reason: jax.Array
-    num_forwards: jax.Array
-    prompt_lengths: jax.Array
-    accept_lengths: jax.Array
+    tokens: jax.Array = axes_field(ROWS)
+    num_generated: jax.Array = axes_field(ROWS)
+    finish_reason: jax.Array = axes_field(ROWS)
+    num_forwards: jax.Array = axes_field(ROWS)
+    prompt_lengths: jax.Array = axes_field(ROWS)
+    accept_lengths: jax.Array = axes_field(ROWS)
 
     @classmethod
     def start(cls, first_token: jax.Array, settings: DecodeSettings, prompt_lengths: jax.Array,

@@ -148,7 +148,7 @@ class Server:
         self.limits = limits
         self.offload = Offloader(limits.prepare_workers, limits.prepare_timeout)
         self.budget = BodyBudget(limits.buffered_bytes)
-        max_accept = engine.gen.spec.num_steps + 1 if engine.speculative else 1
+        max_accept = engine.runner.spec.num_steps + 1 if engine.speculative else 1
         self.metrics = Metrics(engine, max_accept)
         self.created = int(time.time())
         self.closing: asyncio.Event | None = None  # set when the server begins to shut down (made on the loop)

@@ -7,9 +7,10 @@ drives it, repeating:
 
 1. **admit**: for each free row and waiting request, prefill the request
    alone (a one-row prefill, the same program :class:`~eagle3_jax.generation.Generator`
-   runs for one prompt) and write its state into the row (:func:`insert_row`:
-   a ``dynamic_update_slice`` on every leaf's row axis; the other rows'
-   caches and counters are untouched);
+   runs for one prompt) and write its state into the row
+   (:meth:`Runner.insert_row <eagle3_jax.runner.Runner.insert_row>`: a
+   ``dynamic_update_slice`` on every leaf's row axis; the other rows' caches
+   and counters are untouched);
 2. **run a chunk**: the compiled loop (plain or speculative), at most
    ``chunk`` iterations, every running row advancing;
 3. **between chunks**: each row's new tokens go to its request's sink, which
@@ -21,6 +22,10 @@ seed, stop tokens, token limit: :meth:`RuntimeParams.per_row`) and its own
 PRNG key, so a request's tokens do not depend on the other requests in the
 batch: greedy rows give the tokens of ``Generator.generate`` of that prompt
 alone, and a sampled request with a seed gives the tokens it gives alone.
+
+The engine runs through the generator's :class:`~eagle3_jax.runner.Runner`,
+so on a device mesh too (the target tensor-parallel, the rows over the data
+axis): the same tokens as on one device.
 
 The queue of waiting requests is bounded (``max_queue``): :meth:`submit`
 raises :class:`QueueFull` past it, which the server answers with 503.
@@ -37,33 +42,21 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.checks import check_int, check_real, check_seed, check_token_ids
-from eagle3_jax.compiled import CompiledFunction
-from eagle3_jax.decoding.common import (
-    FINISH_LENGTH,
-    FINISH_NONFINITE,
-    FINISH_STOP_STRING,
-    RUNNING,
-    DecodeSettings,
-    RuntimeParams,
-    finish_reasons,
-    with_finish_codes,
-)
+from eagle3_jax.decoding.common import DecodeSettings, Finish, RuntimeParams
 from eagle3_jax.errors import InputError
-from eagle3_jax.generation import Generator, bucket_length, check_memory, device_errors
+from eagle3_jax.generation import Generator
+from eagle3_jax.planning import bucket_length, check_memory, device_errors
+from eagle3_jax.runner import end_rows
 from eagle3_jax.sampling import MAX_TOP_K
+from eagle3_jax.sharding import put_like, to_host
+from eagle3_jax.validation import check_int, check_real, check_seed, check_token_ids
 
 logger = logging.getLogger("eagle3_jax.serve")
 
 # Stop token ids a row can hold (the model's eos ids and a request's own): a static width.
 STOP_WIDTH = 16
-# A row ended because its client went away (never reported: nobody is listening).
-FINISH_CANCELLED = 5
-# A row ended because its request failed on the host (its sink raised): reported as 'error'.
-FINISH_FAILED = 6
 
 
 class QueueFull(Exception):
@@ -135,50 +128,16 @@ class EngineRequest:
         self.cancelled = True
 
 
-# ------------------------------------------------------------------ row insertion
-
-def _insert_row(state, row_state, row):
-    """``state`` with row ``row`` replaced by the one-row ``row_state`` (same structure, batch 1).
-
-    Every array leaf with a leading batch axis takes the row; scalars (the
-    iteration counter) keep the batch's value.
-    """
-    def put(big, small):
-        if big.ndim == 0:
-            return big
-        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), row, axis=0)
-
-    return jax.tree.map(put, state, row_state)
-
-
-insert_row = CompiledFunction(_insert_row, num_static=0, donate_argnums=(0,), describe="the row insertion")
-
-
-def _empty_state(start_fn, statics, graphdefs, weights, batch: int, bucket: int, params: RuntimeParams):
-    """A loop state of ``batch`` rows, all finished (zeros; finish codes 'length'), built from the
-    prefill's abstract output (nothing compiled or run)."""
-    tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    shapes = start_fn.eval_shape(graphdefs, statics, weights, tokens, lengths, jax.random.key(0), params)
-
-    def zeros(s):
-        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-            return jax.random.split(jax.random.key(0), s.shape[0]) if s.ndim else jax.random.key(0)
-        return jnp.zeros(s.shape, s.dtype)
-
-    state = jax.tree.map(zeros, shapes)
-    return _end_all(state)
-
-
 # ------------------------------------------------------------------ the engine
 
 class BatchEngine:
     """Continuous batching of generation requests over fixed batch rows (see the module docstring).
 
     Args:
-      generator: the :class:`Generator` whose weights, tree shape, cache dtype
-        and attention backend it runs (one device; no mesh).
-      max_batch: rows decoded together (a compiled shape).
+      generator: the :class:`Generator` whose runner (weights, tree shape,
+        device mesh), cache dtype and attention backend it runs.
+      max_batch: rows decoded together (a compiled shape; on a mesh, a
+        multiple of its data axis).
       max_cache_len: KV slots per row: a request's prompt plus its tokens
         (a compiled shape); default the model's context, at most 4096.
       chunk: loop iterations (speculative cycles or plain steps) between two
@@ -191,12 +150,14 @@ class BatchEngine:
 
     def __init__(self, generator: Generator, *, max_batch: int = 8, max_cache_len: int | None = None,
                  chunk: int = 4, max_queue: int = 256, admission: str = "continuous"):
-        if generator.mesh is not None:
-            raise InputError("the server runs on one device; a device mesh is not supported yet")
         if admission not in ("continuous", "static"):
             raise InputError(f"admission must be 'continuous' or 'static', got {admission!r}")
-        self.gen = generator
+        self.runner = generator.runner
         self.config = generator.config
+        dp = self.runner.data_parallel
+        if max_batch % dp:
+            raise InputError(f"max_batch ({max_batch}, --max-batch) must be a multiple of the mesh's data axis "
+                             f"({dp}, --data-parallel): each data shard holds max_batch / {dp} rows")
         context = self.config.max_position_embeddings
         self.capacity = min(context, 4096) if max_cache_len is None else max_cache_len
         if not 2 <= self.capacity <= context:
@@ -208,10 +169,9 @@ class BatchEngine:
             raise InputError(f"the model has {len(self.eos_ids)} eos ids; at most {STOP_WIDTH // 2} are supported")
         self.settings = DecodeSettings(max_new_tokens=self.capacity - 1, capacity=self.capacity, greedy=False,
                                        top_k=0, cache_dtype=generator.cache_dtype, attention=generator.attention)
-        self._start_fn, self._loop_fn, self._statics = generator.programs(self.settings)
         # Prompts are prefilled one row at a time: the batch's buffers are what counts.
-        check_memory(self.config, self.settings, max_batch, 16, spec=generator.spec,
-                     draft_config=generator.draft_config)
+        check_memory(self.config, self.settings, max_batch, 16, spec=self.runner.spec,
+                     draft_config=self.runner.draft_config, plan=self.runner.plan)
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
@@ -238,7 +198,7 @@ class BatchEngine:
 
     @property
     def speculative(self) -> bool:
-        return self.gen.speculative
+        return self.runner.speculative
 
     def max_stop_ids(self) -> int:
         """Stop token ids a request may add to the model's eos ids."""
@@ -321,10 +281,9 @@ class BatchEngine:
             bucket = min(bucket, bucket_length(self.capacity - 1, self.capacity))
             row = self._prefill([0] * min(bucket, self.capacity - 1), self._row_params([0.0], [1.0], [0], [[]], [1]),
                                 seed=0)
-            state, _ = insert_row(self._state, row, jnp.int32(0))
+            state, _ = self.runner.insert_row(self._state, row, 0)
             self._state = _end_all(state)
-        self._state, _ = self._loop_fn(self.gen.graphdefs, self._statics, self.gen.weights, self._state,
-                                       self._params(), jnp.int32(self.chunk))
+        self._state, _ = self.runner.run(self.settings, self._state, self._params(), self.chunk)
         jax.block_until_ready(self._state)
         return time.perf_counter() - t0
 
@@ -344,8 +303,7 @@ class BatchEngine:
     # -------------------------------------------------------------- the thread
 
     def _empty(self):
-        return _empty_state(self._start_fn, self._statics, self.gen.graphdefs, self.gen.weights, self.max_batch,
-                            16, self._params())
+        return self.runner.empty_state(self.settings, self.max_batch, 16, self._params())
 
     def _params(self) -> RuntimeParams:
         """The batch's per-row settings (free rows are greedy: temperature 0)."""
@@ -358,8 +316,8 @@ class BatchEngine:
         bucket = bucket_length(len(prompt), self.capacity)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, : len(prompt)] = prompt
-        state, seconds = self._start_fn(self.gen.graphdefs, self._statics, self.gen.weights, jnp.asarray(tokens),
-                                        jnp.asarray([len(prompt)], jnp.int32), jax.random.key(seed), params)
+        state, seconds = self.runner.prefill(self.settings, tokens, np.asarray([len(prompt)], np.int32),
+                                             jax.random.key(seed), params)
         self.compile_seconds += seconds
         return state
 
@@ -391,9 +349,8 @@ class BatchEngine:
         if admitted:
             self._deliver()  # the first tokens (time to first token) before the chunk runs
         # The iteration counter restarts every chunk: a server's lifetime of iterations would overflow int32.
-        self._state = dataclasses.replace(self._state, iterations=jnp.zeros((), jnp.int32))
-        self._state, seconds = self._loop_fn(self.gen.graphdefs, self._statics, self.gen.weights, self._state,
-                                             self._params(), jnp.int32(self.chunk))
+        self._state = dataclasses.replace(self._state, iterations=put_like(np.int32(0), self._state.iterations))
+        self._state, seconds = self.runner.run(self.settings, self._state, self._params(), self.chunk)
         self.compile_seconds += seconds
         self._deliver()
         return True
@@ -433,7 +390,7 @@ class BatchEngine:
             with self._lock:
                 if self._closed:  # shut down while it was prefilled: shutdown() has answered it
                     return admitted
-            self._state, seconds = insert_row(self._state, row_state, jnp.int32(row))
+            self._state, seconds = self.runner.insert_row(self._state, row_state, row)
             self.compile_seconds += seconds
             self._temperature[row], self._top_p[row], self._top_k[row] = request.temperature, request.top_p, \
                 request.top_k
@@ -448,8 +405,8 @@ class BatchEngine:
         if self._closed:  # shutdown() has answered every request
             return
         result = self._state.result
-        tokens, counts, codes, forwards = jax.device_get((result.tokens, result.num_generated, result.finish_reason,
-                                                          result.num_forwards))
+        tokens, counts, codes, forwards = to_host((result.tokens, result.num_generated, result.finish_reason,
+                                                   result.num_forwards))
         codes = np.array(codes)
         ended = False
         accept = None  # every row's accept lengths, fetched once when a row finishes
@@ -460,8 +417,8 @@ class BatchEngine:
                 continue
             n = int(counts[row])
             if request.cancelled:
-                ended |= codes[row] == RUNNING
-                codes[row] = FINISH_CANCELLED
+                ended |= codes[row] == Finish.RUNNING
+                codes[row] = Finish.CANCELLED
             elif n > request.sent:
                 if request.first_token is None:
                     request.first_token = now
@@ -470,29 +427,29 @@ class BatchEngine:
                 delivered += len(new)
                 stop = _safe_tokens(request, new)
                 if request.error is not None:  # its sink failed: the request ends with an error
-                    ended |= codes[row] == RUNNING
-                    codes[row] = FINISH_FAILED
-                elif stop and codes[row] != FINISH_NONFINITE:  # a stop string (also in a row that just ended)
-                    ended |= codes[row] == RUNNING
-                    codes[row] = FINISH_STOP_STRING
-            if codes[row] == RUNNING:
+                    ended |= codes[row] == Finish.RUNNING
+                    codes[row] = Finish.ERROR
+                elif stop and codes[row] != Finish.NONFINITE:  # a stop string (also in a row that just ended)
+                    ended |= codes[row] == Finish.RUNNING
+                    codes[row] = Finish.STOP
+            if codes[row] == Finish.RUNNING:
                 continue
             with self._lock:
                 self._rows[row] = None
-            if codes[row] == FINISH_CANCELLED:  # nobody is listening
+            if codes[row] == Finish.CANCELLED:  # nobody is listening
                 continue
             if accept is None:
-                accept = np.asarray(jax.device_get(result.accept_lengths))
+                accept = np.asarray(to_host(result.accept_lengths))
             steps = accept[row, : int(forwards[row])].tolist()
             self.verify_forwards += len(steps)
-            reason = "error" if codes[row] == FINISH_FAILED else finish_reasons([codes[row]])[0]
+            reason = Finish(int(codes[row])).reason
             _safe_finish(request, reason, self._stats(request, steps))
             self.finished_requests += 1
         if delivered:
             self.generated_tokens += delivered
             self._recent.append((now, delivered))
         if ended:
-            self._state = with_finish_codes(self._state, codes)
+            self._state = end_rows(self._state, codes)
 
     def _stats(self, request: EngineRequest, accept: list[int]) -> RequestStats:
         first = request.first_token or time.perf_counter()
@@ -503,7 +460,7 @@ class BatchEngine:
 
 def _end_all(state):
     """``state`` with every row finished (a free row is a finished one)."""
-    return with_finish_codes(state, np.full(state.result.finish_reason.shape, FINISH_LENGTH, np.int32))
+    return end_rows(state, np.full(state.result.finish_reason.shape, Finish.LENGTH, np.int32))
 
 
 def _safe_tokens(request: EngineRequest, ids: list[int]) -> bool:
@@ -522,5 +479,4 @@ def _safe_finish(request: EngineRequest, reason: str, stats: RequestStats) -> No
         logger.exception("a request's sink failed at its end")
 
 
-__all__ = ["BatchEngine", "EngineClosed", "EngineRequest", "QueueFull", "RequestStats", "Sink", "insert_row",
-           "STOP_WIDTH"]
+__all__ = ["BatchEngine", "EngineClosed", "EngineRequest", "QueueFull", "RequestStats", "Sink", "STOP_WIDTH"]
