@@ -17,6 +17,7 @@ from spec_helpers import tiny_target
 
 from eagle3_jax import Generator, InputError, Qwen3Config, load_draft
 from eagle3_jax.cli import main
+from eagle3_jax.models.registry import read_target_config
 from eagle3_jax.training.data import (
     Batcher,
     ChatEncoder,
@@ -338,7 +339,7 @@ def test_train_cli_end_to_end(hf_qwen3_real_vocab, tmp_path, capsys):
     summary = lines[-1]
     assert summary["finished"] and summary["steps"] == 3 and summary["draft_vocab_size"] == 300
     assert summary == {"event": "summary", **json.loads((run / "summary.json").read_text())}
-    cfg = Qwen3Config.from_pretrained(hf_qwen3_real_vocab.path)
+    cfg = read_target_config(hf_qwen3_real_vocab.path, among=Qwen3Config.MODEL_TYPES)
     head = load_draft(run / "head", cfg, progress=False)
     assert head.config.draft_vocab_size == 300
     # the run directory is not reused by accident; --resume continues it

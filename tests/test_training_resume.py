@@ -190,6 +190,97 @@ def test_no_readable_checkpoint_is_a_clear_error(setup, killed, tmp_path):
     assert steps_in(out) == [2, 4] and not os.path.exists(out / "corrupt-checkpoints")  # nothing moved
 
 
+@pytest.mark.slow
+def test_a_resume_leaves_no_process_wide_hook(setup, killed, tmp_path, monkeypatch):
+    """Constructing a Trainer, reading a broken checkpoint, restoring and saving change no process-wide hook.
+
+    Orbax's debris of the failed read is kept quiet only while the checkpoint
+    is read: ``sys.unraisablehook``, the asyncio logger and the event-loop
+    policy are the same objects afterwards, and no report comes later.
+    """
+    import asyncio
+    import gc
+    import logging
+
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+    hook, policy, log = sys.unraisablehook, asyncio.get_event_loop_policy(), logging.getLogger("asyncio")
+    disabled = log.disabled
+    out = tmp_path / "run"
+    shutil.copytree(killed, out)
+    truncate_data(str(out / "checkpoints" / "4"))
+    summary = run_training(job(setup, out, resume=True), progress=False, stop_after=2)  # restores 2, saves 4
+    assert summary["steps"] == 4 and steps_in(out) == [2, 4] and os.path.isdir(out / "corrupt-checkpoints" / "4")
+    assert sys.unraisablehook is hook and asyncio.get_event_loop_policy() is policy and log.disabled == disabled
+    time.sleep(0.5)
+    gc.collect()
+    assert reports == []
+
+
+def test_a_failed_restore_finishes_its_reads_before_its_event_loop_closes(monkeypatch):
+    """What orbax does when one read of a checkpoint fails, with threads for TensorStore's reads.
+
+    Orbax runs a restore in a fresh event loop and closes it as soon as one
+    read raises; the reads still in flight then complete into the closed loop
+    ("Event loop is closed", reported long after the restore). Within
+    ``_quiet_failed_restore`` they finish before the loop closes.
+    """
+    import asyncio
+    import gc
+    import logging
+    import threading
+
+    from eagle3_jax.training.checkpoints import _quiet_failed_restore
+
+    late, threads = [], []
+
+    def finish_later(loop, future):  # a TensorStore thread completing a read
+        time.sleep(0.2)
+        try:
+            loop.call_soon_threadsafe(future.set_result, b"data")
+        except RuntimeError as e:
+            late.append(str(e))
+
+    async def restore():
+        loop = asyncio.get_running_loop()
+
+        async def read():
+            future = loop.create_future()
+            threads.append(threading.Thread(target=finish_later, args=(loop, future)))
+            threads[-1].start()
+            return await future
+
+        async def broken():
+            raise ValueError("truncated")
+
+        await asyncio.gather(read(), read(), broken())
+
+    def run_like_orbax():
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(restore())
+        finally:
+            loop.close()
+
+    hook, policy = sys.unraisablehook, asyncio.get_event_loop_policy()
+    with _quiet_failed_restore(), pytest.raises(ValueError, match="truncated"):
+        run_like_orbax()
+    assert sys.unraisablehook is hook and asyncio.get_event_loop_policy() is policy
+    for t in threads:
+        t.join()
+    assert late == []
+    # the same without it: both reads end in the closed loop (their pending tasks are dropped quietly here)
+    threads.clear()
+    with pytest.raises(ValueError, match="truncated"):
+        run_like_orbax()
+    for t in threads:
+        t.join()
+    assert late == ["Event loop is closed"] * 2
+    monkeypatch.setattr(logging.getLogger("asyncio"), "disabled", True)
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    gc.collect()
+
+
 # ------------------------------------------------------------ kill -9
 
 def _cli_args(setup, out, steps) -> list[str]:

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from eagle3_jax.atomic import atomic_directory, check_destination, rename_noreplace
 from eagle3_jax.errors import CheckpointError
 from eagle3_jax.models.target import TargetModel
+from eagle3_jax.training.checkpoints import warn
 from eagle3_jax.training.data import Example, buckets_for, group_by_bucket
-from eagle3_jax.training.trainer import warn
 from eagle3_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 INDEX = "teacher_index.json"

@@ -35,9 +35,10 @@ from eagle3_jax.hub import resolve_model_dir
 from eagle3_jax.loading import load_draft, load_target, save_draft
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.sharding import to_host
+from eagle3_jax.training.checkpoints import CHECKPOINTS, warn
 from eagle3_jax.training.data import Batcher, load_examples
 from eagle3_jax.training.offline import TeacherStore, is_teacher_store
-from eagle3_jax.training.trainer import CHECKPOINTS, TrainConfig, Trainer, warn
+from eagle3_jax.training.trainer import TrainConfig, Trainer
 from eagle3_jax.training.vocab import coverage, token_counts, vocab_map
 
 

@@ -1,4 +1,4 @@
-"""Training an EAGLE-3 head: the jitted step, the optimizer, checkpoints, data parallelism.
+"""Training an EAGLE-3 head: the jitted step, the optimizer, the training loop, data parallelism.
 
 One step (all under ``jax.jit``): the frozen target runs over the batch to give
 features and logits (or they are read back from a precomputed store), the
@@ -7,13 +7,12 @@ optax AdamW with a warmup-cosine schedule and global-norm clipping updates
 float32 master weights; the forward runs in ``compute_dtype``. The embedding
 is the target's and stays frozen; so do ``d2t``/``t2d``.
 
-Checkpoints (orbax ``CheckpointManager``) hold the parameters, the optimizer
-state, the step, the PRNG key, the vocabulary map and the position in the
-data, so that a run stopped at any point and resumed ends with the same
-parameters as one that never stopped. A resume skips checkpoints that can
-not be read (truncated, garbage, half-written by a kill) and continues from
-the newest readable one; the unreadable newer ones are moved aside to
-``corrupt-checkpoints/`` (never deleted) so that their steps can be saved again.
+Checkpoints (:class:`eagle3_jax.training.checkpoints.CheckpointStore`) hold
+the parameters, the optimizer state, the step, the PRNG key, the vocabulary
+map and the position in the data, so that a run stopped at any point and
+resumed ends with the same parameters as one that never stopped; a resume
+skips checkpoints that can not be read and continues from the newest
+readable one.
 
 On a device mesh (``eagle3_jax.sharding.make_mesh``: ``data`` x ``tensor``)
 the batch is split over ``data``, the frozen target is tensor-parallel over
@@ -30,14 +29,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
-import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +43,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from eagle3_jax.checks import check_int, check_real, check_seed
-from eagle3_jax.errors import CheckpointError, InputError
+from eagle3_jax.axes import DATA
+from eagle3_jax.errors import InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.sharding import DATA, ShardingPlan, check_mesh, place_target, put, put_tree, to_host
+from eagle3_jax.sharding import ShardingPlan, check_mesh, place_target, put, put_tree, to_host
+from eagle3_jax.training.checkpoints import CheckpointStore, truncate_log
 from eagle3_jax.training.data import Batch, Batcher
 from eagle3_jax.training.ttt import run_target, teacher_from_draft_logits, ttt_loss
+from eagle3_jax.validation import check_int, check_real, check_seed
 
 # The training-time test is unrolled in the compiled step (SpecForge's default is 7 steps), and a
 # sequence of max_length tokens is one row of the target's forward: both bounded so that a typo
@@ -116,8 +114,8 @@ class TrainConfig:
             raise InputError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int):
-    """(optax transformation, learning-rate schedule): clip, then AdamW on a warmup-cosine schedule."""
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optax transformation, learning-rate schedule: step -> rate): clip, then AdamW on a warmup-cosine schedule."""
     warmup = int(cfg.warmup_ratio * total_steps)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup_steps=warmup,
                                                   decay_steps=max(total_steps, warmup + 1), end_value=0.0)
@@ -144,6 +142,7 @@ class DraftParts:
         self.initial = (params.to_pure_dict(), buffers.to_pure_dict())
 
     def merge(self, params: dict, buffers: dict) -> Eagle3DraftHead:
+        """The head with these parameters and buffers (nested dicts of arrays, as :attr:`initial`)."""
         p, b = jax.tree.map(lambda x: x, self._params), jax.tree.map(lambda x: x, self._buffers)
         nnx.replace_by_pure_dict(p, params)
         nnx.replace_by_pure_dict(b, buffers)
@@ -181,109 +180,37 @@ def data_fingerprint(batcher: Batcher) -> str:
     return h.hexdigest()
 
 
-def truncate_log(path: str, step: int) -> None:
-    """Drops the lines of a metrics log past ``step``: what a killed run logged after its last checkpoint.
-
-    A resumed run repeats those steps, so without this the log would hold them twice.
-    """
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
-CHECKPOINTS = "checkpoints"
-CORRUPT_CHECKPOINTS = "corrupt-checkpoints"
-_META_KEYS = ("epoch", "position", "fingerprint", "config")
-
-
-def warn(message: str) -> None:
-    """A ``warning: ...`` line on stderr (what a user should know, but not an error)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _reason(error: BaseException) -> str:
-    """One line saying why a checkpoint could not be read: the root cause's first line, cut short.
-
-    (Orbax wraps TensorStore's errors, whose messages can run to pages.)
-    """
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    if len(first) > 200:
-        first = first[:197] + "..."
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
-@contextlib.contextmanager
-def _quiet_failed_restore() -> Iterator[None]:
-    """Keeps the debris of a failed orbax restore off stderr.
-
-    When one array of a checkpoint can not be read, orbax abandons the reads
-    still in flight, and each reports its own error later ("Task exception
-    was never retrieved", "Exception ignored in ...", "Event loop is closed"),
-    with a page of TensorStore spec. The warning that skips the checkpoint
-    says what matters; these reports are silenced while the restore runs and
-    while the abandoned reads are collected.
-    """
-    hook, log = sys.unraisablehook, logging.getLogger("asyncio")
-    disabled = log.disabled
-    sys.unraisablehook, log.disabled = (lambda unraisable: None), True
-    try:
-        yield
-    finally:
-        gc.collect()
-        sys.unraisablehook, log.disabled = hook, disabled
-
-
-def _drop_closed_loop_reports() -> None:
-    """Drops, from now on, the "Event loop is closed" reports of reads a failed restore abandoned.
-
-    TensorStore finishes such reads on its own threads after orbax has closed
-    their event loop, possibly long after the restore; each then reports a
-    RuntimeError with a traceback. Only that error is dropped; every other
-    report goes to the hook that was in place.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_reports", False):
-        return
-
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook.drops_closed_loop_reports = True
-    sys.unraisablehook = hook
-
-
 def _as_json(value):
     """``value`` as JSON gives it back (tuples become lists), for comparing with saved metadata."""
     return json.loads(json.dumps(value))
 
 
 def _cast(tree, dtype):
+    """``tree`` with its floating-point leaves cast to ``dtype`` (integer leaves as they are)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def train_step(tx, parts: DraftParts, target_graph, cfg: TrainConfig, layers: tuple[int, ...], state: TrainState,
                batch: dict, target_weights, stored=None) -> tuple[TrainState, dict]:
-    """One optimizer step. ``batch`` holds tokens, loss_mask, valid ([batch, seq]);
-    ``stored`` = (features, final hidden, full-vocabulary argmax) when the teacher was precomputed."""
+    """One optimizer step (jitted by :class:`Trainer` with everything before ``state`` bound).
+
+    Args:
+      tx: the optax transformation (:func:`make_optimizer`).
+      parts: the head's structure (:class:`DraftParts`).
+      target_graph: the frozen target's ``nnx.GraphDef``.
+      cfg: the run's knobs (``ttt_length``, ``loss_decay``, ``compute_dtype``).
+      layers: the target layers whose hidden states feed the head.
+      state: the train state before the step (donated).
+      batch: ``tokens`` [batch, seq] int32, ``loss_mask`` [batch, seq] int32, ``valid`` [batch, seq] bool.
+      target_weights: the frozen target's ``nnx.State``.
+      stored: (features [batch, seq, layers * hidden], final hidden [batch, seq, hidden], full-vocabulary
+        argmax [batch, seq] int32) when the teacher was precomputed; None runs the target.
+
+    Returns:
+      (the state after the step, metrics): :func:`ttt_loss`'s per-step metrics (``loss``, ``kl``, ``acc``,
+      ``correct``, ``counted``: [ttt_length]), ``total`` [] the weighted loss, ``grad_norm`` [] before
+      clipping, ``tokens`` [] the valid tokens.
+    """
     target = nnx.merge(target_graph, target_weights)
     d2t, t2d = state.buffers["d2t"], state.buffers["t2d"]
     draft_ids = jnp.arange(d2t.shape[0], dtype=jnp.int32) + d2t
@@ -355,7 +282,7 @@ class Trainer:
         if mesh is not None:
             self._batch_sharding = NamedSharding(mesh, PartitionSpec(DATA))
             self.state = put_tree(self.state, NamedSharding(mesh, PartitionSpec()))
-        self._manager = None
+        self.checkpoints = CheckpointStore(self.workdir, cfg.keep_checkpoints)
 
     @property
     def step(self) -> int:
@@ -369,46 +296,14 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.workdir, CHECKPOINTS)
-
-    @property
-    def manager(self):
-        if self._manager is None:
-            import orbax.checkpoint as ocp
-
-            # cleanup_tmp_directories: a save killed midway leaves ``STEP.orbax-checkpoint-tmp-*``, which
-            # orbax never lists as a step; this removes it when the manager starts.
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True,
-                                                   cleanup_tmp_directories=True)
-            self._manager = ocp.CheckpointManager(self.checkpoint_dir, options=options)
-        return self._manager
-
-    def _reset_manager(self) -> None:
-        """Drops the manager, so that the next use lists the checkpoint directory afresh."""
-        if self._manager is not None:
-            self._manager.close()
-            self._manager = None
+        """``workdir/checkpoints``."""
+        return self.checkpoints.directory
 
     def save(self) -> None:
-        import orbax.checkpoint as ocp
-
+        """Saves a checkpoint of the current step (nothing if that step is saved already)."""
         meta = {"epoch": self.position[0], "position": self.position[1], "fingerprint": self.fingerprint,
                 "config": dataclasses.asdict(self.cfg), "head": _as_json(dataclasses.asdict(self.head_config))}
-        step = self.step
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                                        meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
-
-    def _read_meta(self, step: int) -> dict:
-        """The data position and knobs saved with checkpoint ``step``; raises whatever orbax raises if unreadable."""
-        import orbax.checkpoint as ocp
-
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if not isinstance(meta, dict) or not all(k in meta for k in _META_KEYS) or not isinstance(meta["config"], dict):
-            raise ValueError("its metadata is incomplete")
-        return meta
+        self.checkpoints.save(self.state, meta)
 
     def _check_meta(self, meta: dict) -> None:
         """Refuses (InputError) a checkpoint made with other data or other shape knobs than this run's."""
@@ -429,101 +324,20 @@ class Trainer:
                                  "with the same --draft-vocab-size, --feature-layers and --init-head, or start a "
                                  "new run directory")
 
-    def _read_state(self, step: int) -> TrainState:
-        """The train state of checkpoint ``step``; raises whatever orbax raises if it is unreadable."""
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                                self.state)
-        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        if int(to_host(state.step)) != step:
-            raise ValueError(f"it holds step {int(to_host(state.step))}")
-        return state
-
-    def _read_checkpoint(self, step: int) -> tuple[TrainState, dict]:
-        """(state, meta) of checkpoint ``step``.
-
-        Raises InputError when it was made for other data or shape knobs, and
-        whatever orbax raises when it can not be read.
-        """
-        meta = self._read_meta(step)
-        self._check_meta(meta)
-        return self._read_state(step), meta
-
-    def _try_read(self, step: int) -> tuple[TrainState, dict] | str:
-        """(state, meta) of checkpoint ``step``, or why it can not be read (one line).
-
-        A checkpoint made for other data or shape knobs is a refusal, not a
-        broken checkpoint: its InputError is raised.
-        """
-        with _quiet_failed_restore():
-            try:
-                return self._read_checkpoint(step)
-            except InputError:
-                raise
-            except Exception as e:  # orbax raises anything: JSONDecodeError, KeyError, FileNotFoundError, ...
-                reason = _reason(e)
-        _drop_closed_loop_reports()
-        return reason
-
-    def _set_aside(self, steps: Sequence[int]) -> None:
-        """Moves unreadable checkpoints from ``checkpoints/STEP`` to ``corrupt-checkpoints/STEP``.
-
-        They are kept for inspection (the user deletes them), out of orbax's
-        way: a step directory that exists is never saved again, and the
-        ``keep_checkpoints`` rotation would count it.
-        """
-        if not steps:
-            return
-        self._reset_manager()
-        if jax.process_index() == 0:
-            aside = os.path.join(self.workdir, CORRUPT_CHECKPOINTS)
-            os.makedirs(aside, exist_ok=True)
-            for step in steps:
-                src = os.path.join(self.checkpoint_dir, str(step))  # orbax's default step names: the number
-                if not os.path.lexists(src):
-                    continue
-                dst, n = os.path.join(aside, str(step)), 1
-                while os.path.lexists(dst):
-                    dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
-                os.rename(src, dst)
-                warn(f"moved the unreadable checkpoint {step} to {dst}")
-        if jax.process_count() > 1:  # every host lists the checkpoints afresh only once they are moved
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("eagle3_jax: unreadable checkpoints set aside")
-
     def restore_latest(self) -> bool:
         """Restores the newest readable checkpoint of ``workdir``; False if there is none at all.
 
-        A checkpoint that can not be read (a file truncated or missing, garbage
-        metadata, a directory emptied or half-written by a kill) is skipped
-        with a warning on stderr and the next older one is tried; once one is
-        restored, the unreadable newer ones are moved to ``corrupt-checkpoints/``
-        (:meth:`_set_aside`). Raises CheckpointError when checkpoints exist but
-        none can be read (then nothing is moved), and InputError when the one
-        found was made with other data or other shape knobs.
+        Unreadable checkpoints are skipped with a warning and moved aside
+        (:meth:`CheckpointStore.restore_latest`). Raises CheckpointError when
+        checkpoints exist but none can be read, and InputError when the one
+        found was made with other data, other shape knobs or another head.
         """
-        unreadable: list[tuple[int, str]] = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            read = self._try_read(step)
-            if isinstance(read, str):
-                unreadable.append((step, read))
-                warn(f"skipping checkpoint {step} in {self.checkpoint_dir}: it can not be read ({read})")
-                continue
-            state, meta = read
-            if unreadable:
-                warn(f"resuming from checkpoint {step}, the newest readable one (skipped "
-                     f"{', '.join(str(s) for s, _ in unreadable)})")
-            self._set_aside([s for s, _ in unreadable])
-            self.state = state
-            self.position = (int(meta["epoch"]), int(meta["position"]))
-            return True
-        if unreadable:
-            details = "; ".join(f"step {s}: {why}" for s, why in unreadable)
-            raise CheckpointError(f"{self.checkpoint_dir}: no checkpoint can be read ({details}); to train from "
-                                  f"step 0 again, move {self.checkpoint_dir} away and resume")
-        return False
+        found = self.checkpoints.restore_latest(self.state, self._check_meta)
+        if found is None:
+            return False
+        self.state, meta = found
+        self.position = (int(meta["epoch"]), int(meta["position"]))
+        return True
 
     # --------------------------------------------------------------- training
 
