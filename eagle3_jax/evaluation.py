@@ -22,22 +22,24 @@ the slices shipped in the package, or the Hub); they are wrapped in the
 target tokenizer's chat template when it has one (its own template, so a
 Thinking-2507 model opens its turn with ``<think>``); without a template the
 raw text is the prompt.
+
+This module runs the evaluation (:func:`run_evaluation` gives typed records,
+:mod:`eagle3_jax.eval_records`; :func:`evaluate` their JSON form);
+:mod:`eagle3_jax.eval_report` writes the tables, figures and report folder.
+Both modules' public names are importable from here as well.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
-import re
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from eagle3_jax.atomic import atomic_directory, check_destination
+from eagle3_jax import require_finite
 from eagle3_jax.bench_prompts import (  # noqa: F401  (re-exported: older code imports them from here)
     BENCHMARKS,
     HUB_SOURCES,
@@ -49,13 +51,44 @@ from eagle3_jax.bench_prompts import (  # noqa: F401  (re-exported: older code i
     read_benchmark_hub,
 )
 from eagle3_jax.errors import InputError
-from eagle3_jax.generation import GenerationOutput, Generator, require_finite
+from eagle3_jax.eval_records import (  # noqa: F401  (re-exported)
+    PLAIN,
+    BenchmarkRow,
+    EvalResults,
+    MethodResult,
+    MethodRun,
+    PlainComparison,
+    PromptOutput,
+    RepeatTiming,
+    SourceInfo,
+    SpeedFigures,
+    first_difference,
+    speed_figures,
+)
+from eagle3_jax.eval_report import (  # noqa: F401  (re-exported: the CLI, notebooks and benchmarks import them from here)
+    REPORT_FILES,
+    REPORT_FORMAT,
+    SLIM_DROPPED,
+    Results,
+    accept_histogram,
+    check_report_destination,
+    figure_title,
+    greedy_mismatches,
+    is_report,
+    markdown_table,
+    model_name,
+    panel_title,
+    report_json,
+    results_json,
+    slim_results,
+    speed_cell,
+    write_report,
+)
+from eagle3_jax.generation import GenerationOutput, Generator
 from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.sharding import ShardingPlan, check_mesh, place_replicated, place_target
 from eagle3_jax.text import render_chat, token_ids
-from eagle3_jax.timing import interleaved, paired_speedup
-
-PLAIN = "plain"
+from eagle3_jax.timing import interleaved
 
 
 class PromptFormatter:
@@ -66,14 +99,14 @@ class PromptFormatter:
     newline (as HumanEval's do) is one the model never saw in training.
     """
 
-    def __init__(self, tokenizer, use_chat: bool | None = None):
+    def __init__(self, tokenizer: Any, use_chat: bool | None = None):
         self.tokenizer = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = has_template if use_chat is None else use_chat
         if self.chat and not has_template:
             raise InputError("the tokenizer has no chat template")
 
-    def __call__(self, messages: list[dict]) -> list[int]:
+    def __call__(self, messages: list[dict[str, str]]) -> list[int]:
         if self.chat:
             text = render_chat(self.tokenizer, messages, where="a benchmark prompt")
         else:
@@ -82,6 +115,7 @@ class PromptFormatter:
 
 
 def knob_label(knobs: tuple[int, int, int]) -> str:
+    """A tree shape's label in the results: ``(num_steps,topk,num_draft_tokens)``."""
     return "({},{},{})".format(*knobs)
 
 
@@ -118,38 +152,40 @@ class _Tally:
             self.repeat_seconds[r] += seconds
             self.repeats_identical &= [o.token_ids for o in outs] == expected  # same seed: same tokens
 
-    def summary(self) -> dict:
+    def summary(self) -> MethodRun:
         per = [a / f for a, f in self.per_prompt if f]
-        out = {
-            "acceptance_length": sum(self.accepted) / self.forwards if self.forwards else 1.0,
-            "mean_per_prompt": float(np.mean(per)) if per else 1.0,
-            "verify_forwards": self.forwards,
-            "generated_tokens": self.generated,
-            "tokens_per_second": self.generated / self.seconds if self.seconds else 0.0,
-            "accept_lengths": self.accepted,
-            "prompts": len(self.prompts),
-            "outputs": [{"id": p.id, "token_ids": t} for p, t in zip(self.prompts, self.tokens)],
-        }
+        timing = None
+        tokens_per_second = self.generated / self.seconds if self.seconds else 0.0
         if self.repeat_seconds:
-            out["tokens_per_second"] = statistics.median(
+            tokens_per_second = statistics.median(
                 n / s if s else 0.0 for n, s in zip(self.repeat_tokens, self.repeat_seconds))
-            out["repeat_tokens"] = self.repeat_tokens
-            out["repeat_seconds"] = self.repeat_seconds
-            out["repeats_identical"] = self.repeats_identical
-        return out
+            timing = RepeatTiming(tokens=tuple(self.repeat_tokens), seconds=tuple(self.repeat_seconds),
+                                  identical=self.repeats_identical)
+        return MethodRun(
+            acceptance_length=sum(self.accepted) / self.forwards if self.forwards else 1.0,
+            mean_per_prompt=float(np.mean(per)) if per else 1.0,
+            verify_forwards=self.forwards,
+            generated_tokens=self.generated,
+            tokens_per_second=tokens_per_second,
+            accept_lengths=tuple(self.accepted),
+            prompts=len(self.prompts),
+            outputs=tuple(PromptOutput(id=p.id, token_ids=tuple(tuple(turn) for turn in t))
+                          for p, t in zip(self.prompts, self.tokens)),
+            timing=timing,
+        )
 
 
 def run_methods(generators: Mapping[str, Generator], formatter: PromptFormatter, prompts: Sequence[Prompt], *,
                 max_new_tokens: int, batch_size: int, sampling: SamplingParams, seed: int = 0, repeats: int = 0,
-                progress: bool = False, desc: str = "") -> dict[str, dict]:
-    """Generates every prompt (all turns) with every generator, batch by batch; a summary per generator.
+                progress: bool = False, desc: str = "") -> dict[str, MethodRun]:
+    """Generates every prompt (all turns) with every generator, batch by batch; a :class:`MethodRun` per generator.
 
     Each method keeps its own conversations (a later turn follows that
     method's reply). With ``repeats`` > 0, every batch runs once untimed
     (compilation) and then ``repeats`` times interleaved across the methods
     (see :func:`eagle3_jax.timing.interleaved`); the per-repeat tokens and
-    seconds, summed over the benchmark, land in ``repeat_tokens`` and
-    ``repeat_seconds``, and ``tokens_per_second`` is their median.
+    seconds, summed over the benchmark, land in the run's ``timing``, and
+    ``tokens_per_second`` is the median of their ratios.
     """
     stop = next(iter(generators.values())).config.eos_token_ids
     conversations = {m: [[] for _ in prompts] for m in generators}
@@ -185,74 +221,35 @@ def run_methods(generators: Mapping[str, Generator], formatter: PromptFormatter,
 
 def run_benchmark(generator: Generator, formatter: PromptFormatter, prompts: Sequence[Prompt], *,
                   max_new_tokens: int, batch_size: int, sampling: SamplingParams, seed: int = 0,
-                  progress: bool = False, desc: str = "") -> dict:
-    """Generates every prompt (all turns) with one generator; tokens, forwards, accept lengths and timing."""
+                  progress: bool = False, desc: str = "") -> dict[str, Any]:
+    """Generates every prompt (all turns) with one generator; tokens, forwards, accept lengths and timing.
+
+    Returns the JSON form of the :class:`MethodRun` (``result["acceptance_length"]`` and so on).
+    """
     return run_methods({"run": generator}, formatter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       sampling=sampling, seed=seed, progress=progress, desc=desc)["run"]
+                       sampling=sampling, seed=seed, progress=progress, desc=desc)["run"].to_json()
 
 
-def speed_figures(plain: dict, spec: dict) -> dict:
-    """The speedup of ``spec`` over ``plain`` from their paired repeats: median, spread, samples, noise."""
-    try:
-        ratio = paired_speedup(list(zip(plain["repeat_tokens"], plain["repeat_seconds"])),
-                               list(zip(spec["repeat_tokens"], spec["repeat_seconds"])))
-    except ValueError:  # no repeat produced tokens
-        return {"speedup": None, "speedup_text": "no tokens generated: no speedup"}
-    return {"speedup": ratio.median, "speedup_low": ratio.low, "speedup_high": ratio.high,
-            "speedup_samples": list(ratio.samples), "speedup_noise": ratio.noise, "speedup_text": ratio.describe()}
-
-
-def first_difference(plain: dict, spec: dict) -> str | None:
-    """Where ``spec``'s tokens first differ from ``plain``'s (``prompt ID turn T token I``), or None."""
-    for p, s in zip(plain["outputs"], spec["outputs"]):
-        for turn, (a, b) in enumerate(zip(p["token_ids"], s["token_ids"]), 1):
-            if a != b:
-                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                return f"prompt {p['id']} turn {turn} token {at}"
-    return None
-
-
-def greedy_mismatches(results: dict) -> list[str]:
-    """One line per benchmark and method whose greedy output differs from plain decoding, or whose timed
-    repeats gave other tokens than its first run (the same prompts and seed must give the same tokens)."""
-    lines = []
-    for name, row in results["benchmarks"].items():
-        for k in results["knobs"]:
-            if row.get(k, {}).get("identical_to_plain") is False:
-                lines.append(f"{name} {k}: {row[k].get('first_difference', 'outputs differ')}")
-        for k, res in row.items():
-            if isinstance(res, dict) and res.get("repeats_identical") is False:
-                lines.append(f"{name} {k}: a timed repeat gave other tokens than the first run")
-    return lines
-
-
-def model_name(path: str | None) -> str | None:
-    """A model's name for reports: a Hub id as it is, a directory by its last two components
-    (``/x/models/Qwen3-8B/`` -> ``models/Qwen3-8B``; ``.../assets/target`` -> ``assets/target``)."""
-    if not path:
-        return None
-    if not os.path.exists(path):  # a Hub id (owner/name)
-        return path
-    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    return "/".join(p for p in parts[-2:] if p)
-
-
-def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
-             knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = 256, batch_size: int = 8,
-             sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False, repeats: int = 3,
-             use_chat: bool | None = None, max_cache_len: int | None = None, progress: bool = True,
-             target_name: str | None = None, draft_name: str | None = None, attention: str = "auto",
-             mesh=None) -> dict:
+def run_evaluation(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
+                   knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = 256, batch_size: int = 8,
+                   sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False,
+                   repeats: int = 3, use_chat: bool | None = None, max_cache_len: int | None = None,
+                   progress: bool = True, target_name: str | None = None, draft_name: str | None = None,
+                   attention: str = "auto", mesh: Any = None) -> EvalResults:
     """Acceptance length (and with ``measure_plain`` the speedup over plain decoding) per benchmark and tree shape.
 
-    ``benchmarks`` is a dict of prompts or a :class:`BenchmarkSet` (whose
-    sources and skipped benchmarks are recorded in the results). With
-    ``measure_plain``, plain decoding and the tree shapes run interleaved,
-    ``repeats`` timed times per batch (see :func:`run_methods`); every tree
-    shape gets ``speedup`` (the median ratio), ``speedup_low``/``_high``,
-    ``speedup_samples``, ``speedup_noise`` and ``speedup_text``, and under
-    greedy decoding ``identical_to_plain``. ``mesh``: a device mesh to run
-    on (see :class:`~eagle3_jax.generation.Generator`).
+    ``target``: a :class:`~eagle3_jax.models.target.TargetModel`; ``draft``:
+    its :class:`~eagle3_jax.models.eagle3.Eagle3DraftHead`; ``tokenizer``: the
+    target's (see :class:`PromptFormatter`). ``benchmarks`` is a dict of
+    prompts or a :class:`BenchmarkSet` (whose sources and skipped benchmarks
+    are recorded in the results). With ``measure_plain``, plain decoding and
+    the tree shapes run interleaved, ``repeats`` timed times per batch (see
+    :func:`run_methods`); every tree shape gets a :class:`PlainComparison`:
+    the speedup (the median ratio, its spread, the samples, whether it is
+    noise) and under greedy decoding whether its tokens equal plain
+    decoding's. ``mesh``: a device mesh to run on (see
+    :class:`~eagle3_jax.generation.Generator`). ``target_name`` and
+    ``draft_name`` name the models in reports (see :func:`model_name`).
     """
     sampling = sampling or SamplingParams()
     if measure_plain and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
@@ -273,191 +270,52 @@ def evaluate(target, draft, tokenizer, benchmarks: Mapping[str, list[Prompt]] | 
                                                   num_draft_tokens=knobs[2], max_cache_len=max_cache_len,
                                                   # ids only: no decoding inside the timed runs
                                                   tokenizer=False, attention=attention, mesh=mesh)
-    results = {"knobs": [knob_label(k) for k in knob_list], "benchmarks": {}, "target": target_name,
-               "draft": draft_name, "chat_template": formatter.chat, "max_new_tokens": max_new_tokens,
-               "batch_size": batch_size, "sampling": dataclasses.asdict(sampling), "seed": seed,
-               "repeats": repeats if measure_plain else None, "sources": found.sources, "skipped": found.skipped}
+    labels = tuple(knob_label(k) for k in knob_list)
+    rows = {}
     for name, prompts in found.prompts.items():
         runs = run_methods(generators, formatter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            sampling=sampling, seed=seed, repeats=repeats if measure_plain else 0, progress=progress,
                            desc=name)
-        results["benchmarks"][name] = _benchmark_row(runs, results["knobs"], measure_plain, sampling.greedy)
-    return results
+        rows[name] = _benchmark_row(runs, labels, measure_plain, sampling.greedy)
+    return EvalResults(knobs=labels, benchmarks=rows, target=target_name, draft=draft_name,
+                       chat_template=formatter.chat, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       sampling=sampling, seed=seed, repeats=repeats if measure_plain else None,
+                       sources=found.sources, skipped=found.skipped)
 
 
-def _benchmark_row(runs: dict[str, dict], labels: Sequence[str], measure_plain: bool, greedy: bool) -> dict:
-    row = {}
-    if measure_plain:
-        row[PLAIN] = {k: v for k, v in runs[PLAIN].items() if k != "accept_lengths"}
-    for label in labels:
-        res = runs[label]
-        if measure_plain:
-            res.update(speed_figures(runs[PLAIN], res))
-            res["identical_to_plain"] = None  # sampled outputs differ by design; only greedy ones must agree
-            if greedy:
-                where = first_difference(runs[PLAIN], res)
-                res["identical_to_plain"] = where is None
-                if where:
-                    res["first_difference"] = where
-        row[label] = res
-    return row
+def evaluate(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
+             knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = 256, batch_size: int = 8,
+             sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False, repeats: int = 3,
+             use_chat: bool | None = None, max_cache_len: int | None = None, progress: bool = True,
+             target_name: str | None = None, draft_name: str | None = None, attention: str = "auto",
+             mesh: Any = None) -> dict[str, Any]:
+    """:func:`run_evaluation`, its results as JSON: the dict ``results.json`` holds (without its ``format`` key).
 
-
-SLIM_DROPPED = ("accept_lengths", "outputs")
-
-
-def slim_results(results: dict) -> dict:
-    """``results`` without the per-step and per-prompt lists (accept lengths, generated tokens)."""
-    return {**results, "benchmarks": {b: {k: {kk: vv for kk, vv in v.items() if kk not in SLIM_DROPPED}
-                                          for k, v in row.items()} for b, row in results["benchmarks"].items()}}
-
-
-def speed_cell(r: dict) -> str:
-    """A speedup as a table shows it: median (lowest-highest), and ', noise' when the repeats disagree."""
-    if r.get("speedup") is None:
-        return "n/a"
-    text = f"{r['speedup']:.2f}x"
-    if "speedup_low" in r:
-        text += f" ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})"
-    return text + (", noise" if r.get("speedup_noise") else "")
-
-
-def _same_cell(r: dict) -> str:
-    same = r.get("identical_to_plain")
-    return "not checked (sampling)" if same is None else ("yes" if same else "**NO** (a bug in float32)")
-
-
-def markdown_table(results: dict) -> str:
-    """The acceptance-length table (one column per tree shape), then speed, sources and skipped benchmarks."""
-    knobs = results["knobs"]
-    head = "| benchmark | " + " | ".join(f"acc_length {k}" for k in knobs) + " |"
-    lines = [head, "|" + " --- |" * (len(knobs) + 1)]
-    for name, row in results["benchmarks"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]['acceptance_length']:.2f}" for k in knobs) + " |")
-    if any(PLAIN in row for row in results["benchmarks"].values()):
-        lines += _speed_lines(results)
-    lines += _source_lines(results)
-    return "\n".join(lines) + "\n"
-
-
-def _speed_lines(results: dict) -> list[str]:
-    knobs = results["knobs"]
-    lines = ["", "| benchmark | plain tok/s | " + " | ".join(f"{k} tok/s | {k} speedup | {k} = plain"
-                                                            for k in knobs) + " |",
-             "|" + " --- |" * (3 * len(knobs) + 2)]
-    for name, row in results["benchmarks"].items():
-        cells = [f"{row[k]['tokens_per_second']:.1f} | {speed_cell(row[k])} | {_same_cell(row[k])}" for k in knobs]
-        lines.append(f"| {name} | {row[PLAIN]['tokens_per_second']:.1f} | " + " | ".join(cells) + " |")
-    repeats = results.get("repeats")
-    lines += ["", (f"Speedup: the median of {repeats} interleaved repeats of every batch (lowest-highest); "
-                   "\"noise\" means the repeats do not agree which method is faster, so the figure can not tell. "
-                   "\"= plain\": whether the speculative tokens equal plain decoding's (greedy decoding only).")]
-    return lines
-
-
-def _source_lines(results: dict) -> list[str]:
-    lines = []
-    if results.get("target") or results.get("draft"):
-        lines += ["", f"Target: {results.get('target')}; draft: {results.get('draft')}."]
-    if results.get("sources"):
-        lines += ["", "Prompts:", ""]
-        lines += [f"- {name}: {s['prompts']} from {s['source']} ({s['path']})"
-                  for name, s in results["sources"].items()]
-    if results.get("skipped"):
-        lines += ["", "Skipped:", ""]
-        lines += [f"- {name}: {reason}" for name, reason in results["skipped"].items()]
-    return lines
-
-
-def accept_histogram(results: dict, path: str) -> str:
-    """A PNG with one histogram of accept lengths per benchmark and tree shape, naming the models and counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    knobs, names = results["knobs"], list(results["benchmarks"])
-    fig, axes = plt.subplots(max(len(names), 1), max(len(knobs), 1), squeeze=False,
-                             figsize=(4.6 * max(len(knobs), 1), 3.2 * max(len(names), 1) + 0.6))
-    for r, name in enumerate(names):
-        for c, k in enumerate(knobs):
-            _histogram_panel(axes[r][c], name, k, results["benchmarks"][name].get(k, {}))
-    fig.suptitle(figure_title(results))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def figure_title(results: dict) -> str:
-    """The histogram figure's title: the models (directory base names)."""
-    return f"Accept lengths. Target: {results.get('target') or '?'}; draft: {results.get('draft') or '?'}"
-
-
-def panel_title(name: str, knobs: str, res: dict) -> str:
-    """A histogram panel's title: benchmark, tree shape, prompt count and acceptance length."""
-    values = res.get("accept_lengths", [])
-    mean = sum(values) / len(values) if values else 1.0
-    prompts = res.get("prompts")
-    count = f"{prompts} prompts, " if prompts is not None else ""
-    return f"{name}, tree {knobs}: {count}acc. length {mean:.2f}"
-
-
-def _histogram_panel(ax, name: str, knobs: str, res: dict) -> None:
-    values = res.get("accept_lengths", [])
-    top = max(values) if values else 1
-    counts = np.bincount(values, minlength=top + 1)[1:]
-    ax.bar(np.arange(1, top + 1), counts / max(counts.sum(), 1), color="#3b6ea8")
-    ax.set_title(panel_title(name, knobs, res), fontsize=10)
-    ax.set_xlabel("tokens committed per verify step")
-    ax.set_ylabel("fraction of steps")
-    ax.set_xticks(np.arange(1, top + 1))
-
-
-REPORT_FORMAT = "eagle3-jax/eval-report"
-REPORT_FILES = {"markdown": "results.md", "json": "results.json", "png": "accept_lengths.png"}
-
-
-# A list of numbers where JSON structure can open one (at a line's start, or after a key), never inside a string.
-_NUMBER_LIST = re.compile(r'(^ *|(?<!\\)": )\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]', re.MULTILINE)
-
-
-def report_json(results: dict) -> str:
-    """Indented JSON with every list of numbers (tokens, accept lengths, timings) on one line."""
-    text = json.dumps(results, indent=1)
-    return _NUMBER_LIST.sub(lambda m: m.group(1) + "[" + ", ".join(v.strip() for v in m.group(2).split(",")) + "]",
-                            text)
-
-
-def is_report(path: str) -> bool:
-    """True if ``path`` is a directory that :func:`write_report` wrote (its results.json names the format)."""
-    try:
-        with open(os.path.join(path, REPORT_FILES["json"]), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
-
-
-def check_report_destination(out_dir: str, overwrite: bool = False) -> str:
-    """Fails early (CheckpointError) unless ``out_dir`` can take a report; returns its absolute path.
-
-    ``out_dir`` must not exist, or be an empty directory, or (with
-    ``overwrite``) hold an earlier report.
+    ``results["benchmarks"][name][label]`` has a tree shape's figures
+    (``acceptance_length``, ``tokens_per_second``, ``outputs``, ...; with
+    ``measure_plain`` also ``speedup``, ``speedup_low``/``_high``,
+    ``speedup_samples``, ``speedup_noise``, ``speedup_text`` and
+    ``identical_to_plain``), ``results["benchmarks"][name]["plain"]`` plain
+    decoding's when measured. The arguments are :func:`run_evaluation`'s.
     """
-    return check_destination(out_dir, overwrite=overwrite, replaceable=is_report, what="evaluation report",
-                             empty_ok=True)
+    return run_evaluation(target, draft, tokenizer, benchmarks, knob_list, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, sampling=sampling, seed=seed, measure_plain=measure_plain,
+                          repeats=repeats, use_chat=use_chat, max_cache_len=max_cache_len, progress=progress,
+                          target_name=target_name, draft_name=draft_name, attention=attention,
+                          mesh=mesh).to_json()
 
 
-def write_report(results: dict, out_dir: str, overwrite: bool = False) -> dict[str, str]:
-    """results.md, results.json and accept_lengths.png in ``out_dir``, all at once
-    (see :func:`check_report_destination`)."""
-    out_dir = os.path.abspath(out_dir)
-    with atomic_directory(out_dir, overwrite=overwrite, replaceable=is_report, what="evaluation report",
-                          empty_ok=True) as tmp:
-        with open(os.path.join(tmp, REPORT_FILES["markdown"]), "w", encoding="utf-8") as f:
-            f.write(markdown_table(results))
-        with open(os.path.join(tmp, REPORT_FILES["json"]), "w", encoding="utf-8") as f:
-            f.write(report_json({"format": REPORT_FORMAT, **results}))
-        accept_histogram(results, os.path.join(tmp, REPORT_FILES["png"]))
-    return {k: os.path.join(out_dir, name) for k, name in REPORT_FILES.items()}
+def _benchmark_row(runs: Mapping[str, MethodRun], labels: Sequence[str], measure_plain: bool,
+                   greedy: bool) -> BenchmarkRow:
+    """A benchmark's row from its runs (by label, plain decoding's under :data:`PLAIN` when measured)."""
+    methods = {}
+    for label in labels:
+        run = runs[label]
+        vs_plain = None
+        if measure_plain:
+            # sampled outputs differ by design; only greedy ones must agree
+            where = first_difference(runs[PLAIN], run) if greedy else None
+            vs_plain = PlainComparison(speed=speed_figures(runs[PLAIN], run),
+                                       identical=(where is None) if greedy else None, first_difference=where)
+        methods[label] = MethodResult(run=run, vs_plain=vs_plain)
+    return BenchmarkRow(methods=methods, plain=runs[PLAIN] if measure_plain else None)

@@ -27,6 +27,9 @@ from eagle3_jax.bench_prompts import (
 )
 from eagle3_jax.cli import main
 from eagle3_jax.evaluation import (
+    MethodRun,
+    PromptOutput,
+    RepeatTiming,
     _benchmark_row,
     figure_title,
     greedy_mismatches,
@@ -35,6 +38,7 @@ from eagle3_jax.evaluation import (
     panel_title,
     slim_results,
 )
+from eagle3_jax.models.registry import read_target_config
 
 SHIPPED = ("gsm8k", "humaneval", "math500", "mtbench")
 SLICES = pathlib.Path(SHIPPED_DIR)
@@ -42,7 +46,7 @@ SLICES = pathlib.Path(SHIPPED_DIR)
 
 @pytest.fixture(scope="module")
 def head_dir(hf_qwen3_real_vocab, tmp_path_factory):
-    cfg = Qwen3Config.from_pretrained(hf_qwen3_real_vocab.path)
+    cfg = read_target_config(hf_qwen3_real_vocab.path, among=Qwen3Config.MODEL_TYPES)
     head = Eagle3DraftHead(Eagle3Config.for_target(cfg, draft_vocab_size=cfg.vocab_size, feature_layers=(0, 1, 1)),
                            rngs=nnx.Rngs(0))
     return save_draft(head, tmp_path_factory.mktemp("eval") / "head")
@@ -176,11 +180,13 @@ def test_a_greedy_mismatch_is_recorded_and_reported(capsys):
     from eagle3_jax.cli.eval import report_mismatches
 
     def run(tokens):
-        return {"outputs": [{"id": "p", "token_ids": tokens}], "repeat_tokens": [3, 3], "repeat_seconds": [1.0, 1.0],
-                "accept_lengths": [1], "acceptance_length": 1.0, "tokens_per_second": 3.0}
+        return MethodRun(acceptance_length=1.0, mean_per_prompt=1.0, verify_forwards=1, generated_tokens=3,
+                         tokens_per_second=3.0, accept_lengths=(1,), prompts=1,
+                         outputs=(PromptOutput(id="p", token_ids=tuple(map(tuple, tokens))),),
+                         timing=RepeatTiming(tokens=(3, 3), seconds=(1.0, 1.0), identical=True))
 
     row = _benchmark_row({"plain": run([[1, 2, 3]]), "(2,1,3)": run([[1, 2, 3]]), "(2,2,4)": run([[1, 9, 3]])},
-                         ["(2,1,3)", "(2,2,4)"], measure_plain=True, greedy=True)
+                         ["(2,1,3)", "(2,2,4)"], measure_plain=True, greedy=True).to_json()
     assert row["(2,1,3)"]["identical_to_plain"] is True and row["(2,2,4)"]["identical_to_plain"] is False
     assert row["(2,1,3)"]["speedup"] == 1.0 and row["(2,1,3)"]["speedup_noise"] is False
     results = {"knobs": ["(2,1,3)", "(2,2,4)"], "benchmarks": {"gsm8k": row}}
@@ -191,7 +197,7 @@ def test_a_greedy_mismatch_is_recorded_and_reported(capsys):
     assert report_mismatches(greedy_mismatches(results), exact=False) == 0  # bfloat16: a near-tie may round apart
     assert "warning:" in capsys.readouterr().err
     sampled = _benchmark_row({"plain": run([[1]]), "(2,2,4)": run([[2]])}, ["(2,2,4)"], measure_plain=True,
-                             greedy=False)
+                             greedy=False).to_json()
     assert sampled["(2,2,4)"]["identical_to_plain"] is None  # sampled outputs may differ
     assert "outputs" not in slim_results(results)["benchmarks"]["gsm8k"]["plain"]
 

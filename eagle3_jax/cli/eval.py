@@ -82,15 +82,15 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from eagle3_jax.decoding.tree import DEFAULT_TREE, WIDE_TREE, TreeSpec
-    from eagle3_jax.evaluation import (
+    from eagle3_jax.eval_report import (
         check_report_destination,
-        evaluate,
         greedy_mismatches,
         markdown_table,
         model_name,
         slim_results,
         write_report,
     )
+    from eagle3_jax.evaluation import run_evaluation
     from eagle3_jax.loading import load_draft, load_target
     from eagle3_jax.sampling import SamplingParams
 
@@ -108,14 +108,15 @@ def run(args) -> int:
     target = load_target(model_dir, dtype=args.dtype, progress=progress, check_finite=args.check_finite, mesh=mesh)
     draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=progress,
                        check_finite=args.check_finite, mesh=mesh, **overrides)
-    results = evaluate(target, draft, tokenizer, benchmarks, knob_list, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
-                       repeats=args.repeats, use_chat=args.chat, max_cache_len=args.max_cache_len,
-                       attention=args.attention, mesh=mesh,
-                       progress=progress, target_name=model_name(args.target),
-                       draft_name=model_name(args.draft))
+    records = run_evaluation(target, draft, tokenizer, benchmarks, knob_list, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, sampling=sampling, seed=args.seed, measure_plain=args.speed,
+                             repeats=args.repeats, use_chat=args.chat, max_cache_len=args.max_cache_len,
+                             attention=args.attention, mesh=mesh,
+                             progress=progress, target_name=model_name(args.target),
+                             draft_name=model_name(args.draft))
     if not main:  # the other processes of a --distributed run computed the same results
         return 0
+    results = records.to_json()  # what results.json holds: rendered once for the report, the table and --json
     paths = write_report(results, args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({**slim_results(results), "files": paths}))
