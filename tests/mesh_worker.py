@@ -9,6 +9,7 @@ holds booleans and small figures, not tokens.
 The demo pair (4 query heads, 2 KV heads, a trained head: long accepted runs)
 covers data and tensor parallelism and the replicated-KV case (tensor 4 over
 2 KV heads); a tiny random target with 8 KV heads covers tensor parallel 8.
+The server's engine runs on a mesh too (``check_server``).
 """
 
 from __future__ import annotations
@@ -116,6 +117,60 @@ def check_loading(target_dir: str) -> dict:
     return out
 
 
+class ListSink:
+    """A server request's sink that keeps its tokens and its end."""
+
+    def __init__(self):
+        import threading
+
+        self.ids, self.reason, self.done = [], None, threading.Event()
+
+    def tokens(self, ids):
+        self.ids += ids
+        return False
+
+    def finish(self, reason, stats):
+        self.reason, self.accept = reason, stats.accept_lengths
+        self.done.set()
+
+
+def serve_all(target, draft, requests, mesh=None) -> list:
+    """The server's engine (continuous batching, 4 rows, chunks of 2 cycles) on ``mesh``: each request's
+    (tokens, finish reason, accept lengths)."""
+    from eagle3_jax.serve.engine import BatchEngine, EngineRequest
+
+    gen = Generator(target, draft, **TREES["tree"], max_cache_len=128, mesh=mesh, tokenizer=False)
+    engine = BatchEngine(gen, max_batch=4, max_cache_len=128, chunk=2)
+    engine.start()
+    sinks = []
+    try:
+        for prompt, temperature, seed in requests:
+            sinks.append(ListSink())
+            engine.submit(EngineRequest(prompt=prompt, max_tokens=NEW_TOKENS, sink=sinks[-1], temperature=temperature,
+                                        top_p=0.9, seed=seed))
+        for sink in sinks:
+            assert sink.done.wait(600), "a request did not finish"
+    finally:
+        engine.stop()
+    assert engine.error is None, engine.error
+    return [[sink.ids, sink.reason, sink.accept] for sink in sinks]
+
+
+def check_server(target, draft) -> dict:
+    """The server on a data 2 x tensor 2 mesh: each request's tokens (greedy and sampled with a seed) equal
+    one device's engine, and the greedy ones the Generator's on their prompt alone. Six requests on four
+    rows: two are admitted as rows free up."""
+    prompts = prompts_of(6, target.config.vocab_size, seed=11)
+    requests = [(p, 0.0 if i % 2 == 0 else 0.8, i) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    one = serve_all(target, draft, requests)
+    meshed = serve_all(target, draft, requests, make_mesh(2, 2))
+    alone = run(target, draft, "tree", [p for p, t, _ in requests if t == 0.0])
+    greedy = [out for out, (_, t, _) in zip(meshed, requests) if t == 0.0]
+    return {"identical": meshed == one, "greedy_as_generate": [o[0] for o in greedy] == [a[0] for a in alone],
+            "reasons": sorted({o[1] for o in meshed}), "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def tiny_eight_heads():
     cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, head_dim=8, rope_theta=1e4,
@@ -135,6 +190,7 @@ def main() -> None:
     tiny, tiny_head = tiny_eight_heads()
     results.update(check_generation(tiny, tiny_head, [(8, "plain", [(1, 8)]), (8, "tree", [(1, 8)])], "tiny8"))
     results["loading"] = check_loading(tdir)
+    results["server"] = check_server(target, draft)
     print(json.dumps(results))
 
 

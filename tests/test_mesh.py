@@ -132,6 +132,15 @@ def mesh_results():
 
 
 @pytest.mark.slow
+def test_the_server_on_a_mesh_gives_one_devices_tokens(mesh_results):
+    """``eagle3-jax serve --tensor-parallel 2 --data-parallel 2``'s engine: continuous batching on a mesh."""
+    result = mesh_results["server"]
+    assert result["identical"], "the server's tokens on a 2 x 2 mesh differ from one device's"
+    assert result["greedy_as_generate"], "greedy requests on the mesh server differ from Generator.generate alone"
+    assert result["reasons"] == ["length"], result["reasons"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_tokens_on_a_mesh_equal_one_device(mesh_results, case):
     result = mesh_results[case]

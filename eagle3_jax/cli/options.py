@@ -121,16 +121,19 @@ def add_runtime_options(p) -> None:
                         "on non-finite logits, with finish_reason 'nonfinite')")
 
 
-def add_mesh_options(p, *, data_parallel: bool = True) -> None:
-    """--tensor-parallel, --data-parallel and the multi-host options (docs/architecture.md#device-mesh)."""
+def add_mesh_options(p, *, data_parallel: bool = True, distributed: bool = True,
+                     data_help: str = "split each batch's prompts over M groups of devices (a batch is padded to a "
+                                      "multiple of M); uses M x N devices in all") -> None:
+    """--tensor-parallel, --data-parallel and (``distributed``) the multi-host options
+    (docs/architecture.md#device-mesh)."""
     g = p.add_argument_group("devices (a mesh: docs/architecture.md#device-mesh)")
     g.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                    help="split the target's attention heads, MLP and KV cache over N devices (N must divide the "
                         "attention heads; KV heads it does not divide are replicated, with a warning)")
     if data_parallel:
-        g.add_argument("--data-parallel", type=positive_int, default=1, metavar="M",
-                       help="split each batch's prompts over M groups of devices (a batch is padded to a multiple "
-                            "of M); uses M x N devices in all")
+        g.add_argument("--data-parallel", type=positive_int, default=1, metavar="M", help=data_help)
+    if not distributed:
+        return
     g.add_argument("--distributed", action="store_true",
                    help="several processes, one mesh: call jax.distributed.initialize() first; every host runs "
                         "the same command, process 0 prints and writes (auto-detected on TPU pods, SLURM and "

@@ -10,6 +10,7 @@ from eagle3_jax.cli.options import (
     ATTENTION_CHOICES,
     HelpFormatter,
     add_head_overrides,
+    add_mesh_options,
     add_tree_options,
     check_configs,
     draft_tree,
@@ -17,6 +18,7 @@ from eagle3_jax.cli.options import (
     int_list,
     int_type,
     load_tokenizer,
+    mesh_from_args,
     non_negative_int,
     positive_float,
     positive_int,
@@ -77,6 +79,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help="attention backend")
+    add_mesh_options(p, distributed=False,
+                     data_help="split the batch's rows over M groups of devices (--max-batch must be a multiple of "
+                               "M); uses M x N devices in all")
     p.add_argument("--warmup-buckets", type=int_list, default=[16, 32, 64, 128, 256, 512], metavar="N,N,...",
                    help="prompt lengths whose prefill programs are compiled before listening (prompts are padded "
                         "to the next power of two >= 16; others compile on their first request)")
@@ -201,6 +206,10 @@ def _start(args):
             raise InputError(f"--chat-template: can not read {args.chat_template} ({e})") from None
     model_dir, target_config, draft_dir, draft_config = check_configs(args.target, args.draft,
                                                                       **head_overrides(args))
+    if args.max_batch % args.data_parallel:
+        raise InputError(f"--max-batch ({args.max_batch}) must be a multiple of --data-parallel "
+                         f"({args.data_parallel}): each data shard holds max_batch / {args.data_parallel} rows")
+    mesh = mesh_from_args(args, target_config)
     context = target_config.max_position_embeddings
     if args.max_cache_len is not None and not 2 <= args.max_cache_len <= context:
         raise InputError(f"--max-cache-len must be between 2 and the model's context ({context}), "
@@ -229,16 +238,16 @@ def _start(args):
             tokenizer.chat_template = template
         reasoning = args.reasoning_parser == "qwen3" or (args.reasoning_parser == "auto" and tokenizer is not None
                                                          and reasoning_model(tokenizer))
-        target = load_target(model_dir, dtype=args.dtype, progress=not args.json)
+        target = load_target(model_dir, dtype=args.dtype, progress=not args.json, mesh=mesh)
         check()
         draft = None
         if draft_dir is not None:
-            draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json,
+            draft = load_draft(draft_dir, target.config, dtype=args.dtype, progress=not args.json, mesh=mesh,
                                **head_overrides(args))
             check()
         gen = Generator(target, draft, num_steps=spec.num_steps if spec else None, topk=spec.topk if spec else None,
                         num_draft_tokens=spec.num_draft_tokens if spec else None,
-                        tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention)
+                        tokenizer=tokenizer if tokenizer is not None else False, attention=args.attention, mesh=mesh)
         engine = BatchEngine(gen, max_batch=args.max_batch, max_cache_len=args.max_cache_len, chunk=args.chunk,
                              max_queue=args.max_queue, admission=args.admission)
         check()
