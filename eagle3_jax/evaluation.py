@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from eagle3_jax import require_finite
 from eagle3_jax.bench_prompts import (  # noqa: F401  (re-exported: older code imports them from here)
     BENCHMARKS,
     HUB_SOURCES,
@@ -84,7 +83,7 @@ from eagle3_jax.eval_report import (  # noqa: F401  (re-exported: the CLI, noteb
     speed_cell,
     write_report,
 )
-from eagle3_jax.generation import GenerationOutput, Generator
+from eagle3_jax.generation import GenerationOutput, Generator, require_finite
 from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.sharding import ShardingPlan, check_mesh, place_replicated, place_target
 from eagle3_jax.text import render_chat, token_ids

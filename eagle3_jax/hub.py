@@ -22,7 +22,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, draft: bool = False) -
 
     A path to an existing directory is returned as is. A GGUF file (a target)
     is converted once into the user's cache and that directory returned
-    (:func:`eagle3_jax.weights.gguf_io.cached_conversion`). Anything else that
+    (:func:`eagle3_jax.weights.gguf_cache.cached_conversion`). Anything else that
     looks like a Hub id (``org/name``) is downloaded with ``huggingface_hub``
     (safetensors and JSON files only, plus ``pytorch_model.bin`` for a
     ``draft`` head); offline, that fails with a clear error.
@@ -36,12 +36,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, draft: bool = False) -
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        from eagle3_jax.weights import gguf_io
+        from eagle3_jax.weights import gguf_cache, gguf_io
 
         if gguf_io.is_gguf_file(path):
             if draft:
                 raise CheckpointError(f"{path}: a GGUF file; EAGLE-3 draft heads are read from HF directories only")
-            return gguf_io.cached_conversion(path, log=lambda line: print(line, file=sys.stderr, flush=True))
+            return gguf_cache.cached_conversion(path, log=lambda line: print(line, file=sys.stderr, flush=True))
         raise CheckpointError(f"{path}: expected a model directory (or a GGUF file), found a file")
     if os.path.islink(path):
         raise CheckpointError(f"{path}: a symbolic link that leads nowhere (its target is missing, or it loops)")

