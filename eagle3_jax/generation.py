@@ -208,7 +208,8 @@ class Generator:
         return self.runner.num_compiles
 
     def generate(self, prompts: Any, *, max_new_tokens: int = 128,
-                 sampling: SamplingParams | None = None, seed: int = 0,
+                 sampling: SamplingParams | None = None, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int = 0,
                  stop_token_ids: Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
                  include_stop_str_in_output: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None,
                  stream: StreamCallback | None = None, stream_every: int = 4) -> list[GenerationOutput]:
@@ -224,6 +225,9 @@ class Generator:
             chats need a tokenizer (see the class's ``tokenizer``).
           max_new_tokens: generated tokens per prompt at most.
           sampling: greedy by default.
+          temperature, top_p, top_k: the sampling settings as keywords, instead of
+            ``sampling`` (``temperature=0.6, top_p=0.95`` is
+            ``sampling=SamplingParams(temperature=0.6, top_p=0.95)``; a temperature of 0 is greedy).
           seed: PRNG seed for sampling. Row i of the batch draws with its own key,
             ``fold_in(key(seed), i)``: its tokens depend on the seed and its
             place in the batch, never on the other prompts.
@@ -249,7 +253,7 @@ class Generator:
           stream_every: loop iterations per chunk (when streaming or watching
             for stop strings).
         """
-        sampling = SamplingParams() if sampling is None else sampling
+        sampling = sampling_of(sampling, temperature=temperature, top_p=top_p, top_k=top_k)
         seed = check_seed(seed)
         stream_every = check_int("stream_every", stream_every, minimum=1)
         if stream is not None and not callable(stream):
@@ -369,6 +373,17 @@ def _with_text(out: GenerationOutput, prompt: list[int], text: TextOptions) -> G
     elapsed = max(out.prefill_seconds + out.decode_seconds, 1e-9)
     return dataclasses.replace(out, token_ids=ids, finish_reason=reason, text=body, reasoning=reasoning,
                                answer=answer, tokens_per_second=len(ids) / elapsed)
+
+
+def sampling_of(sampling: SamplingParams | None = None, **keywords: float | int | None) -> SamplingParams:
+    """A :class:`SamplingParams` from ``sampling`` or from the keywords given (temperature, top_p, top_k),
+    never both; greedy when neither is given."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if sampling is not None and given:
+        raise InputError(f"give either sampling= or {', '.join(f'{k}=' for k in given)}, not both")
+    if sampling is not None:
+        return sampling
+    return SamplingParams(**given)
 
 
 def nonfinite_message(outputs: Sequence[GenerationOutput]) -> str | None:

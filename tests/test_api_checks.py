@@ -65,6 +65,9 @@ def test_stop_ids_are_not_coerced(gen, stops, message):
     (dict(seed=1.5), "seed must be an integer"),
     (dict(sampling={"temperature": 1.0}), "sampling must be a SamplingParams"),
     (dict(stream="yes"), "stream must be a callable"),
+    (dict(sampling=SamplingParams(), temperature=0.5), "give either sampling= or temperature=, not both"),
+    (dict(temperature="1"), "temperature must be a number"),
+    (dict(top_k=-1), "top_k must be at least 0"),
     (dict(stream=print, stream_every=0), "stream_every must be at least 1"),
 ])
 def test_generate_arguments(gen, kwargs, message):
@@ -87,6 +90,16 @@ def test_generate_arguments(gen, kwargs, message):
 def test_sampling_params(kwargs, message):
     with pytest.raises(InputError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampling_keywords_are_sampling_params(gen):
+    """generate(temperature=, top_p=, top_k=) samples as generate(sampling=SamplingParams(...)) does."""
+    [by_keywords] = gen.generate([[7, 8, 9]], max_new_tokens=6, temperature=0.9, top_p=0.8, top_k=20, seed=3)
+    [by_params] = gen.generate([[7, 8, 9]], max_new_tokens=6, seed=3,
+                               sampling=SamplingParams(temperature=0.9, top_p=0.8, top_k=20))
+    [greedy] = gen.generate([[7, 8, 9]], max_new_tokens=6, temperature=0)
+    assert by_keywords.token_ids == by_params.token_ids
+    assert greedy.token_ids == gen.generate([[7, 8, 9]], max_new_tokens=6)[0].token_ids
 
 
 def test_sampling_params_normalise_numbers():
