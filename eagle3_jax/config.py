@@ -273,7 +273,7 @@ class LlamaConfig(TargetConfig):
 class Eagle3Config:
     """An EAGLE-3 draft head, whatever format it was published in (SpecForge /
     SGLang ``LlamaForCausalLMEagle3``, the EAGLE authors' checkpoints, or
-    ``speculators`` ``Eagle3Speculator``; ``eagle3_jax/hf_config.py: parse_eagle3``).
+    ``speculators`` ``Eagle3Speculator``; ``eagle3_jax/hf_heads.py: parse_eagle3``).
 
     One Llama decoder layer whose attention reads ``[input_layernorm(emb),
     hidden_norm(h)]`` (2H wide), ``fc`` from the target's three concatenated

@@ -4,7 +4,7 @@ Targets of every registered architecture (``eagle3_jax/models/registry.py``:
 Qwen3, Qwen2, Llama) load through the same path: the registry gives the config
 parser, the module and the weight-name rules for the config's ``model_type``.
 Draft heads load in each format they are published in
-(``eagle3_jax/hf_config.py: parse_eagle3``, ``eagle3_jax/weights/rules.py: eagle3_rules``).
+(``eagle3_jax/hf_heads.py: parse_eagle3``, ``eagle3_jax/weights/rules.py: eagle3_rules``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def load_target(name_or_path: str | os.PathLike, *, dtype=None, progress: bool =
       name_or_path: a local HF directory (config.json + model.safetensors or a
         sharded index), a directory written by :func:`convert_target`, a
         llama.cpp GGUF file (llama, qwen2, qwen3; dequantized once into the
-        user's cache, ``eagle3_jax/weights/gguf_io.py``), or a Hub id
+        user's cache, ``eagle3_jax/weights/gguf_cache.py``), or a Hub id
         fetched with ``huggingface_hub``.
       dtype: parameter and activation dtype ('float32', 'bfloat16', a jnp
         dtype, or None for bfloat16 on accelerators and float32 on CPU).

@@ -12,8 +12,8 @@ number. Each boundary keeps its own error type and wording:
 - **arguments** (``check_*``): a Python API or CLI argument;
   :class:`~eagle3_jax.errors.InputError` naming the argument.
 - **request fields**: the server's protocol (``serve/protocol.py``) reads a
-  JSON body with its own ``APIError`` (an OpenAI error object), built on the
-  predicates here (:func:`is_int`, :func:`json_type`).
+  JSON body with its own ``APIError`` (an OpenAI error object) and wording,
+  on the predicates here (:func:`is_int`) and :data:`MAX_SEED`.
 
 This module imports nothing of the project but its errors.
 """

@@ -323,7 +323,7 @@ def test_broken_generation_config(tmp_path, generation, key):
     assert str(e.value).startswith(str(tmp_path / "generation_config.json") + ": ") and key in str(e.value)
 
 
-def test_from_hf_dict_refuses_non_objects():
+def test_target_config_from_hf_refuses_non_objects():
     with pytest.raises(ConfigError, match="cfg.json: expected a JSON object"):
         target_config_from_hf([1], where="cfg.json", among=QWEN)
     with pytest.raises(ConfigError, match="gen.json: expected a JSON object"):

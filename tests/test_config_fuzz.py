@@ -3,7 +3,7 @@
 Starting from realistic Qwen3 (transformers 4 and 5 spellings), Qwen2 and
 EAGLE-3 head configs, random keys get random JSON values (null, bools, huge
 ints, NaN, strings, lists, nested objects) or are deleted, or the whole file is
-replaced by random bytes. ``from_pretrained`` must then either return a config
+replaced by random bytes. ``read_target_config`` / ``read_eagle3_config`` must then either return a config
 whose every field has the right type and range, or raise ConfigError naming the
 file and a key that was changed; any other exception is a bug.
 """

@@ -97,6 +97,15 @@ def test_cli_refuses_a_mesh_larger_than_the_machine(capsys):
     assert exit_.value.code == 2 and "need --distributed" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_batch_the_data_axis_does_not_divide(capsys):
+    from eagle3_jax.cli import main
+    from eagle3_jax.demo import demo_paths
+
+    target, _ = demo_paths("toy")
+    assert main(["serve", "--target", target, "--max-batch", "3", "--data-parallel", "2", "--port", "0"]) == 1
+    assert "--max-batch (3) must be a multiple of --data-parallel (2)" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ eight simulated devices
 
 _worker: tuple[subprocess.Popen, object, object] | None = None

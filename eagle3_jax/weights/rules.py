@@ -100,7 +100,7 @@ def decoder_lm_rules(tie_word_embeddings: bool) -> RuleTable:
 qwen3_rules = decoder_lm_rules  # the name it had before Llama shared it
 
 
-# Where each head format keeps its decoder layer (eagle3_jax/hf_config.py: head_format).
+# Where each head format keeps its decoder layer (eagle3_jax/hf_heads.py: head_format).
 HEAD_LAYER_PREFIX = {"specforge": "midlayer.", "eagle": "midlayer.", "speculators": "layers.0."}
 
 
