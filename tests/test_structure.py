@@ -29,8 +29,8 @@ _LAYER_NAMES = [
 for layer, names in enumerate([
     ["errors", "validation", "axes", "platform", "compiled", "compile_cache", "timing", "xla_flags", "atomic",
      "jsonl", "distributed", "text", "data", "bench_prompts", "cli.signals", "demo.corpus", "attention.metadata",
-     "weights", "weights.rules", "weights.safetensors_io", "weights.gguf_tokenizer", "weights.torch_bin", "serve.metrics",
-     "serve.offload", "serve.http"],
+     "weights", "weights.rules", "weights.safetensors_io", "weights.gguf_tokenizer", "weights.torch_bin",
+     "serve.metrics", "serve.offload", "serve.http"],
     ["config", "hf_json", "hf_config", "hf_heads", "weights.params", "weights.converted", "sharding"],
     ["kv_cache", "attention", "models", "memory"],
     ["sampling", "decoding"],
