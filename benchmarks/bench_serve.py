@@ -495,7 +495,7 @@ def server_command(args, mode: str, admission: str) -> list[str]:
         cmd += ["--draft", args.draft]
         if args.tree:
             d, k, n = args.tree.split(",")
-            cmd += ["--num-steps", d, "--topk", k, "--num-draft-tokens", n]
+            cmd += ["--num-steps", d, "--tree-topk", k, "--num-draft-tokens", n]
     return cmd + list(args.server_arg)
 
 

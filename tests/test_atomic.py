@@ -274,7 +274,7 @@ def test_two_converts_to_one_destination(hf_qwen3, tmp_path):
     dst = tmp_path / "both"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmds = [[sys.executable, "-m", "eagle3_jax.cli", "convert", hf_qwen3.path, str(dst)],
-            [sys.executable, "-m", "eagle3_jax.cli", "convert", "--draft", head_dir, str(dst)]]
+            [sys.executable, "-m", "eagle3_jax.cli", "convert", "--head", head_dir, str(dst)]]
     procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cmds]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]

@@ -161,7 +161,7 @@ def test_speculative_generate_json(capsys, hf_qwen3, head_dir):
             "--max-new-tokens", "12", "--no-stop", "--json"]
     code, out, _ = run_cli(capsys, *base)
     plain_rows = json_rows(out)
-    code, out, _ = run_cli(capsys, *base, "--draft", head_dir, "--num-steps", "3", "--topk", "2",
+    code, out, _ = run_cli(capsys, *base, "--draft", head_dir, "--num-steps", "3", "--tree-topk", "2",
                            "--num-draft-tokens", "5")
     assert code == 0
     rows = json_rows(out)
@@ -183,7 +183,7 @@ def test_streamed_text_equals_the_final_text(capsys, hf_qwen3_real_vocab):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--draft", "HEAD", "--num-steps", "3", "--topk", "1", "--num-draft-tokens", "7"],
+    (["--draft", "HEAD", "--num-steps", "3", "--tree-topk", "1", "--num-draft-tokens", "7"],
      "num_draft_tokens must be num_steps + 1 = 4"),
     (["--draft", "HEAD", "--feature-layers", "2,3,9"], "feature layers [9] are outside the target's 4 layers"),
     (["--draft", "NOPE"], "no such directory"),
@@ -196,7 +196,7 @@ def test_speculative_user_errors(capsys, hf_qwen3, head_dir, tmp_path, argv, mes
 
 @pytest.mark.parametrize("argv", [
     ["--num-steps", "3"],
-    ["--draft", "HEAD", "--topk", "2"],
+    ["--draft", "HEAD", "--tree-topk", "2"],
     ["--draft", "HEAD", "--json", "--stream"],
 ])
 def test_speculative_usage_errors(capsys, hf_qwen3, head_dir, argv):

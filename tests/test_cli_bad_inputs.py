@@ -247,7 +247,7 @@ ARGV = {
     "prompt not utf8": gen(prompt=("--prompt", "def f(\udcff):")),
     "chat template raises": gen("--chat", prompt=("--prompt", "hello")),
     "num-steps huge": gen("--draft", "{h}", "--num-steps", "1000"),
-    "tree huge": gen("--draft", "{h}", "--num-steps", "20", "--topk", "64", "--num-draft-tokens", "2000"),
+    "tree huge": gen("--draft", "{h}", "--num-steps", "20", "--tree-topk", "64", "--num-draft-tokens", "2000"),
     "max-cache-len past context": gen("--max-cache-len", "1000000000"),
     "memory": ["generate", "--target", "{t}", *sum((["--prompt-ids", "5,6,7"] for _ in range(8)), []),
                "--max-cache-len", str(2**24), "--json"],

@@ -309,7 +309,7 @@ def test_ttt_mask_layout():
 def test_convert_cli_for_drafts(ref_head, tmp_path, capsys):
     from eagle3_jax.cli import main
 
-    assert main(["convert", "--draft", ref_head[0], str(tmp_path / "d"), "--json"]) == 0
+    assert main(["convert", "--head", ref_head[0], str(tmp_path / "d"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "draft"
     assert load_draft(tmp_path / "d", TARGET, progress=False).config.draft_vocab_size == 31
     assert main(["convert", ref_head[0], str(tmp_path / "t")]) == 1  # a head is not a target

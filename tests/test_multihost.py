@@ -53,7 +53,7 @@ def _json_lines(text: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_generate_the_tokens_of_one(tmp_path, capsys):
-    argv = ["generate", "--target", TARGET, "--draft", HEAD, "--num-steps", "3", "--topk", "4",
+    argv = ["generate", "--target", TARGET, "--draft", HEAD, "--num-steps", "3", "--tree-topk", "4",
             "--num-draft-tokens", "8", "--prompt-ids", "5,6,7,8", "--prompt-ids", "9,10,11", "--max-new-tokens",
             "16", "--no-stop", "--json", "--dtype", "float32"]
     assert main(argv) == 0

@@ -45,7 +45,7 @@ def test_resolve_checks_the_shape():
 def test_the_command_line_resolves_with_the_library_default():
     assert check_tree(None, None, None) == TreeSpec(*DEFAULT_TREE)
     assert check_tree(6, None, None).knobs == (6, 1, 7)
-    with pytest.raises(UsageError, match="--num-draft-tokens is required with --topk > 1"):
+    with pytest.raises(UsageError, match="--num-draft-tokens is required with --tree-topk > 1"):
         check_tree(None, 2, None)
 
 
@@ -59,7 +59,7 @@ def test_help_texts_name_the_defaults():
     # The parser imports nothing heavy, so its help repeats the defaults as text; they must agree.
     d, k, _ = DEFAULT_TREE
     assert f"(default {d})" in _help("generate", "--num-steps")
-    assert f"(default {k}: a chain)" in _help("generate", "--topk")
+    assert f"(default {k}: a chain)" in _help("generate", "--tree-topk")
     assert f"(default {d})" in _help("regenerate", "--num-steps")
     from eagle3_jax.demo.run import DEFAULT_KNOBS
 
@@ -82,3 +82,28 @@ def test_building_the_parser_imports_no_jax():
     code = "import sys; from eagle3_jax.cli import build_parser; build_parser(); print('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_the_tree_width_can_not_be_taken_for_sampling_top_k(capsys):
+    """--tree-topk is the tree's width, --top-k sampling's; the old --topk is refused, naming the new one."""
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--target", "T", "--prompt-ids", "1", "--tree-topk", "4", "--top-k", "20"])
+    assert (args.topk, args.top_k) == (4, 20)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["generate", "--target", "T", "--prompt-ids", "1", "--topk", "4"])
+    assert exit_.value.code == 2 and "--topk is now --tree-topk" in capsys.readouterr().err
+    for argv in (["convert", "--draft", "SRC", "DST"], ["convert", "SRC", "DST", "--draft"]):  # --draft DIR elsewhere
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2 and "--draft is now --head" in capsys.readouterr().err
+    assert parser.parse_args(["convert", "--head", "SRC", "DST"]).head
+
+
+def test_a_switch_help_does_not_show_the_default_it_turns_off(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    switch = text[text.index("--no-check-finite load weights"):]
+    switch = switch[: switch.index(" --", 3)]
+    assert "default" not in switch, switch
+    assert "--max-cache-len" in text and "(default: auto)" in text  # other options still show theirs

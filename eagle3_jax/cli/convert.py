@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from eagle3_jax.cli.options import HelpFormatter
+from eagle3_jax.cli.options import HelpFormatter, add_renamed
 
 DTYPE_CHOICES = ["keep", "float32", "bfloat16", "float16"]
 
@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("source", metavar="SRC", help="HF model directory or Hub id; with --gguf, a .gguf file")
     p.add_argument("output", metavar="DST", help="output directory (must not exist unless --overwrite)")
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--draft", action="store_true",
+    kind.add_argument("--head", action="store_true",
                       help="SRC is an EAGLE-3 draft head (LlamaForCausalLMEagle3), not a target")
+    add_renamed(p, "--draft", "--head (SRC is a draft head; elsewhere --draft DIR names the head to decode with)")
     kind.add_argument("--gguf", action="store_true",
                       help="SRC is a GGUF file: dequantize it into an HF directory (no orbax)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep",
@@ -53,11 +54,11 @@ def run(args) -> int:
     from eagle3_jax.loading import convert_draft, convert_target
     from eagle3_jax.weights.converted import read_marker
 
-    convert = convert_draft if args.draft else convert_target
+    convert = convert_draft if args.head else convert_target
     out = convert(args.source, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.json)
     dtype = read_marker(out).get("dtype")
     if args.json:
-        print(json.dumps({"output": out, "kind": "draft" if args.draft else "target", "dtype": dtype}))
+        print(json.dumps({"output": out, "kind": "draft" if args.head else "target", "dtype": dtype}))
     else:
         print(f"converted {args.source} -> {out}, stored as {dtype}")
     return 0

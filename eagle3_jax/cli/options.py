@@ -12,15 +12,26 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3  # a bug: an exception the project did not anticipate
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default once: not when it is None or False, nor when the help already names it."""
+    """Shows an option's default once: not when it is None or False, nor when the help already names it, nor for
+    a switch (``--no-check-finite``'s default, True, is the value of what it turns off: it would read backwards)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
         if default is None or default is False or default == [] or default is argparse.SUPPRESS \
-                or "default" in text or not text:
+                or "default" in text or not text or action.nargs == 0:
             return text
         return super()._get_help_string(action)
+
+
+def add_renamed(p, old: str, new: str) -> None:
+    """A hidden option ``old`` that was renamed: using it (with a value or not) is a usage error naming ``new``."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{old} is now {new}")
+
+    p.add_argument(old, nargs="?", action=Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def int_list(text: str) -> list[int]:
@@ -190,11 +201,14 @@ def is_main_process() -> bool:
 
 
 def add_tree_options(p) -> None:
-    """--num-steps, --topk, --num-draft-tokens: the static tree shape (SGLang's knobs)."""
+    """--num-steps, --tree-topk, --num-draft-tokens: the static tree shape (SGLang's knobs; --tree-topk is
+    SGLang's --speculative-eagle-topk, named so that it can not be taken for sampling's --top-k)."""
     p.add_argument("--num-steps", type=positive_int, default=None, metavar="D",
                    help="tree depth: draft steps per cycle (default 3)")
-    p.add_argument("--topk", type=positive_int, default=None, metavar="K",
-                   help="children kept per tree node and beam width (default 1: a chain)")
+    p.add_argument("--tree-topk", dest="topk", type=positive_int, default=None, metavar="K",
+                   help="the tree's width: children kept per tree node and beam width (default 1: a chain); "
+                        "sampling's top-k is --top-k")
+    add_renamed(p, "--topk", "--tree-topk K (the tree's width; sampling's top-k is --top-k)")
     p.add_argument("--num-draft-tokens", type=positive_int, default=None, metavar="N",
                    help="tree tokens verified per cycle, root included (default D+1 for a chain; required for K>1)")
 
@@ -282,13 +296,13 @@ def encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def check_tree(steps, topk, num_draft_tokens):
-    """The tree shape from --num-steps/--topk/--num-draft-tokens (None: not given), with the library's defaults."""
+    """The tree shape from --num-steps/--tree-topk/--num-draft-tokens (None: not given), with the library's defaults."""
     from eagle3_jax.decoding.tree import NumDraftTokensRequired, TreeSpec
 
     try:
         return TreeSpec.resolve(steps, topk, num_draft_tokens)
     except NumDraftTokensRequired:
-        raise usage("--num-draft-tokens is required with --topk > 1") from None
+        raise usage("--num-draft-tokens is required with --tree-topk > 1") from None
 
 
 def draft_tree(args):
@@ -297,7 +311,7 @@ def draft_tree(args):
     knobs = (args.num_steps, args.topk, args.num_draft_tokens, args.draft_rope_theta, args.feature_layers)
     if args.draft is None:
         if any(k is not None for k in knobs):
-            raise usage("--num-steps/--topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
+            raise usage("--num-steps/--tree-topk/--num-draft-tokens/--draft-rope-theta/--feature-layers need --draft")
         return None
     return check_tree(args.num_steps, args.topk, args.num_draft_tokens)
 

@@ -57,7 +57,7 @@ def run(args) -> int:
     from eagle3_jax.training.regenerate import regenerate, write_jsonl
 
     if args.draft is None and any(v is not None for v in (args.num_steps, args.topk, args.num_draft_tokens)):
-        raise usage("--num-steps/--topk/--num-draft-tokens need --draft")
+        raise usage("--num-steps/--tree-topk/--num-draft-tokens need --draft")
     spec = check_tree(args.num_steps, args.topk, args.num_draft_tokens) if args.draft is not None else None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if os.path.exists(args.output) and os.path.exists(args.data) and os.path.samefile(args.output, args.data):
