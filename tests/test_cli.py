@@ -260,3 +260,46 @@ def test_streamed_reply_shows_reasoning_and_answer_apart(capsys, opened):
     out = capsys.readouterr().out
     assert out == shown(final, opened) + "\n"
     assert out == "[reasoning]\nTwo and two.\n\n[answer]\nFour.\n"
+
+
+def test_compile_messages_wait_for_the_end_of_a_streamed_reply(capsys):
+    """A program compiled while a reply streams (the loop, after the first tokens) is announced after the reply's
+    line, never inside it."""
+    from eagle3_jax.cli.generate import StreamPrinter
+    from eagle3_jax.cli.options import COMPILE_MESSAGES
+    from eagle3_jax.compiled import CompileEvent
+
+    COMPILE_MESSAGES(CompileEvent("the prefill", done=False))  # before any text: printed at once
+    COMPILE_MESSAGES(CompileEvent("the prefill", done=True, seconds=1.0))
+    assert "compiling the prefill... done in 1.0 s" in capsys.readouterr().err
+    printer = StreamPrinter(None, rows=1)
+    printer(0, [5, 6])
+    COMPILE_MESSAGES(CompileEvent("the decode loop", done=False))
+    COMPILE_MESSAGES(CompileEvent("the decode loop", done=True, seconds=2.0))
+    printer(0, [7])
+    captured = capsys.readouterr()
+    assert captured.out == "5,6,7" and captured.err == ""
+    printer.finish(None)
+    captured = capsys.readouterr()
+    assert captured.out == "\n" and "compiling the decode loop... done in 2.0 s" in captured.err
+    COMPILE_MESSAGES(CompileEvent("x", done=True, seconds=0.5))  # released: printed at once again
+    assert "x: done in 0.5 s" in capsys.readouterr().err
+
+
+def test_batch_text_output_keeps_the_prompts_apart(capsys):
+    from eagle3_jax.cli.generate import StreamPrinter, print_text
+    from eagle3_jax.generation import GenerationOutput
+
+    def out(text):
+        return GenerationOutput(token_ids=[1, 2], finish_reason="length", num_target_forwards=1, accept_lengths=[1],
+                                acceptance_length=1.0, prompt_length=3, prefill_seconds=0.1, decode_seconds=0.1,
+                                compile_seconds=0.0, tokens_per_second=10.0, text=text)
+
+    print_text([out("one\nline two"), out("three")], None, [False, False], speculative=False)
+    assert capsys.readouterr().out == "[prompt 0]\none\nline two\n[prompt 1]\nthree\n"
+    print_text([out("alone")], None, [False], speculative=False)
+    assert capsys.readouterr().out == "alone\n"  # one prompt: no heading
+    printer = StreamPrinter(None, rows=2)  # a streamed batch: row 0 opens with its heading as it streams
+    printer(0, [4, 5])
+    print_text([out(None), out("three")], printer, [False, False], speculative=False)
+    assert capsys.readouterr().out == "[prompt 0]\n4,5\n[prompt 1]\nthree\n"

@@ -30,6 +30,7 @@ from typing import NoReturn
 
 from eagle3_jax.cli import compile, convert, demo, eval, generate, regenerate, serve, train
 from eagle3_jax.cli.options import (
+    COMPILE_MESSAGES,
     EXIT_ERROR,
     EXIT_INTERNAL,
     EXIT_USAGE,
@@ -147,7 +148,8 @@ def _main(argv: Sequence[str] | None) -> int:
         warnings.showwarning = saved_show
         if remove_listener is not None:
             remove_listener()
-        _compile_messages.end_line()
+        COMPILE_MESSAGES.release()  # (held back by a stream an error cut short)
+        COMPILE_MESSAGES.end_line()
         if saved_env is None:
             os.environ.pop(_CACHE_ENV, None)
         else:
@@ -174,51 +176,21 @@ def _start_compile_cache(args):
         compile_cache.enable()
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    return add_compile_listener(_compile_messages)
+    return add_compile_listener(COMPILE_MESSAGES)
 
 
-class _CompileMessages:
-    """Prints 'compiling the speculative loop (...)... done in 12.3 s' on stderr, one line per compilation."""
-
-    def __init__(self):
-        self.open = False
-
-    def __call__(self, event) -> None:
-        if not is_main_process():  # the other processes of a --distributed run compile the same programs
-            return
-        if not event.done:
-            self.end_line()
-            sys.stderr.write(f"compiling {event.what}... ")
-            self.open = True
-        else:
-            if not self.open:
-                sys.stderr.write(f"{event.what}: ")
-            how = "loaded from the compilation cache" if event.from_cache else "done"
-            sys.stderr.write(f"{how} in {event.seconds:.1f} s\n")
-            self.open = False
-        sys.stderr.flush()
-
-    def end_line(self) -> None:
-        """Ends a 'compiling ...' line left open (by an error, or an interruption)."""
-        if self.open:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self.open = False
-
-
-_compile_messages = _CompileMessages()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if not is_main_process():  # process 0 of a --distributed run says it for all
         return
-    _compile_messages.end_line()
+    COMPILE_MESSAGES.end_line()
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _report(line: str, code: int) -> int:
     """Prints ``line`` on stderr, on a line of its own, and returns the exit status ``code``."""
-    _compile_messages.end_line()
+    COMPILE_MESSAGES.end_line()
     end_progress_lines()
     print(line, file=sys.stderr)
     return code

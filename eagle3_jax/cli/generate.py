@@ -7,6 +7,7 @@ import json
 import sys
 
 from eagle3_jax.cli.options import (
+    COMPILE_MESSAGES,
     EXIT_ERROR,
     HelpFormatter,
     add_head_overrides,
@@ -178,8 +179,11 @@ def print_json(outputs) -> None:
 
 
 def print_text(outputs, printer, opened: list[bool], *, speculative: bool) -> None:
-    """Each reply (a thinking model's reasoning and answer under their own headings) and a stats line on stderr."""
+    """Each reply (a thinking model's reasoning and answer under their own headings) and a stats line on stderr;
+    in a batch, each reply under a ``[prompt i]`` heading line, so that the replies stay apart."""
     for i, out in enumerate(outputs):
+        if len(outputs) > 1 and not (printer is not None and i == 0):  # (a streamed row 0 printed its own)
+            print(prompt_heading(i), flush=True)
         if printer is not None and i == 0:
             printer.finish(out.text)  # row 0 was streamed; the others print when done
         elif out.text is not None:
@@ -194,6 +198,11 @@ def print_text(outputs, printer, opened: list[bool], *, speculative: bool) -> No
 # How a reply is printed: a thinking model's tags become headings (longest patterns first).
 SHOWN_TAGS = (("<think>\n", "[reasoning]\n"), ("<think>", "[reasoning]\n"), ("</think>\n\n", "\n[answer]\n"),
               ("</think>", "\n[answer]\n"))
+
+
+def prompt_heading(index: int) -> str:
+    """The line that opens a batch's reply ``index`` in text output."""
+    return f"[prompt {index}]"
 
 
 def shown(text: str, opened: bool) -> str:
@@ -230,6 +239,7 @@ class StreamPrinter:
         self.stops = tuple(stops)
         self.opened = opened
         self.printed = ""  # what was written, in the shown form (or token ids without a tokenizer)
+        self.heading = prompt_heading(0) + "\n" if rows > 1 else ""  # a batch's replies stay apart
 
     def __call__(self, row: int, new_tokens: list[int]) -> None:
         if row != 0:
@@ -238,6 +248,7 @@ class StreamPrinter:
         if self.tokenizer is None:
             chunk = ("," if self.printed else "") + ",".join(map(str, new_tokens))
             self.printed += chunk
+            self._start()
             sys.stdout.write(chunk)
             sys.stdout.flush()
             return
@@ -256,13 +267,26 @@ class StreamPrinter:
             text = text[: len(text) - partial_stop_length(text, self.stops + tuple(t for t, _ in SHOWN_TAGS))]
         now = shown(text, self.opened)
         if now.startswith(self.printed):
+            if now != self.printed:
+                self._start()
             sys.stdout.write(now[len(self.printed):])
             sys.stdout.flush()
             self.printed = now
+
+    def _start(self) -> None:
+        """Before the reply's first characters: its heading (in a batch); compile messages then wait for the
+        reply's end (they would land inside it)."""
+        COMPILE_MESSAGES.hold()
+        if self.heading:
+            sys.stdout.write(self.heading)
+            self.heading = ""
 
     def finish(self, final_text: str | None) -> None:
         """Prints what is left of the final text (``GenerationOutput.text``) and ends the line."""
         if self.tokenizer is not None and final_text is not None:
             self._write(final_text, final=True)
+        if self.heading:  # nothing was streamed
+            sys.stdout.write(self.heading)
         sys.stdout.write("\n")
         sys.stdout.flush()
+        COMPILE_MESSAGES.release()

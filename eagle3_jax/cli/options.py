@@ -324,6 +324,58 @@ def usage(message: str) -> UsageError:
     return UsageError(message)
 
 
+class CompileMessages:
+    """Prints 'compiling the speculative loop (...)... done in 12.3 s' on stderr, one line per compilation.
+
+    While a reply is being streamed on stdout (:meth:`hold`), the messages wait and are printed when it ends
+    (:meth:`release`), so that none lands inside the streamed text of a terminal.
+    """
+
+    def __init__(self):
+        self.open = False
+        self.held: list | None = None
+
+    def __call__(self, event) -> None:
+        if not is_main_process():  # the other processes of a --distributed run compile the same programs
+            return
+        if self.held is not None:
+            self.held.append(event)
+            return
+        if not event.done:
+            self.end_line()
+            sys.stderr.write(f"compiling {event.what}... ")
+            self.open = True
+        else:
+            if not self.open:
+                sys.stderr.write(f"{event.what}: ")
+            how = "loaded from the compilation cache" if event.from_cache else "done"
+            sys.stderr.write(f"{how} in {event.seconds:.1f} s\n")
+            self.open = False
+        sys.stderr.flush()
+
+    def hold(self) -> None:
+        """Keeps the messages back until :meth:`release` (a reply is being streamed on stdout)."""
+        if self.held is None:
+            self.end_line()
+            self.held = []
+
+    def release(self) -> None:
+        """Prints the messages held back."""
+        held, self.held = self.held or [], None
+        for event in held:
+            self(event)
+
+    def end_line(self) -> None:
+        """Ends a 'compiling ...' line left open (by an error, or an interruption)."""
+        if self.open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open = False
+
+
+COMPILE_MESSAGES = CompileMessages()
+
+
 def end_progress_lines() -> None:
     """Closes progress bars still on screen, so that an error message starts on a line of its own."""
     try:
