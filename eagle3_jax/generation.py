@@ -13,9 +13,11 @@ is at hand.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -32,9 +34,18 @@ from eagle3_jax.planning import check_cache_dtype, check_memory, device_errors, 
 from eagle3_jax.runner import Runner, check_models, end_rows, finish_codes
 from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.sharding import to_host
-from eagle3_jax.text import check_stop_strings, check_template_kwargs, prompt_opens_thinking, reasoning_and_answer
+from eagle3_jax.text import (
+    check_stop_strings,
+    check_template_kwargs,
+    cut_at_stop,
+    decode,
+    is_messages,
+    partial_stop_length,
+    prompt_opens_thinking,
+    reasoning_and_answer,
+)
 from eagle3_jax.text_io import StopWatcher, TextOptions, TokenizerSource, encode_prompts
-from eagle3_jax.validation import check_int, check_seed
+from eagle3_jax.validation import check_int, check_seed, is_int
 
 StreamCallback = Callable[[int, list[int]], None]
 NO_LIMIT = 1 << 30  # loop iterations of a run that is not chunked: until every row has ended
@@ -274,6 +285,56 @@ class Generator:
         with device_errors():
             outputs = self._run(prompts, settings, params, bucket, seed, stream, stream_every, text)
         return outputs if text is None else [_with_text(out, p, text) for out, p in zip(outputs, prompts)]
+
+    def stream_text(self, prompt: Any, **kwargs: Any) -> Iterator[str]:
+        """Generates for one prompt and yields its text as it is committed: text deltas whose concatenation
+        is the reply's ``GenerationOutput.text`` (cut before a stop string, special tokens left out).
+
+        >>> for delta in gen.stream_text([{"role": "user", "content": "Hi!"}], max_new_tokens=64):
+        ...     print(delta, end="", flush=True)
+
+        ``prompt`` is one prompt (text, a chat, or token ids); ``kwargs`` are those of :meth:`generate`
+        but ``stream``. Needs a tokenizer. Text that could begin a stop string, or an incomplete
+        character, is held back until the next tokens tell (as the server's stream does). The generation
+        runs on a thread of its own; an error is raised here.
+        """
+        if not (isinstance(prompt, str) or is_messages(prompt)
+                or (isinstance(prompt, Sequence) and len(prompt) and all(is_int(t) for t in prompt))):
+            raise InputError("stream_text takes one prompt (text, a list of chat messages, or a list of token ids); "
+                             "use generate(stream=...) for a batch")
+        if "stream" in kwargs:
+            raise InputError("stream_text streams by itself; pass stream= to generate instead")
+        tokenizer = self.tokenizers.get("stream_text (text deltas)")
+        stops = check_stop_strings(kwargs.get("stop"))
+        events: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                events.put(("done", self.generate(prompt, stream=lambda row, ids: events.put(("tokens", ids)),
+                                                  **kwargs)))
+            except BaseException as e:  # raised in the caller's thread
+                events.put(("error", e))
+
+        threading.Thread(target=work, name="eagle3-jax-stream-text", daemon=True).start()
+        ids, sent = [], ""
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                final = value[0].text or ""
+                if final.startswith(sent) and len(final) > len(sent):
+                    yield final[len(sent):]
+                return
+            ids += value
+            text = decode(tokenizer, ids)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            cut = cut_at_stop(text, stops) if stops else None
+            text = cut if cut is not None else text[: len(text) - partial_stop_length(text, stops)]
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
 
     def _run(self, prompts, settings, params, bucket, seed, stream, stream_every,
              text: TextOptions | None = None) -> list[GenerationOutput]:

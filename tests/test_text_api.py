@@ -349,3 +349,20 @@ def test_output_dataclass_keeps_positional_fields():
     names = [f.name for f in dataclasses.fields(GenerationOutput)]
     assert names[-3:] == ["text", "reasoning", "answer"] and names[0] == "token_ids"
     assert np.isclose(GenerationOutput([1], "eos", 0, [], 1.0, 3, 0.1, 0.1, 0.0, 5.0).tokens_per_second, 5.0)
+
+
+def test_stream_text_yields_the_final_text_in_deltas(tiny):
+    """Generator.stream_text: text deltas whose concatenation is generate()'s text, held back at a stop string."""
+    words = WordTokenizer()
+    gen = Generator(tiny, tokenizer=words)
+    [free] = _free_runs(gen, [[7, 8, 9]])
+    deltas = list(gen.stream_text([7, 8, 9], max_new_tokens=N, stop_token_ids=(), stream_every=2))
+    assert len(deltas) > 1 and "".join(deltas) == free.text
+    stop = words.decode(free.token_ids[5:6])
+    [stopped] = gen.generate([7, 8, 9], max_new_tokens=N, stop_token_ids=(), stop=stop)
+    deltas = list(gen.stream_text([7, 8, 9], max_new_tokens=N, stop_token_ids=(), stop=stop, stream_every=2))
+    assert "".join(deltas) == stopped.text and stop not in "".join(deltas)
+    with pytest.raises(InputError, match="stream_text takes one prompt"):
+        next(gen.stream_text([[7, 8], [9, 10]]))
+    with pytest.raises(InputError, match="max_new_tokens must be at least 1"):  # raised in the caller's thread
+        list(gen.stream_text([7, 8, 9], max_new_tokens=0))
