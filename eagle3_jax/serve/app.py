@@ -67,10 +67,34 @@ from eagle3_jax.text import (
 logger = logging.getLogger("eagle3_jax.serve")
 
 
+@dataclasses.dataclass(frozen=True)
+class DeltaEvent:
+    """New text (``delta``: content and reasoning) and the new token ids of a request's reply."""
+
+    delta: Delta
+    token_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class EndEvent:
+    """A request's end: its finish reason ('eos', 'length', 'stop', 'nonfinite', 'error', 'shutdown') and counters."""
+
+    reason: str
+    stats: RequestStats
+
+
+@dataclasses.dataclass(frozen=True)
+class GoneEvent:
+    """The client went away: whoever waits for the request's end stops waiting."""
+
+
+QueueEvent = DeltaEvent | EndEvent | GoneEvent
+
+
 class _Sink:
     """A request's sink: text and token deltas and its end, handed from the engine's thread to its asyncio queue.
 
-    Queue items: ``("delta", Delta, token_ids)`` and, last, ``("end", reason, stats)``, or ``("gone",)``
+    Queue items (:data:`QueueEvent`): :class:`DeltaEvent` and, last, :class:`EndEvent`, or :class:`GoneEvent`
     when the client disconnected. With a stop string, the token ids stop at those covering the text.
     """
 
@@ -80,12 +104,12 @@ class _Sink:
         self.ids: list[int] = []  # every token generated
         self.sent_ids = 0  # tokens handed on
 
-    def _put(self, item) -> None:
+    def _put(self, item: QueueEvent) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def gone(self) -> None:
         """The client went away (on the event loop): whoever waits for this request's end stops waiting."""
-        self.queue.put_nowait(("gone",))
+        self.queue.put_nowait(GoneEvent())
 
     def kept(self) -> list[int]:
         """The reply's tokens: all of them, or those covering the text when a stop string ended it."""
@@ -104,14 +128,14 @@ class _Sink:
         new = kept[self.sent_ids:]
         self.sent_ids = max(self.sent_ids, len(kept))
         if delta or new:
-            self._put(("delta", delta, new))
+            self._put(DeltaEvent(delta, new))
 
     def finish(self, reason: str, stats: RequestStats) -> None:
         try:
             if self.text is not None and reason not in ("error", "nonfinite"):
                 self._hand_on(self.text.finish())
         finally:  # the request's end is always handed on, or its client would wait for ever
-            self._put(("end", reason, stats))
+            self._put(EndEvent(reason, stats))
 
 
 class Server:
@@ -313,13 +337,13 @@ class Server:
             text: list[str] = []
             while True:
                 item = await sink.queue.get()
-                if item[0] == "gone":
+                if isinstance(item, GoneEvent):
                     self.metrics.request_done(endpoint, 499)
                     return Response(status_code=499)
-                if item[0] == "delta":
-                    text.append(item[1].content)
+                if isinstance(item, DeltaEvent):
+                    text.append(item.delta.content)
                     continue
-                _, reason, stats = item
+                reason, stats = item.reason, item.stats
                 use = self._finished(request, sink, reason, stats)
                 if reason not in FINISH:
                     error = _generation_error(reason, request)
@@ -345,8 +369,8 @@ class Server:
                 yield _sse(chunk(rid, parsed.model, True, created, role=True, content=""))
             while True:
                 item = await sink.queue.get()
-                if item[0] == "delta":
-                    _, delta, ids = item
+                if isinstance(item, DeltaEvent):
+                    delta, ids = item.delta, item.token_ids
                     with_ids = (parsed.return_token_ids or sink.text is None) and ids
                     if not delta and not with_ids:
                         continue  # nothing to say (text held back): no empty chunk
@@ -356,7 +380,9 @@ class Server:
                         body["choices"][0]["token_ids"] = ids
                     yield _sse(body)
                     continue
-                _, reason, stats = item
+                if isinstance(item, GoneEvent):  # (a stream notices its client's end through the generator)
+                    return
+                reason, stats = item.reason, item.stats
                 ended = True
                 use = self._finished(request, sink, reason, stats)
                 if reason not in FINISH:
