@@ -55,6 +55,14 @@ def test_every_target_parameter_has_logical_axes_of_its_rank():
             assert len(axes[path]) == len(var.shape), (path, axes[path], var.shape)
         assert axes["model.layers.0.self_attn.k_proj.kernel"] == ("embed", "kv_heads")
         assert axes["model.layers.0.mlp.down_proj.kernel"] == ("mlp", "embed")
+    from eagle3_jax.models.registry import param_specs
+
+    specs = param_specs(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e4))
+    q = specs["model.layers.1.self_attn.q_proj.kernel"]  # checkpoint names and axes together
+    assert (q.checkpoint, q.transpose, q.shape, q.axes) == ("model.layers.1.self_attn.q_proj.weight", True,
+                                                            (32, 32), ("embed", "heads"))
+    assert specs["model.embed_tokens.embedding"].axes == ("vocab", "embed") and len(specs) == 2 * 11 + 3  # embedding, final norm, lm_head
     undeclared = nnx.Linear(4, 8, rngs=nnx.Rngs(0))  # a module that declares no axes
     with pytest.raises(ValueError, match="of shape .* declares logical axes None"):
         param_axes(undeclared)

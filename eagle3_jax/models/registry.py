@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from eagle3_jax.axes import AXES_KEY
 from eagle3_jax.config import LlamaConfig, Qwen3Config, TargetConfig
 from eagle3_jax.errors import ConfigError
 from eagle3_jax.hf_config import check_model_type, parse_llama, parse_qwen3, read_generation_config
@@ -120,6 +121,37 @@ def build_target(cfg: TargetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None 
 def abstract_target(cfg: TargetConfig, dtype):
     """The target's structure with shapes and dtypes but no memory."""
     return nnx.eval_shape(lambda: build_target(cfg, dtype=dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One target parameter as the registry knows it: its checkpoint tensor, its shape and its layout.
+
+    Attributes:
+      checkpoint: the HF checkpoint tensor's name (``model.layers.0.self_attn.q_proj.weight``).
+      transpose: whether the checkpoint stores it transposed (HF ``nn.Linear``: [out, in]).
+      shape: the parameter's shape here (Flax: a kernel is [in, out]).
+      axes: its logical axes on a device mesh, as its module declares them (``eagle3_jax/axes.py``).
+    """
+
+    checkpoint: str
+    transpose: bool
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+
+
+def param_specs(cfg: TargetConfig) -> dict[str, ParamSpec]:
+    """Dotted parameter path -> :class:`ParamSpec` for every parameter of ``cfg``'s architecture: the
+    checkpoint names (the architecture's rules) and the logical axes (declared by its modules) together."""
+    abstract = abstract_target(cfg, jnp.float32)
+    rules = target_rules(cfg)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract)):
+        dotted = ".".join(str(p) for p in path)
+        name, rule = rules.checkpoint_name(dotted)
+        out[dotted] = ParamSpec(checkpoint=name, transpose=rule.transpose, shape=tuple(var.shape),
+                                axes=tuple(var.get_metadata()[AXES_KEY]))
+    return out
 
 
 def target_rules(cfg: TargetConfig) -> RuleTable:
