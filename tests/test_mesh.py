@@ -62,7 +62,8 @@ def test_every_target_parameter_has_logical_axes_of_its_rank():
     q = specs["model.layers.1.self_attn.q_proj.kernel"]  # checkpoint names and axes together
     assert (q.checkpoint, q.transpose, q.shape, q.axes) == ("model.layers.1.self_attn.q_proj.weight", True,
                                                             (32, 32), ("embed", "heads"))
-    assert specs["model.embed_tokens.embedding"].axes == ("vocab", "embed") and len(specs) == 2 * 11 + 3  # embedding, final norm, lm_head
+    assert specs["model.embed_tokens.embedding"].axes == ("vocab", "embed")
+    assert len(specs) == 2 * 11 + 3  # two layers of 11, the embedding, the final norm, lm_head
     undeclared = nnx.Linear(4, 8, rngs=nnx.Rngs(0))  # a module that declares no axes
     with pytest.raises(ValueError, match="of shape .* declares logical axes None"):
         param_axes(undeclared)
