@@ -245,9 +245,9 @@ def compile_table(cfg, args) -> list[dict]:
         plan = ShardingPlan.for_target(mesh, cfg)
         leaves, treedef = jax.tree.flatten(tw)
         assert len(leaves) == len(paths)
-        sharded_tw = jax.tree.unflatten(treedef, [
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.param_sharding(p, x.shape))
-            for p, x in zip(paths, leaves)])
+        shardings = plan.param_shardings(nnx.merge(tg, tw))
+        sharded_tw = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[p])
+                                                  for p, x in zip(paths, leaves)])
         everywhere = NamedSharding(mesh, PartitionSpec())
         sharded_dw = jax.tree.map(lambda x, s=everywhere: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), dw)
         batch = -(-args.batch // data) * data

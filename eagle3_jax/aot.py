@@ -201,12 +201,13 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
     everywhere = NamedSharding(mesh, PartitionSpec())
 
     with compiling_for(topo.platform), jax.set_mesh(mesh):
-        tg, tw = nnx.split(abstract_target(config, dtype))
-        paths = list(flat_params(nnx.merge(tg, tw)))
+        abstract = abstract_target(config, dtype)
+        shardings = plan.param_shardings(abstract)
+        tg, tw = nnx.split(abstract)
+        paths = list(flat_params(abstract))
         leaves, treedef = jax.tree.flatten(tw)
-        tw = jax.tree.unflatten(treedef, [
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=plan.param_sharding(p, x.shape))
-            for p, x in zip(paths, leaves)])
+        tw = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[p])
+                                          for p, x in zip(paths, leaves)])
         dg, dw = _abstract_head(config, draft_vocab, dtype)
         dw = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), dw)
         library = DecodeSettings(max_new_tokens=capacity - prompt_bucket, capacity=capacity,

@@ -135,12 +135,12 @@ class ListSink:
 
 
 def serve_all(target, draft, requests, mesh=None) -> list:
-    """The server's engine (continuous batching, 4 rows, chunks of 2 cycles) on ``mesh``: each request's
+    """The server's engine (continuous batching, 2 rows, chunks of 2 cycles) on ``mesh``: each request's
     (tokens, finish reason, accept lengths)."""
     from eagle3_jax.serve.engine import BatchEngine, EngineRequest
 
     gen = Generator(target, draft, **TREES["tree"], max_cache_len=128, mesh=mesh, tokenizer=False)
-    engine = BatchEngine(gen, max_batch=4, max_cache_len=128, chunk=2)
+    engine = BatchEngine(gen, max_batch=2, max_cache_len=128, chunk=2)
     engine.start()
     sinks = []
     try:
@@ -157,18 +157,15 @@ def serve_all(target, draft, requests, mesh=None) -> list:
 
 
 def check_server(target, draft) -> dict:
-    """The server on a data 2 x tensor 2 mesh: each request's tokens (greedy and sampled with a seed) equal
-    one device's engine, and the greedy ones the Generator's on their prompt alone. Six requests on four
-    rows: two are admitted as rows free up."""
-    prompts = prompts_of(6, target.config.vocab_size, seed=11)
-    requests = [(p, 0.0 if i % 2 == 0 else 0.8, i) for i, p in enumerate(prompts)]
+    """The server's engine on a data 2 x tensor 2 mesh (two rows, four greedy requests: two are admitted as rows
+    free up): each request's tokens equal Generator.generate's on one device. Prompts of one bucket, to compile
+    few programs."""
+    prompts = [p[:12] for p in prompts_of(4, target.config.vocab_size, seed=11)]
     t0 = time.perf_counter()
-    one = serve_all(target, draft, requests)
-    meshed = serve_all(target, draft, requests, make_mesh(2, 2))
-    alone = run(target, draft, "tree", [p for p, t, _ in requests if t == 0.0])
-    greedy = [out for out, (_, t, _) in zip(meshed, requests) if t == 0.0]
-    return {"identical": meshed == one, "greedy_as_generate": [o[0] for o in greedy] == [a[0] for a in alone],
-            "reasons": sorted({o[1] for o in meshed}), "seconds": round(time.perf_counter() - t0, 2)}
+    meshed = serve_all(target, draft, [(p, 0.0, i) for i, p in enumerate(prompts)], make_mesh(2, 2))
+    alone = run(target, draft, "tree", prompts)
+    return {"identical": [o[0] for o in meshed] == [a[0] for a in alone], "reasons": sorted({o[1] for o in meshed}),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def tiny_eight_heads():

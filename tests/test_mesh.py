@@ -153,8 +153,7 @@ def mesh_results():
 def test_the_server_on_a_mesh_gives_one_devices_tokens(mesh_results):
     """``eagle3-jax serve --tensor-parallel 2 --data-parallel 2``'s engine: continuous batching on a mesh."""
     result = mesh_results["server"]
-    assert result["identical"], "the server's tokens on a 2 x 2 mesh differ from one device's"
-    assert result["greedy_as_generate"], "greedy requests on the mesh server differ from Generator.generate alone"
+    assert result["identical"], "the server's tokens on a 2 x 2 mesh differ from Generator.generate's on one device"
     assert result["reasons"] == ["length"], result["reasons"]
 
 
