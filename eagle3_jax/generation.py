@@ -25,22 +25,21 @@ import numpy as np
 
 from eagle3_jax import compile_cache as compile_cache_module
 from eagle3_jax.attention import DEFAULT_BACKEND, check_backend
-from eagle3_jax.decoding.common import FINISH_LENGTH, RUNNING, finish_reasons
+from eagle3_jax.decoding.common import FINISH_LENGTH, RUNNING, finish_reasons, with_finish_codes
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.planning import check_cache_dtype, check_memory, device_errors, plan_batch
-from eagle3_jax.runner import Runner, check_models, end_rows, finish_codes
+from eagle3_jax.planning import check_cache_dtype, check_memory, check_stop_ids, device_errors, plan_batch
+from eagle3_jax.runner import Runner, check_models, finish_codes
 from eagle3_jax.sampling import SamplingParams
+from eagle3_jax.serve.text_stream import TextStream
 from eagle3_jax.sharding import to_host
 from eagle3_jax.text import (
     check_stop_strings,
     check_template_kwargs,
-    cut_at_stop,
     decode,
     is_messages,
-    partial_stop_length,
     prompt_opens_thinking,
     reasoning_and_answer,
 )
@@ -206,8 +205,26 @@ class Generator:
             spec = TreeSpec.resolve(num_steps, topk, num_draft_tokens)
         self.tokenizers = TokenizerSource(tokenizer, target)  # the given target's: a placed copy has no directory
         self.runner = Runner(target, draft, spec=spec, mesh=mesh)
-        self.mesh, self.plan, self.spec, self.draft_config = (self.runner.mesh, self.runner.plan, self.runner.spec,
-                                                              self.runner.draft_config)
+
+    @property
+    def mesh(self):
+        """The device mesh the runner runs on, or None (one device)."""
+        return self.runner.mesh
+
+    @property
+    def plan(self):
+        """The runner's sharding plan on its mesh, or None."""
+        return self.runner.plan
+
+    @property
+    def spec(self) -> TreeSpec | None:
+        """The static tree shape (speculative), or None."""
+        return self.runner.spec
+
+    @property
+    def draft_config(self):
+        """The draft head's config, or None."""
+        return self.runner.draft_config
 
     @property
     def speculative(self) -> bool:
@@ -295,7 +312,8 @@ class Generator:
 
         ``prompt`` is one prompt (text, a chat, or token ids); ``kwargs`` are those of :meth:`generate`
         but ``stream``. Needs a tokenizer. Text that could begin a stop string, or an incomplete
-        character, is held back until the next tokens tell (as the server's stream does). The generation
+        character, is held back until the next tokens tell (the server's incremental
+        :class:`~eagle3_jax.serve.text_stream.TextStream`: each chunk decodes only its new tokens). The generation
         runs on a thread of its own; an error is raised here.
         """
         if not (isinstance(prompt, str) or is_messages(prompt)
@@ -305,7 +323,10 @@ class Generator:
         if "stream" in kwargs:
             raise InputError("stream_text streams by itself; pass stream= to generate instead")
         tokenizer = self.tokenizers.get("stream_text (text deltas)")
-        stops = check_stop_strings(kwargs.get("stop"))
+        stop_ids = check_stop_ids(kwargs.get("stop_token_ids"), self.config.vocab_size)  # a final one is not text
+        stop_ids = self.config.eos_token_ids if stop_ids is None else stop_ids
+        text = TextStream(lambda ids: decode(tokenizer, ids), check_stop_strings(kwargs.get("stop")), stop_ids,
+                          include_stop=kwargs.get("include_stop_str_in_output") is True)
         events: queue.Queue = queue.Queue()
 
         def work() -> None:
@@ -316,25 +337,20 @@ class Generator:
                 events.put(("error", e))
 
         threading.Thread(target=work, name="eagle3-jax-stream-text", daemon=True).start()
-        ids, sent = [], ""
+        sent = ""
         while True:
             kind, value = events.get()
             if kind == "error":
                 raise value
-            if kind == "done":
+            if kind == "done":  # the reply's text is the arbiter: what the stream held back comes now
                 final = value[0].text or ""
                 if final.startswith(sent) and len(final) > len(sent):
                     yield final[len(sent):]
                 return
-            ids += value
-            text = decode(tokenizer, ids)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            cut = cut_at_stop(text, stops) if stops else None
-            text = cut if cut is not None else text[: len(text) - partial_stop_length(text, stops)]
-            if text.startswith(sent) and len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+            delta = text.add(value)[0].content
+            if delta:
+                sent += delta
+                yield delta
 
     def _run(self, prompts, settings, params, bucket, seed, stream, stream_every,
              text: TextOptions | None = None) -> list[GenerationOutput]:
@@ -355,7 +371,7 @@ class Generator:
         if rows > len(prompts):  # padding rows end now: sampled, they could otherwise outrun every prompt
             codes = finish_codes(state)
             codes[len(prompts):] = FINISH_LENGTH
-            state = end_rows(state, codes)
+            state = with_finish_codes(state, codes)
         watcher = StopWatcher(text, rows) if text is not None and text.stops else None
         chunked = stream is not None or watcher is not None
         state, sent = self._between_chunks(state, stream, watcher, [0] * len(prompts))
@@ -381,7 +397,7 @@ class Generator:
             tokens, counts, codes = to_host((result.tokens, result.num_generated, result.finish_reason))
             codes = np.array(codes)
             if watcher.check(tokens, counts, codes):
-                state = end_rows(state, codes)
+                state = with_finish_codes(state, codes)
         if stream is not None:
             sent = cls._emit(stream, state.result, sent, watcher.kept if watcher is not None else None)
         return state, sent

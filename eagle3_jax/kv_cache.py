@@ -166,9 +166,9 @@ class KVCache:
         shape = (batch, kv_heads, capacity, head_dim)
 
         def buffers():
-            return tuple(constrain(jnp.zeros(shape, dtype), axes) for _ in range(num_layers))
+            return tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
 
-        return cls(k=buffers(), v=buffers(), lengths=constrain(jnp.zeros((batch,), jnp.int32), axes[:1]), axes=axes)
+        return cls(k=buffers(), v=buffers(), lengths=jnp.zeros((batch,), jnp.int32), axes=axes).constrain_layout()
 
     def constrain_layout(self) -> KVCache:
         """The cache laid out by its own ``axes`` on the current mesh (``axes.constrain_tree``)."""

@@ -8,8 +8,8 @@ or speculative, that names the compiled start (prefill) and loop programs
 and their static arguments. The host loops above it only ever see loop
 states (whose arrays declare their own layouts, ``axes.constrain_tree``)
 and host arrays; the runner places inputs, runs every program inside the
-mesh, and ends rows through the one finish-code type
-(:class:`~eagle3_jax.decoding.common.Finish`).
+mesh; the host loops end rows through the one finish-code type
+(:class:`~eagle3_jax.decoding.common.Finish`, written back by ``with_finish_codes``).
 
 Programs (each returns its loop state laid out by its declared axes, so that
 on a mesh the prefill's output, a loop chunk's and the next chunk's input
@@ -36,7 +36,7 @@ from flax import nnx
 from eagle3_jax.axes import constrain_tree
 from eagle3_jax.compiled import CompiledFunction
 from eagle3_jax.decoding import plain, speculative
-from eagle3_jax.decoding.common import FINISH_LENGTH, DecodeSettings, RuntimeParams, with_finish_codes
+from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams, with_all_finished
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
@@ -248,7 +248,7 @@ class Runner:
         if self.mesh is not None:
             with self.on_mesh():
                 state = _LAYOUT(state)
-        return end_rows(state, np.full(state.result.finish_reason.shape, FINISH_LENGTH, np.int32))
+        return with_all_finished(state)
 
     @property
     def num_compiles(self) -> int:
@@ -267,12 +267,6 @@ class Runner:
 
     def _replicated(self, tree: Any) -> Any:
         return tree if self.plan is None else put_tree(tree, self.plan.replicate)
-
-
-def end_rows(state: Any, codes: np.ndarray) -> Any:
-    """The loop state with its rows' finish codes set to ``codes`` ([batch] host ints, one
-    :class:`~eagle3_jax.decoding.common.Finish` each): how the host ends rows between chunks."""
-    return with_finish_codes(state, codes)
 
 
 def finish_codes(state: Any) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax.decoding.common import Finish
+from eagle3_jax.decoding.common import Finish, finish_reasons
 from eagle3_jax.errors import InputError
 from eagle3_jax.loading import target_directory
 from eagle3_jax.models.target import TargetModel
@@ -187,7 +187,7 @@ class StopWatcher:
           tokens: [batch, width] the rows' generated tokens (host); counts: [batch] how many are valid.
           codes: [batch] the rows' finish codes (host, :class:`~eagle3_jax.decoding.common.Finish`).
         """
-        reasons = [Finish(int(c)).reason for c in codes]
+        reasons = finish_reasons(codes)
         ended = False
         for row, n in enumerate(int(c) for c in counts):
             if self.kept[row] is not None or row in self.unreadable or n <= self.checked[row]:

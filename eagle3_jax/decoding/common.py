@@ -252,6 +252,11 @@ def with_finish_codes(state, codes) -> object:
     return dataclasses.replace(state, result=dataclasses.replace(state.result, finish_reason=finish))
 
 
+def with_all_finished(state) -> object:
+    """A loop state with every row finished ('length'): an empty batch (a free row is a finished one)."""
+    return with_finish_codes(state, np.full(state.result.finish_reason.shape, FINISH_LENGTH, np.int32))
+
+
 PREFILL_CHUNK = 512
 
 

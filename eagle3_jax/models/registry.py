@@ -16,7 +16,6 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from eagle3_jax.axes import AXES_KEY
 from eagle3_jax.config import LlamaConfig, Qwen3Config, TargetConfig
 from eagle3_jax.errors import ConfigError
 from eagle3_jax.hf_config import check_model_type, parse_llama, parse_qwen3, read_generation_config
@@ -24,7 +23,9 @@ from eagle3_jax.hf_json import read_json
 from eagle3_jax.models.layers import DEFAULT_INIT_STD
 from eagle3_jax.models.llama import LlamaForCausalLM
 from eagle3_jax.models.qwen3 import Qwen3ForCausalLM
+from eagle3_jax.sharding import param_axes
 from eagle3_jax.validation import show
+from eagle3_jax.weights.params import flat_params
 from eagle3_jax.weights.rules import RuleTable, decoder_lm_rules
 
 
@@ -145,12 +146,11 @@ def param_specs(cfg: TargetConfig) -> dict[str, ParamSpec]:
     checkpoint names (the architecture's rules) and the logical axes (declared by its modules) together."""
     abstract = abstract_target(cfg, jnp.float32)
     rules = target_rules(cfg)
+    variables = flat_params(abstract)
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract)):
-        dotted = ".".join(str(p) for p in path)
-        name, rule = rules.checkpoint_name(dotted)
-        out[dotted] = ParamSpec(checkpoint=name, transpose=rule.transpose, shape=tuple(var.shape),
-                                axes=tuple(var.get_metadata()[AXES_KEY]))
+    for path, axes in param_axes(abstract).items():
+        name, rule = rules.checkpoint_name(path)
+        out[path] = ParamSpec(checkpoint=name, transpose=rule.transpose, shape=tuple(variables[path].shape), axes=axes)
     return out
 
 

@@ -44,11 +44,10 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from eagle3_jax.decoding.common import DecodeSettings, Finish, RuntimeParams
+from eagle3_jax.decoding.common import DecodeSettings, Finish, RuntimeParams, with_all_finished, with_finish_codes
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator
 from eagle3_jax.planning import bucket_length, check_memory, device_errors
-from eagle3_jax.runner import end_rows
 from eagle3_jax.sampling import MAX_TOP_K
 from eagle3_jax.sharding import put_like, to_host
 from eagle3_jax.validation import check_int, check_real, check_seed, check_token_ids
@@ -282,7 +281,7 @@ class BatchEngine:
             row = self._prefill([0] * min(bucket, self.capacity - 1), self._row_params([0.0], [1.0], [0], [[]], [1]),
                                 seed=0)
             state, _ = self.runner.insert_row(self._state, row, 0)
-            self._state = _end_all(state)
+            self._state = with_all_finished(state)
         self._state, _ = self.runner.run(self.settings, self._state, self._params(), self.chunk)
         jax.block_until_ready(self._state)
         return time.perf_counter() - t0
@@ -449,18 +448,13 @@ class BatchEngine:
             self.generated_tokens += delivered
             self._recent.append((now, delivered))
         if ended:
-            self._state = end_rows(self._state, codes)
+            self._state = with_finish_codes(self._state, codes)
 
     def _stats(self, request: EngineRequest, accept: list[int]) -> RequestStats:
         first = request.first_token or time.perf_counter()
         return RequestStats(prompt_tokens=len(request.prompt), completion_tokens=request.sent, accept_lengths=accept,
                             queued_seconds=(request.admitted or first) - request.submitted,
                             ttft_seconds=first - request.submitted)
-
-
-def _end_all(state):
-    """``state`` with every row finished (a free row is a finished one)."""
-    return end_rows(state, np.full(state.result.finish_reason.shape, Finish.LENGTH, np.int32))
 
 
 def _safe_tokens(request: EngineRequest, ids: list[int]) -> bool:
