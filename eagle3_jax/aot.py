@@ -30,11 +30,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from eagle3_jax.axes import constrain_tree
 from eagle3_jax.config import Eagle3Config, Qwen3Config, TargetConfig
 from eagle3_jax.decoding import plain, speculative
-from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
+from eagle3_jax.decoding.common import ROW_STOP_SLOTS, RuntimeParams
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.registry import abstract_target
+from eagle3_jax.planning import program_settings
 from eagle3_jax.platform import compiling_for
 from eagle3_jax.sharding import ShardingPlan, make_mesh
 from eagle3_jax.weights.params import flat_params
@@ -63,7 +64,6 @@ PRESETS: dict[str, Callable[[], TargetConfig]] = {
 }
 
 PROGRAMS = ("prefill", "plain loop", "speculative prefill", "speculative loop", "server prefill", "server loop")
-SERVER_STOP_SLOTS = 16  # stop ids per row in the server's loop (serve/engine.py: STOP_WIDTH)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,10 +210,10 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
                                           for p, x in zip(paths, leaves)])
         dg, dw = _abstract_head(config, draft_vocab, dtype)
         dw = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), dw)
-        library = DecodeSettings(max_new_tokens=capacity - prompt_bucket, capacity=capacity,
-                                 cache_dtype=jnp.dtype(dtype), attention=attention)
-        server = DecodeSettings(max_new_tokens=capacity - 1, capacity=capacity, greedy=False, top_k=0,
-                                cache_dtype=jnp.dtype(dtype), attention=attention)
+        # The library and the server run the same programs (planning.program_settings: sampling, stop ids and
+        # token limits per row, traced); they differ in their rows and prompt buckets only.
+        library = server = program_settings(capacity, jnp.dtype(dtype), attention)
+        chunk = jax.ShapeDtypeStruct((), jnp.int32, sharding=everywhere)  # a loop run's iterations (traced)
 
         def inputs(rows: int, bucket: int):
             rows_sharding = plan.sharding((rows,), ("batch",))
@@ -222,10 +222,9 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
                     jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_sharding),
                     jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=everywhere))
 
-        def params_for(rows: int, per_row: bool):
+        def params_for(rows: int):
             params = jax.eval_shape(lambda: RuntimeParams.per_row(
-                [0.0] * rows, [1.0] * rows, [0] * rows, [[-1]] * rows, [1] * rows, stop_slots=SERVER_STOP_SLOTS)
-                if per_row else RuntimeParams.make())
+                [0.0] * rows, [1.0] * rows, [0] * rows, [[-1]] * rows, [1] * rows, stop_slots=ROW_STOP_SLOTS))
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), params)
 
         def plain_start(tw, tokens, lengths, rng, params, settings):
@@ -265,12 +264,12 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
             log(f"{name}: compiled in {seconds:.1f} s")
             return compiled
 
-        def state_of(kind: str, rows: int, settings, per_row: bool):
+        def state_of(kind: str, rows: int, settings):
             """The loop state the matching prefill returns, as compiled inputs (shapes and shardings)."""
-            key = (kind, rows, per_row)
+            key = (kind, rows)
             if key not in started:
                 tokens, lengths, rng = inputs(rows, prompt_bucket)
-                params = params_for(rows, per_row)
+                params = params_for(rows)
                 if kind == "plain":
                     fn = jax.jit(lambda tw, t, n, r, p: plain_start(tw, t, n, r, p, settings))
                     lowered = fn.lower(tw, tokens, lengths, rng, params)
@@ -289,26 +288,25 @@ def compile_report(config: TargetConfig, topo: Topology, *, dtype: Any = jnp.bfl
             try:
                 if name == "prefill":
                     run(name, lambda tw, t, n, r, p: plain_start(tw, t, n, r, p, library),
-                        (tw, *inputs(batch, prompt_bucket), params_for(batch, False)))
+                        (tw, *inputs(batch, prompt_bucket), params_for(batch)))
                 elif name == "speculative prefill":
                     run(name, lambda tw, dw, t, n, r, p: spec_start(tw, dw, t, n, r, p, library),
-                        (tw, dw, *inputs(batch, prompt_bucket), params_for(batch, False)))
+                        (tw, dw, *inputs(batch, prompt_bucket), params_for(batch)))
                 elif name == "plain loop":
-                    state = state_of("plain", batch, library, False)
-                    run(name, lambda tw, s, p: plain_loop(tw, s, p, library, None),
-                        (tw, state, params_for(batch, False)), donate=(1,))
+                    state = state_of("plain", batch, library)
+                    run(name, lambda tw, s, p, c: plain_loop(tw, s, p, library, c),
+                        (tw, state, params_for(batch), chunk), donate=(1,))
                 elif name == "speculative loop":
-                    state = state_of("speculative", batch, library, False)
-                    run(name, lambda tw, dw, s, p: spec_loop(tw, dw, s, p, library, None),
-                        (tw, dw, state, params_for(batch, False)), donate=(2,))
+                    state = state_of("speculative", batch, library)
+                    run(name, lambda tw, dw, s, p, c: spec_loop(tw, dw, s, p, library, c),
+                        (tw, dw, state, params_for(batch), chunk), donate=(2,))
                 elif name == "server prefill":
                     run(name, lambda tw, dw, t, n, r, p: spec_start(tw, dw, t, n, r, p, server),
-                        (tw, dw, *inputs(data_parallel, prompt_bucket), params_for(data_parallel, True)))
+                        (tw, dw, *inputs(data_parallel, prompt_bucket), params_for(data_parallel)))
                 elif name == "server loop":
-                    state = state_of("speculative", server_batch, server, True)
-                    chunk = jax.ShapeDtypeStruct((), jnp.int32, sharding=everywhere)
+                    state = state_of("speculative", server_batch, server)
                     run(name, lambda tw, dw, s, p, c: spec_loop(tw, dw, s, p, server, c),
-                        (tw, dw, state, params_for(server_batch, True), chunk), donate=(2,))
+                        (tw, dw, state, params_for(server_batch), chunk), donate=(2,))
             except CompileFailure as f:
                 reports.append(ProgramReport(name, 0, 0, 0, 0, 0.0, False, error=f.message))
                 log(f"{name}: does not compile: {f.message}")

@@ -49,6 +49,7 @@ from eagle3_jax.bench_prompts import (  # noqa: F401  (re-exported: older code i
     read_benchmark_file,
     read_benchmark_hub,
 )
+from eagle3_jax.defaults import DEFAULT_MAX_NEW_TOKENS
 from eagle3_jax.errors import InputError
 from eagle3_jax.eval_records import (  # noqa: F401  (re-exported)
     PLAIN,
@@ -230,11 +231,11 @@ def run_benchmark(generator: Generator, formatter: PromptFormatter, prompts: Seq
 
 
 def run_evaluation(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
-                   knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = 256, batch_size: int = 8,
-                   sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False,
-                   repeats: int = 3, use_chat: bool | None = None, max_cache_len: int | None = None,
-                   progress: bool = True, target_name: str | None = None, draft_name: str | None = None,
-                   attention: str = "auto", mesh: Any = None) -> EvalResults:
+                   knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   batch_size: int = 8, sampling: SamplingParams | None = None, seed: int = 0,
+                   measure_plain: bool = False, repeats: int = 3, use_chat: bool | None = None,
+                   max_cache_len: int | None = None, progress: bool = True, target_name: str | None = None,
+                   draft_name: str | None = None, attention: str = "auto", mesh: Any = None) -> EvalResults:
     """Acceptance length (and with ``measure_plain`` the speedup over plain decoding) per benchmark and tree shape.
 
     ``target``: a :class:`~eagle3_jax.models.target.TargetModel`; ``draft``:
@@ -283,8 +284,9 @@ def run_evaluation(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[
 
 
 def evaluate(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
-             knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = 256, batch_size: int = 8,
-             sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False, repeats: int = 3,
+             knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             batch_size: int = 8, sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False,
+             repeats: int = 3,
              use_chat: bool | None = None, max_cache_len: int | None = None, progress: bool = True,
              target_name: str | None = None, draft_name: str | None = None, attention: str = "auto",
              mesh: Any = None) -> dict[str, Any]:

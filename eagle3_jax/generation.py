@@ -27,10 +27,18 @@ from eagle3_jax import compile_cache as compile_cache_module
 from eagle3_jax.attention import DEFAULT_BACKEND, check_backend
 from eagle3_jax.decoding.common import FINISH_LENGTH, RUNNING, finish_reasons, with_finish_codes
 from eagle3_jax.decoding.tree import TreeSpec
+from eagle3_jax.defaults import DEFAULT_MAX_NEW_TOKENS
 from eagle3_jax.errors import InputError, NumericsError
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import TargetModel
-from eagle3_jax.planning import check_cache_dtype, check_memory, check_stop_ids, device_errors, plan_batch
+from eagle3_jax.planning import (
+    check_cache_dtype,
+    check_memory,
+    check_stop_ids,
+    device_errors,
+    plan_batch,
+    validate_prompts,
+)
 from eagle3_jax.runner import Runner, check_models, finish_codes
 from eagle3_jax.sampling import SamplingParams
 from eagle3_jax.serve.text_stream import TextStream
@@ -235,7 +243,7 @@ class Generator:
         """Compilations so far by all generators of this kind (prefill and loop together)."""
         return self.runner.num_compiles
 
-    def generate(self, prompts: Any, *, max_new_tokens: int = 128,
+    def generate(self, prompts: Any, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  sampling: SamplingParams | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0,
                  stop_token_ids: Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
@@ -293,11 +301,13 @@ class Generator:
         prompts = encode_prompts(self.tokenizers, prompts, template_kwargs)
         tokenizer = self.tokenizers.get("stop (stop strings)" if stops else None)
         text = TextOptions(tokenizer, stops, include_stop_str_in_output) if tokenizer is not None else None
+        prompts = validate_prompts(prompts, self.config.vocab_size)
+        rows = self.runner.padded_rows(len(prompts))
         prompts, settings, params, bucket = plan_batch(self.config, prompts, max_new_tokens=max_new_tokens,
                                                        sampling=sampling, stop_token_ids=stop_token_ids,
                                                        max_cache_len=self.max_cache_len, cache_dtype=self.cache_dtype,
-                                                       attention=self.attention)
-        check_memory(self.config, settings, self.runner.padded_rows(len(prompts)), bucket, spec=self.spec,
+                                                       attention=self.attention, rows=rows)
+        check_memory(self.config, settings, rows, bucket, spec=self.spec,
                      draft_config=self.draft_config, plan=self.plan)
         with device_errors():
             outputs = self._run(prompts, settings, params, bucket, seed, stream, stream_every, text)
@@ -360,7 +370,7 @@ class Generator:
         rows = runner.padded_rows(len(prompts))
         tokens = np.zeros((rows, bucket), np.int32)
         lengths = np.zeros((rows,), np.int32)
-        for i in range(rows):  # rows past the prompts repeat the last one (a mesh's data axis): never longer
+        for i in range(rows):  # rows past the prompts (padded_rows) repeat the last one: never longer
             p = prompts[min(i, len(prompts) - 1)]
             tokens[i, : len(p)], lengths[i] = p, len(p)
         t0 = time.perf_counter()

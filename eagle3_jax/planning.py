@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.attention import DEFAULT_BACKEND
-from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
+from eagle3_jax.decoding.common import ROW_STOP_SLOTS, DecodeSettings, RuntimeParams
 from eagle3_jax.decoding.speculative import cache_headroom
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.errors import InputError
@@ -78,18 +78,52 @@ def check_cache_dtype(dtype: Any) -> jnp.dtype:
     return dt
 
 
+def capacity_bucket(wanted: int, context: int) -> int:
+    """KV slots for ``wanted`` of them: the smallest of 128 x (1, 2, 3, 4, 6, 8, 12, 16, 24, ...) -- the powers
+    of two and the points halfway between them, so at most a third of it goes unused -- that holds them,
+    capped at ``context``. Generations whose prompt bucket plus ``max_new_tokens`` fall in one bucket share
+    one compiled program."""
+    units = -(-wanted // CAPACITY_ALIGN)
+    size = 1
+    while size < units:
+        size += max(1, size // 2) if size & (size - 1) == 0 else size // 3  # 1, 2, 3, 4, 6, 8, 12, ...
+    return min(size * CAPACITY_ALIGN, context)
+
+
+def program_settings(capacity: int, cache_dtype, attention: str = DEFAULT_BACKEND) -> DecodeSettings:
+    """The static settings of the programs the library and the server run, for a cache of ``capacity`` slots.
+
+    Everything a call may vary is a runtime value of these programs (:class:`RuntimeParams.per_row`):
+    greedy or sampling, temperature, top-p, top-k, the stop tokens and ``max_new_tokens`` per row; the
+    result buffers hold what the cache can (``capacity - 1`` tokens), so only the cache's size, its dtype,
+    the attention backend, the batch's rows and the prompt bucket are compiled in.
+    """
+    return DecodeSettings(max_new_tokens=capacity - 1, capacity=capacity, greedy=False, top_k=0,
+                          cache_dtype=check_cache_dtype(cache_dtype), attention=attention)
+
+
+def row_params(rows: int, sampling: SamplingParams, stop_ids: Sequence[int], max_new_tokens: int) -> RuntimeParams:
+    """The runtime values of :func:`program_settings`' programs for ``rows`` rows that share one request's
+    settings (the library's batch; the server gives each row its own)."""
+    return RuntimeParams.per_row([sampling.temperature] * rows, [sampling.top_p] * rows, [sampling.top_k] * rows,
+                                 [list(stop_ids)] * rows, [max_new_tokens] * rows, stop_slots=ROW_STOP_SLOTS)
+
+
 def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingParams,
                stop_token_ids: Sequence[int] | None, max_cache_len: int | None,
-               cache_dtype, attention: str = DEFAULT_BACKEND
+               cache_dtype, attention: str = DEFAULT_BACKEND, rows: int | None = None,
                ) -> tuple[list[list[int]], DecodeSettings, RuntimeParams, int]:
     """Validates a batch against a model config and picks its static shapes.
 
     Needs only the config, so callers (the CLI) can reject bad input before
     loading any weights. ``max_cache_len`` is at most the model's context
-    (``max_position_embeddings``). The result buffers are sized by what the
-    cache can hold, so a huge ``max_new_tokens`` costs nothing: a row stops
-    with 'length' when its cache is full. Returns (prompts as lists, static
-    settings, traced runtime parameters, prompt bucket).
+    (``max_position_embeddings``); None picks a :func:`capacity_bucket` for the
+    prompt bucket plus ``max_new_tokens``. The settings are
+    :func:`program_settings`' (result buffers sized by what the cache can hold,
+    so a huge ``max_new_tokens`` costs nothing: a row stops with 'length' when
+    its cache is full); sampling, stop tokens and ``max_new_tokens`` are
+    runtime values, for ``rows`` rows (default: one per prompt). Returns
+    (prompts as lists, static settings, runtime parameters, prompt bucket).
     """
     if not isinstance(sampling, SamplingParams):
         raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -98,15 +132,14 @@ def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     context = config.max_position_embeddings
     if max_cache_len is not None:
         max_cache_len = check_int("max_cache_len", max_cache_len, minimum=2, maximum=context)
-    longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
     if max_cache_len is not None:
         capacity = max_cache_len
     else:
         if longest >= context:
             raise InputError(f"a prompt of {longest} tokens exceeds the model's context "
                              f"(max_position_embeddings={context})")
-        wanted = -(-(bucket_length(longest) + min(max_new_tokens, context)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
-        capacity = max(min(wanted, context), longest + 1)
+        capacity = max(capacity_bucket(bucket_length(longest) + min(max_new_tokens, context), context), longest + 1)
     if longest + 1 > capacity:
         raise InputError(
             f"a prompt of {longest} tokens does not fit in a KV cache of {capacity} slots "
@@ -114,10 +147,9 @@ def plan_batch(config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         )
     stops = check_stop_ids(stop_token_ids, config.vocab_size)
     stops = config.eos_token_ids if stops is None else stops
-    settings = DecodeSettings(max_new_tokens=min(max_new_tokens, capacity - shortest), capacity=capacity,
-                              greedy=sampling.greedy, top_k=sampling.top_k, cache_dtype=check_cache_dtype(cache_dtype),
-                              attention=attention)
-    params = RuntimeParams.make(temperature=sampling.temperature or 1.0, top_p=sampling.top_p, stop_ids=stops)
+    settings = program_settings(capacity, cache_dtype, attention)
+    rows = len(prompts) if rows is None else check_int("rows", rows, minimum=len(prompts))
+    params = row_params(rows, sampling, stops, min(max_new_tokens, settings.max_new_tokens))
     return prompts, settings, params, bucket_length(longest, capacity)
 
 

@@ -200,8 +200,11 @@ class Runner:
         return self.plan.data_parallel if self.plan is not None else 1
 
     def padded_rows(self, n: int) -> int:
-        """Rows of a batch of ``n`` prompts: a multiple of the mesh's data axis."""
-        return -(-n // self.data_parallel) * self.data_parallel
+        """Rows of a batch of ``n`` prompts: a power of two per data shard (1, 2, 4, 8, ...) times the mesh's
+        data axis, so that batches of 5 to 8 prompts share one compiled program. The rows past the
+        prompts end at the prefill; they cost their share of each forward."""
+        per_shard = -(-n // self.data_parallel)
+        return (1 << (per_shard - 1).bit_length()) * self.data_parallel
 
     def on_mesh(self):
         """The context the compiled programs are traced and run in: ``jax.set_mesh`` on a mesh."""

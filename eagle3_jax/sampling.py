@@ -1,11 +1,13 @@
 """Token selection: greedy, and sampling with temperature, top-k and top-p.
 
-The order of the filters is HF's: temperature, then top-k, then top-p. Greedy
-decoding and ``top_k`` change the compiled program and are static;
+The order of the filters is HF's: temperature, then top-k, then top-p.
 ``temperature`` and ``top_p`` are traced arrays, so changing them does not
-recompile. They are scalars (one setting for the batch) or [batch] arrays (a
-setting per row, as the server's continuous batching needs, with a traced
-per-row top-k and per-row greedy rows beside them: :class:`RowSampling`).
+recompile. They are scalars (one setting for the batch, with a static greedy
+flag and ``top_k``) or [batch] arrays: a setting per row, with a traced
+per-row top-k and per-row greedy flags beside them (:class:`RowSampling`).
+The library and the server run the per-row kind, so no sampling setting
+recompiles there; a batch whose rows are all greedy takes the argmax branch
+of a ``lax.cond`` at run time (:func:`all_greedy`).
 
 Randomness is per row: a loop state holds one PRNG key per row
 (:func:`row_keys`), split per row at each step (:func:`split_rows`), so a
@@ -172,6 +174,20 @@ def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
         return argmax
-    filtered = filter_logits(logits, temperature, top_p, top_k, None if rows is None else rows.top_k)
-    drawn = categorical_rows(keys, filtered)
-    return drawn if rows is None else jnp.where(rows.greedy, argmax, drawn)
+
+    def sampled() -> jax.Array:
+        filtered = filter_logits(logits, temperature, top_p, top_k, None if rows is None else rows.top_k)
+        drawn = categorical_rows(keys, filtered)
+        return drawn if rows is None else jnp.where(rows.greedy, argmax, drawn)
+
+    if rows is None:
+        return sampled()
+    # Greedy is a runtime value here: a batch whose rows are all greedy skips the filter (a sort of the
+    # vocabulary) and the draw at run time, in the same compiled program (:func:`all_greedy`).
+    return jax.lax.cond(all_greedy(rows), lambda: argmax, sampled)
+
+
+def all_greedy(rows: RowSampling) -> jax.Array:
+    r"""[] bool: every row of a per-row sampling program is greedy -- the branch of its ``lax.cond``\ s that
+    selects by argmax alone (the tokens are those of the sampling branch, which picks argmax for greedy rows)."""
+    return jnp.all(rows.greedy)

@@ -16,20 +16,27 @@ import atexit
 import shutil
 import tempfile
 
-# JAX's persistent compilation cache (eagle3_jax.compile_cache) in a directory of this session's own, never
+# JAX's persistent compilation cache (eagle3_jax.compile_cache) in a directory of this test run's own, never
 # the user's ~/.cache: isolated, and still a cache (a program dropped after its module, or compiled again by a
 # CLI subprocess, is loaded instead of compiled). EAGLE3_JAX_TEST_COMPILE_CACHE=off runs the suite without it.
+# Converted GGUF files (the SmolLM2 demo target) likewise go to this run's own cache, never ~/.cache. The
+# process that makes the directories (pytest, or pytest-xdist's controller) removes them at exit; xdist's
+# workers inherit them (EAGLE3_JAX_TEST_DIRS), so a program one worker compiled is loaded by the other.
+_shared = os.environ.get("EAGLE3_JAX_TEST_DIRS")
+if _shared is None:
+    _compile_cache, _cache = (tempfile.mkdtemp(prefix=f"eagle3-jax-test-{what}-")
+                              for what in ("compile-cache", "cache"))
+    os.environ["EAGLE3_JAX_TEST_DIRS"] = os.pathsep.join((_compile_cache, _cache))
+    for _made in (_compile_cache, _cache):
+        atexit.register(shutil.rmtree, _made, ignore_errors=True)
+else:
+    _compile_cache, _cache = _shared.split(os.pathsep)
 if os.environ.get("EAGLE3_JAX_TEST_COMPILE_CACHE", "").lower() in ("0", "off", "none", "false", "no"):
     os.environ["EAGLE3_JAX_COMPILE_CACHE"] = "off"
 else:
-    _compile_cache = tempfile.mkdtemp(prefix="eagle3-jax-test-compile-cache-")
     os.environ["EAGLE3_JAX_COMPILE_CACHE"] = _compile_cache
-    atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # a user's own JAX cache would win over ours
-# Converted GGUF files (the SmolLM2 demo target) likewise go to this session's own cache, never ~/.cache.
-_cache = tempfile.mkdtemp(prefix="eagle3-jax-test-cache-")
 os.environ["EAGLE3_JAX_CACHE"] = _cache
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import dataclasses
 import gc

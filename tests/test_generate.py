@@ -117,6 +117,28 @@ def test_same_bucket_does_not_recompile(qwen3):
 
 
 @pytest.mark.slow
+def test_what_a_call_varies_compiles_nothing(qwen3):
+    """max_new_tokens, the batch size within its bucket, greedy or sampling, temperature, top-p, top-k, the
+    seed and the stop tokens are runtime values: after the first call none of them compiles a program."""
+    gen = Generator(qwen3)
+    prompts = _prompts(97, [9, 5, 14, 2])
+    [greedy, *_] = gen.generate(prompts, max_new_tokens=40, stop_token_ids=())  # 4 rows, bucket 16, cache 128
+    before = gen.num_compiles
+    calls = [(3, dict(max_new_tokens=7)),
+             (4, dict(max_new_tokens=100, temperature=0.7)),
+             (3, dict(max_new_tokens=30, temperature=1.3, top_k=5, seed=4)),
+             (4, dict(max_new_tokens=64, temperature=0.5, top_p=0.8, top_k=20)),
+             (3, dict(max_new_tokens=12, stop_token_ids=[7, 9])),
+             (4, dict(max_new_tokens=40, stop_token_ids=()))]
+    for batch, kwargs in calls:
+        outs = gen.generate(prompts[:batch], **kwargs)
+        assert len(outs) == batch and all(o.compile_seconds == 0.0 for o in outs), kwargs
+        assert all(len(o.token_ids) <= kwargs["max_new_tokens"] for o in outs), kwargs
+    assert gen.num_compiles == before
+    assert outs[0].token_ids == greedy.token_ids  # greedy again, after sampling: the same tokens
+
+
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy(qwen3):
     gen = Generator(qwen3)
     prompts = _prompts(97, [5, 8])

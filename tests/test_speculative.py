@@ -325,6 +325,12 @@ def test_compiled_loop_is_reused(target, fitted, pool):
     before = gen.num_compiles
     outs = gen.generate([pool[13], pool[3]], max_new_tokens=12, stop_token_ids=[7, 9, 11])
     assert gen.num_compiles == before and outs[0].compile_seconds == 0.0
+    # Sampling (its temperature, top-p and top-k) and max_new_tokens are runtime values of the same programs.
+    for kwargs in (dict(max_new_tokens=30, temperature=0.8, top_k=4, seed=2), dict(max_new_tokens=5, top_p=0.9,
+                                                                                   temperature=1.0), {}):
+        outs = gen.generate([pool[1], pool[2]], **{"max_new_tokens": 12, **kwargs})
+        assert outs[0].compile_seconds == 0.0 and len(outs[0].token_ids) <= kwargs.get("max_new_tokens", 12)
+    assert gen.num_compiles == before
 
 
 @pytest.mark.slow

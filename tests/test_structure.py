@@ -27,10 +27,10 @@ _LAYER_NAMES = [
     "interfaces: the command line, the HTTP app, the package's exports",
 ]
 for layer, names in enumerate([
-    ["errors", "validation", "axes", "platform", "compiled", "compile_cache", "timing", "xla_flags", "atomic",
-     "jsonl", "distributed", "text", "data", "bench_prompts", "cli.signals", "demo.corpus", "attention.metadata",
-     "weights", "weights.rules", "weights.safetensors_io", "weights.gguf_tokenizer", "weights.torch_bin",
-     "serve.metrics", "serve.offload", "serve.http"],
+    ["errors", "defaults", "validation", "axes", "platform", "compiled", "compile_cache", "timing", "xla_flags",
+     "atomic", "jsonl", "distributed", "text", "data", "bench_prompts", "cli.signals", "demo.corpus",
+     "attention.metadata", "weights", "weights.rules", "weights.safetensors_io", "weights.gguf_tokenizer",
+     "weights.torch_bin", "serve.metrics", "serve.offload", "serve.http"],
     ["config", "hf_json", "hf_config", "hf_heads", "weights.params", "weights.converted", "sharding"],
     ["kv_cache", "attention", "models", "memory"],
     ["sampling", "decoding"],

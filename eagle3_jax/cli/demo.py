@@ -6,6 +6,7 @@ import json
 import sys
 
 from eagle3_jax.cli.options import HelpFormatter, check_text, knob_triple, positive_int
+from eagle3_jax.defaults import DEFAULT_MAX_NEW_TOKENS
 from eagle3_jax.demo import PAIRS
 
 
@@ -30,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", default=None,
                    help="the question to answer (the toy pair: code to complete; default: a short question, or a "
                         "function header)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help="tokens to generate at most")
     p.add_argument("--knobs", type=knob_triple, default=None, metavar="D,K,N",
                    help="tree shape num_steps,topk,num_draft_tokens (default 3,1,4; the toy pair 4,1,5)")
     p.add_argument("--repeats", type=positive_int, default=None, metavar="N",

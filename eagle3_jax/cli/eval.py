@@ -23,6 +23,7 @@ from eagle3_jax.cli.options import (
     positive_int,
     start_distributed,
 )
+from eagle3_jax.defaults import DEFAULT_MAX_NEW_TOKENS
 
 
 def add_parser(sub) -> None:
@@ -58,7 +59,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bench-file", type=bench_file, action="append", default=[], metavar="NAME=FILE",
                    help="a prompt file for one benchmark (repeatable)")
     p.add_argument("--num-prompts", type=positive_int, default=None, metavar="N", help="first N prompts each")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per prompt at most")
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="tokens generated per prompt at most")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together")
     add_sampling_options(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

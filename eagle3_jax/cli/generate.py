@@ -28,6 +28,7 @@ from eagle3_jax.cli.options import (
     start_distributed,
     usage,
 )
+from eagle3_jax.defaults import DEFAULT_MAX_NEW_TOKENS
 
 JSON_EPILOG = (
     "--json output: one JSON object per line. First one per prompt, in order: prompt_index, text (the generated "
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
                      help="prompt as comma-separated token ids, no tokenizer needed (repeat for a batch)")
     p.add_argument("--chat", action="store_true",
                    help="wrap each --prompt as a user turn with the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help="generated tokens per prompt at most")
     add_sampling_options(p)
     p.add_argument("--stop-ids", type=int_list, default=None, metavar="IDS",

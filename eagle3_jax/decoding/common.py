@@ -90,6 +90,8 @@ class DecodeSettings:
 
 
 STOP_SLOTS = 8
+# Stop ids per row in the per-row programs of the library and the server (a row with more widens them).
+ROW_STOP_SLOTS = 16
 
 
 @jax.tree_util.register_dataclass

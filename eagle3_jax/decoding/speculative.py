@@ -46,7 +46,7 @@ from eagle3_jax.decoding.verify import Acceptance, accept_greedy, accept_samplin
 from eagle3_jax.kv_cache import KVCache, aligned_capacity
 from eagle3_jax.models.eagle3 import Eagle3DraftHead
 from eagle3_jax.models.target import ForwardOutput, TargetModel
-from eagle3_jax.sampling import next_keys, row_keys, select_tokens
+from eagle3_jax.sampling import all_greedy, next_keys, row_keys, select_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -164,17 +164,25 @@ def accept(tree: Tree, logits: jax.Array, rng: jax.Array, active: jax.Array, par
       non-finite rows), [batch] bool rows whose tree or draft logits were not finite).
     """
     with jax.named_scope("accept"):
-        if settings.greedy:
-            acc = accept_greedy(tree, logits, spec.num_steps)
-        else:
-            row_top_k = None if params.rows is None else params.rows.top_k
+        def greedy() -> Acceptance:
+            return accept_greedy(tree, logits, spec.num_steps)
+
+        def sampled() -> Acceptance:
+            rows = params.rows
             acc = accept_sampling(tree, logits, rng, params.temperature, params.top_p, top_k=settings.top_k,
-                                  depth_max=spec.num_steps, row_top_k=row_top_k)
-            if params.rows is not None:  # greedy rows of a sampling program: greedy acceptance
-                greedy = accept_greedy(tree, logits, spec.num_steps)
-                pick = params.rows.greedy
-                acc = jax.tree.map(lambda g, s: jnp.where(pick.reshape(pick.shape + (1,) * (g.ndim - 1)), g, s),
-                                   greedy, acc)
+                                  depth_max=spec.num_steps, row_top_k=None if rows is None else rows.top_k)
+            if rows is None:
+                return acc
+            pick = rows.greedy  # greedy rows of a sampling program: greedy acceptance
+            return jax.tree.map(lambda g, s: jnp.where(pick.reshape(pick.shape + (1,) * (g.ndim - 1)), g, s),
+                                greedy(), acc)
+
+        if settings.greedy:
+            acc = greedy()
+        elif params.rows is None:
+            acc = sampled()
+        else:  # greedy as a runtime value: all-greedy batches skip the sampling at run time
+            acc = jax.lax.cond(all_greedy(params.rows), greedy, sampled)
         nonfinite = active & (~tree.draft_finite | nonfinite_rows(logits))
         return acc, jnp.where(active & ~nonfinite, acc.length, 0), nonfinite
 

@@ -19,6 +19,7 @@ import statistics
 from collections.abc import Callable
 
 from eagle3_jax.decoding.tree import DEFAULT_TREE, DEMO_TREE
+from eagle3_jax.defaults import DEFAULT_MAX_NEW_TOKENS
 from eagle3_jax.demo import DemoPair, resolve_pair
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator
@@ -43,7 +44,7 @@ def default_prompt(pair: DemoPair) -> str:
     return CHAT_PROMPT if pair.chat else CODE_PROMPT
 
 
-def run_demo(prompt: str | None = None, *, pair: str = "auto", max_new_tokens: int = 128,
+def run_demo(prompt: str | None = None, *, pair: str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              knobs: tuple[int, int, int] | None = None, repeats: int = DEFAULT_REPEATS,
              log: Callable[[str], None] | None = None) -> dict:
     """Runs the demo on a pair (:func:`eagle3_jax.demo.resolve_pair`); returns its figures and texts as a dict.

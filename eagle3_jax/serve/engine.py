@@ -44,10 +44,10 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from eagle3_jax.decoding.common import DecodeSettings, Finish, RuntimeParams, with_all_finished, with_finish_codes
+from eagle3_jax.decoding.common import ROW_STOP_SLOTS, Finish, RuntimeParams, with_all_finished, with_finish_codes
 from eagle3_jax.errors import InputError
 from eagle3_jax.generation import Generator
-from eagle3_jax.planning import bucket_length, check_memory, device_errors
+from eagle3_jax.planning import bucket_length, check_memory, device_errors, program_settings
 from eagle3_jax.sampling import MAX_TOP_K
 from eagle3_jax.sharding import put_like, to_host
 from eagle3_jax.validation import check_int, check_real, check_seed, check_token_ids
@@ -55,7 +55,7 @@ from eagle3_jax.validation import check_int, check_real, check_seed, check_token
 logger = logging.getLogger("eagle3_jax.serve")
 
 # Stop token ids a row can hold (the model's eos ids and a request's own): a static width.
-STOP_WIDTH = 16
+STOP_WIDTH = ROW_STOP_SLOTS  # stop ids per row: the library's programs' width, so both share them
 
 
 class QueueFull(Exception):
@@ -166,8 +166,7 @@ class BatchEngine:
         self.eos_ids = tuple(self.config.eos_token_ids)
         if len(self.eos_ids) > STOP_WIDTH // 2:
             raise InputError(f"the model has {len(self.eos_ids)} eos ids; at most {STOP_WIDTH // 2} are supported")
-        self.settings = DecodeSettings(max_new_tokens=self.capacity - 1, capacity=self.capacity, greedy=False,
-                                       top_k=0, cache_dtype=generator.cache_dtype, attention=generator.attention)
+        self.settings = program_settings(self.capacity, generator.cache_dtype, generator.attention)
         # Prompts are prefilled one row at a time: the batch's buffers are what counts.
         check_memory(self.config, self.settings, max_batch, 16, spec=self.runner.spec,
                      draft_config=self.runner.draft_config, plan=self.runner.plan)
