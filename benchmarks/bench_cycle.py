@@ -6,10 +6,14 @@ each run in a compiled loop of --iterations iterations, as they run in the
 real loop (caches carried and updated in place), from the same state, batch
 rows and context: a plain decode step (``plain.step``), the whole cycle
 (``speculative.step``), and each of its phases alone: draft, verify, accept,
-commit, extend. Every figure is the median of interleaved repeats (one call
-of each loop per round), so machine load moves them together. The cycle
-in plain steps is what an acceptance length must beat before speculation
-pays: ``speedup = tau * t_plain / t_cycle``.
+commit, extend. The plain step and the cycle also run as the library and
+the server run them ("library step", "library cycle":
+``planning.program_settings``, greedy rows given per row, the sampling
+skipped at run time by a ``lax.cond``), so the cost of greedy as a runtime
+value shows beside the greedy-only program. Every figure is the median of
+interleaved repeats (one call of each loop per round), so machine load moves
+them together. The cycle in plain steps is what an acceptance length must
+beat before speculation pays: ``speedup = tau * t_plain / t_cycle``.
 
     python benchmarks/bench_cycle.py --target smollm2-hf --knobs 3,1,4 --out cycle.json
     python benchmarks/bench_cycle.py --random-init smollm2 --knobs 3,1,4 4,1,5
@@ -47,7 +51,8 @@ from eagle3_jax.decoding.common import DecodeSettings, RuntimeParams
 from eagle3_jax.decoding.tree import TreeSpec
 from eagle3_jax.loading import load_draft, load_target, parse_dtype
 from eagle3_jax.models.registry import build_target
-from eagle3_jax.sampling import next_keys
+from eagle3_jax.planning import program_settings, row_params
+from eagle3_jax.sampling import SamplingParams, next_keys
 
 PRESETS = {
     "smollm2": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -56,9 +61,11 @@ PRESETS = {
                            eos_token_ids=(2,)),
 }
 PHASES = ("draft", "verify", "accept", "commit", "extend")
+LIBRARY = ("library step", "library cycle")  # the same, in the programs the library and the server run
 
 
-def loops(tg, dg, spec: TreeSpec, settings: DecodeSettings, plain_settings: DecodeSettings, m: int):
+def loops(tg, dg, spec: TreeSpec, settings: DecodeSettings, plain_settings: DecodeSettings, m: int,
+          library: DecodeSettings):
     """Jitted loops of ``m`` iterations of each function, carrying (and donating) what it updates.
 
     Each phase runs in a ``lax.fori_loop`` as it runs inside the real loop:
@@ -93,6 +100,12 @@ def loops(tg, dg, spec: TreeSpec, settings: DecodeSettings, plain_settings: Deco
     def cycle_body(target, head, state, params, p):
         return speculative.step(target, head, state, params, settings, spec)
 
+    def library_plain_body(target, head, state, params, p):
+        return plain.step(target, state, p["library_params"], library)
+
+    def library_cycle_body(target, head, state, params, p):
+        return speculative.step(target, head, state, p["library_params"], library, spec)
+
     def draft_body(target, head, carry, params, p):
         state, total = carry
         tree, dcache = speculative.draft(target, head, state, p["active"], spec, settings)
@@ -121,8 +134,9 @@ def loops(tg, dg, spec: TreeSpec, settings: DecodeSettings, plain_settings: Deco
         root = speculative.extend(target, head, cache, p["emitted"], p["feats"], p["length"], spec, settings)
         return root.cache, total + root.children.sum() + root.hidden.sum() + root.logp.sum()
 
-    bodies = dict(zip(("plain step", "cycle", *PHASES),
-                      (plain_body, cycle_body, draft_body, verify_body, accept_body, commit_body, extend_body)))
+    bodies = dict(zip(("plain step", "cycle", *PHASES, *LIBRARY),
+                      (plain_body, cycle_body, draft_body, verify_body, accept_body, commit_body, extend_body,
+                       library_plain_body, library_cycle_body)))
     return jax.jit(prepare), {name: repeat(body) for name, body in bodies.items()}
 
 
@@ -144,18 +158,26 @@ def measure(target, head, knobs, *, batch: int, context: int, repeats: int, iter
     settings = DecodeSettings(max_new_tokens=room, capacity=context + room, cache_dtype=jnp.dtype(dtype))
     plain_state = jax.jit(lambda tw, t, n: plain.start(nnx.merge(tg, tw), t, n, key, params, settings))(
         tw, tokens, lengths)
+    library = program_settings(context + room, jnp.dtype(dtype))
+    library_params = row_params(batch, SamplingParams(), (), library.max_new_tokens)  # greedy rows
+    library_plain = jax.jit(lambda tw, t, n, lp: plain.start(nnx.merge(tg, tw), t, n, key, lp, library))(
+        tw, tokens, lengths, library_params)
     for d, k, n in knobs:
         spec = TreeSpec(d, k, n)
         state = jax.jit(lambda tw, dw, t, n_, spec=spec: speculative.start(
             nnx.merge(tg, tw), nnx.merge(dg, dw), t, n_, key, params, settings, spec))(tw, dw, tokens, lengths)
-        prepare, fns = loops(tg, dg, spec, settings, settings, iterations)
-        p = prepare(tw, dw, state, params)
+        library_state = jax.jit(lambda tw, dw, t, n_, lp, spec=spec: speculative.start(
+            nnx.merge(tg, tw), nnx.merge(dg, dw), t, n_, key, lp, library, spec))(tw, dw, tokens, lengths,
+                                                                                library_params)
+        prepare, fns = loops(tg, dg, spec, settings, settings, iterations, library)
+        p = dict(prepare(tw, dw, state, params), library_params=library_params)
         def zero():
             return jnp.zeros((), jnp.float32)  # one per carry: carries are donated
 
         carries = {"plain step": copy(plain_state), "cycle": copy(state), "draft": (copy(state), zero()),
                    "verify": (copy(state.target_cache), zero()), "accept": (copy(state.rng), zero()),
-                   "commit": (copy(p["vcache"]), copy(state.result)), "extend": (copy(p["dcache"]), zero())}
+                   "commit": (copy(p["vcache"]), copy(state.result)), "extend": (copy(p["dcache"]), zero()),
+                   "library step": copy(library_plain), "library cycle": copy(library_state)}
         for name, fn in fns.items():  # compile and warm up
             carries[name] = jax.block_until_ready(fn(carries[name], tw, dw, params, p))
         samples = {name: [] for name in fns}
@@ -175,7 +197,7 @@ def measure(target, head, knobs, *, batch: int, context: int, repeats: int, iter
 
 def print_table(result: dict) -> None:
     trees = list(result["trees"])
-    names = ["plain step", "cycle", *PHASES]
+    names = ["plain step", "cycle", *PHASES, *LIBRARY]
     print(f"\nbatch {result['batch']}, context {result['context']}: ms (in plain steps)")
     print(f"{'':>12s}" + "".join(f"{t:>22s}" for t in trees))
     for name in names:

@@ -125,7 +125,8 @@ def start_worker():
     selected tests need it, so that it runs beside the rest of the suite."""
     global _worker
     if _worker is None:
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                    EAGLE3_JAX_COMPILE_CACHE="off")  # its programs are its own; no second writer in the cache
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: a full pipe would block it
         proc = subprocess.Popen([sys.executable, os.path.join(TESTS, "mesh_worker.py")], stdout=out, stderr=err,
