@@ -286,8 +286,7 @@ def run_evaluation(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[
 def evaluate(target: Any, draft: Any, tokenizer: Any, benchmarks: Mapping[str, list[Prompt]] | BenchmarkSet,
              knob_list: Sequence[tuple[int, int, int]], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              batch_size: int = 8, sampling: SamplingParams | None = None, seed: int = 0, measure_plain: bool = False,
-             repeats: int = 3,
-             use_chat: bool | None = None, max_cache_len: int | None = None, progress: bool = True,
+             repeats: int = 3, use_chat: bool | None = None, max_cache_len: int | None = None, progress: bool = True,
              target_name: str | None = None, draft_name: str | None = None, attention: str = "auto",
              mesh: Any = None) -> dict[str, Any]:
     """:func:`run_evaluation`, its results as JSON: the dict ``results.json`` holds (without its ``format`` key).

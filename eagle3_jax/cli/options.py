@@ -120,9 +120,8 @@ ATTENTION_CHOICES = ("auto", "blockwise", "pallas_gpu", "pallas_tpu", "reference
 def add_runtime_options(p) -> None:
     """--max-cache-len, --dtype, --attention and --no-check-finite."""
     p.add_argument("--max-cache-len", type=positive_int, default=None, metavar="S",
-                   help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to a cache "
-                        "bucket: "
-                        "128 x 1, 2, 3, 4, 6, 8, 12, ...)")
+                   help="KV cache slots per prompt (default: prompt bucket + max-new-tokens, rounded up to a "
+                        "cache bucket: 128 x 1, 2, 3, 4, 6, 8, 12, ...)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="parameter/activation dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
